@@ -1,0 +1,47 @@
+# make test   - create ./.venv if missing, install, build, run the whole suite
+# make bench  - same setup, then run the benchmark suite (results in benchmarks/results/)
+# make gpu-check - on a machine with an NVIDIA GPU: the suite + benchmarks on the GPU
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PIN ?= torch==2.13.0
+BENCH_ARGS ?=
+
+.PHONY: test bench gpu-check build venv lint clean
+
+# A CUDA build of torch already importable by python3 is reused (system site packages);
+# otherwise the pinned CPU build is installed from local disk.
+$(VENV)/.deps: requirements-dev.txt pyproject.toml
+	@if python3 -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
+	  echo "using the CUDA build of torch found by python3"; \
+	  python3 -m venv --system-site-packages $(VENV); \
+	else \
+	  python3 -m venv $(VENV) && $(PY) -m pip install -q --upgrade pip && \
+	  $(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIN); \
+	fi
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.deps
+
+build: $(VENV)/.deps
+	$(PY) -m pip install -q -e . --no-build-isolation --no-deps
+
+lint: $(VENV)/.deps
+	$(PY) -m ruff check lmkernels tests benchmarks setup.py
+
+test: build
+	$(PY) -m ruff check lmkernels tests benchmarks setup.py
+	$(PY) -m pytest tests -q
+
+bench: build
+	$(PY) -m lmkernels.bench $(BENCH_ARGS)
+
+gpu-check: build
+	$(PY) -m lmkernels info
+	$(PY) -m lmkernels gpu-report
+	$(PY) -m pytest tests -q
+	$(PY) -m lmkernels.bench $(BENCH_ARGS)
+
+clean:
+	rm -rf build lmkernels/*.so *.egg-info

@@ -1,0 +1,185 @@
+// The only torch-facing C++ file: registers the CPU kernels as torch ops (namespace
+// lmkernels_cpu), validates arguments once, fills the plain kernel parameter structs and calls
+// the AVX2 or the baseline variant of each kernel, chosen once from at::get_cpu_capability()
+// (which honours ATEN_CPU_CAPABILITY; AVX512 machines use the AVX2 variant).
+//
+// Also the Python extension module `lmkernels._C`: it has no Python-level content, importing it
+// loads the library and runs the registrations below.
+#include <Python.h>
+
+#include <ATen/Version.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+
+#include "lmk/softmax.h"
+
+namespace lmk::cpu {
+namespace DEFAULT {
+void softmax_fwd(const SoftmaxFwdParams& p);
+void softmax_bwd(const SoftmaxBwdParams& p);
+}  // namespace DEFAULT
+namespace AVX2 {
+void softmax_fwd(const SoftmaxFwdParams& p);
+void softmax_bwd(const SoftmaxBwdParams& p);
+}  // namespace AVX2
+}  // namespace lmk::cpu
+
+namespace lmk {
+namespace {
+
+// ------------------------------------------------------------------ kernel variant
+
+bool use_avx2() {
+  static const bool avx2 = [] {
+    const std::string cap = at::get_cpu_capability();
+    return cap.rfind("AVX2", 0) == 0 || cap.rfind("AVX512", 0) == 0;
+  }();
+  return avx2;
+}
+
+std::string capability() { return use_avx2() ? "AVX2" : "DEFAULT"; }
+
+// ------------------------------------------------------------------ argument checks
+
+#define LMK_CHECK_CPU_2D(t, name)                                                       \
+  TORCH_CHECK((t).device().is_cpu(), "lmkernels_cpu: " name " must be a CPU tensor, got ", \
+              (t).device());                                                            \
+  TORCH_CHECK((t).dim() == 2, "lmkernels_cpu: " name " must be 2-D (rows, cols), got ",   \
+              (t).dim(), "-D");                                                         \
+  TORCH_CHECK((t).is_contiguous(), "lmkernels_cpu: " name " must be contiguous")
+
+#define LMK_CHECK_LIKE(t, ref, name, ref_name)                                              \
+  TORCH_CHECK((t).scalar_type() == (ref).scalar_type(), "lmkernels_cpu: " name " must have " \
+              ref_name "'s dtype ", (ref).scalar_type(), ", got ", (t).scalar_type());      \
+  TORCH_CHECK((t).sizes() == (ref).sizes(), "lmkernels_cpu: " name " must have " ref_name  \
+              "'s shape ", (ref).sizes(), ", got ", (t).sizes())
+
+DType data_dtype(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return DType::F32;
+    case at::kHalf:
+      return DType::F16;
+    case at::kBFloat16:
+      return DType::BF16;
+    case at::kDouble:
+      return DType::F64;
+    default:
+      TORCH_CHECK(false, "lmkernels_cpu: ", name,
+                  " must be float32, float16, bfloat16 or float64, got ", t.scalar_type());
+  }
+}
+
+// ------------------------------------------------------------------ ops
+
+void softmax_fwd(const at::Tensor& x, const at::Tensor& y, double scale, bool log,
+                 const std::optional<at::Tensor>& mask,
+                 const std::optional<at::Tensor>& mask_row_offsets, int64_t mask_col_stride,
+                 bool causal, int64_t causal_rows) {
+  LMK_CHECK_CPU_2D(x, "x");
+  LMK_CHECK_CPU_2D(y, "y");
+  LMK_CHECK_LIKE(y, x, "y", "x");
+  SoftmaxFwdParams p;
+  p.dtype = data_dtype(x, "x");
+  p.x = x.data_ptr();
+  p.y = y.data_ptr();
+  p.rows = x.size(0);
+  p.cols = x.size(1);
+  p.scale = static_cast<float>(scale);
+  p.log = log;
+  p.causal = causal;
+  if (causal) {
+    TORCH_CHECK(causal_rows >= 1, "lmkernels_cpu: causal_rows must be >= 1, got ", causal_rows);
+    p.causal_rows = causal_rows;
+  }
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.device().is_cpu(), "lmkernels_cpu: mask must be a CPU tensor, got ", m.device());
+    TORCH_CHECK(m.is_contiguous(), "lmkernels_cpu: mask must be contiguous");
+    if (m.scalar_type() == at::kBool) {
+      p.mask.dtype = DType::Bool;
+    } else if (m.scalar_type() == at::kFloat) {
+      p.mask.dtype = DType::F32;
+    } else {
+      TORCH_CHECK(m.scalar_type() == x.scalar_type(),
+                  "lmkernels_cpu: mask must be bool, float32 or x's dtype ", x.scalar_type(),
+                  ", got ", m.scalar_type());
+      p.mask.dtype = p.dtype;
+    }
+    TORCH_CHECK(mask_row_offsets.has_value(),
+                "lmkernels_cpu: mask_row_offsets is required with a mask");
+    const at::Tensor& off = *mask_row_offsets;
+    TORCH_CHECK(off.device().is_cpu(), "lmkernels_cpu: mask_row_offsets must be a CPU tensor");
+    TORCH_CHECK(off.scalar_type() == at::kLong,
+                "lmkernels_cpu: mask_row_offsets must be int64, got ", off.scalar_type());
+    TORCH_CHECK(off.dim() == 1 && off.size(0) == p.rows && off.is_contiguous(),
+                "lmkernels_cpu: mask_row_offsets must be a contiguous 1-D tensor of length rows = ",
+                p.rows, ", got shape ", off.sizes());
+    TORCH_CHECK(mask_col_stride == 0 || mask_col_stride == 1,
+                "lmkernels_cpu: mask_col_stride must be 0 or 1, got ", mask_col_stride);
+    // Every mask row must lie inside the mask tensor.
+    const int64_t span = p.cols > 0 ? (p.cols - 1) * mask_col_stride + 1 : 0;
+    const int64_t* o = off.data_ptr<int64_t>();
+    for (int64_t r = 0; r < p.rows && span > 0; ++r) {
+      TORCH_CHECK(o[r] >= 0 && o[r] + span <= m.numel(), "lmkernels_cpu: mask_row_offsets[", r,
+                  "] = ", o[r], " puts a mask row outside the mask (", m.numel(),
+                  " elements, row span ", span, ")");
+    }
+    p.mask.ptr = m.data_ptr();
+    p.mask.row_offsets = o;
+    p.mask.col_stride = mask_col_stride;
+  }
+  if (use_avx2()) {
+    cpu::AVX2::softmax_fwd(p);
+  } else {
+    cpu::DEFAULT::softmax_fwd(p);
+  }
+}
+
+void softmax_bwd(const at::Tensor& y, const at::Tensor& dy, const at::Tensor& dx, double scale,
+                 bool log) {
+  LMK_CHECK_CPU_2D(y, "y");
+  LMK_CHECK_CPU_2D(dy, "dy");
+  LMK_CHECK_CPU_2D(dx, "dx");
+  LMK_CHECK_LIKE(dy, y, "dy", "y");
+  LMK_CHECK_LIKE(dx, y, "dx", "y");
+  SoftmaxBwdParams p;
+  p.dtype = data_dtype(y, "y");
+  p.y = y.data_ptr();
+  p.dy = dy.data_ptr();
+  p.dx = dx.data_ptr();
+  p.rows = y.size(0);
+  p.cols = y.size(1);
+  p.scale = static_cast<float>(scale);
+  p.log = log;
+  if (use_avx2()) {
+    cpu::AVX2::softmax_bwd(p);
+  } else {
+    cpu::DEFAULT::softmax_bwd(p);
+  }
+}
+
+}  // namespace
+}  // namespace lmk
+
+TORCH_LIBRARY(lmkernels_cpu, m) {
+  m.def(
+      "softmax_fwd(Tensor x, Tensor(a!) y, float scale, bool log, Tensor? mask, "
+      "Tensor? mask_row_offsets, int mask_col_stride, bool causal, int causal_rows) -> ()");
+  m.def("softmax_bwd(Tensor y, Tensor dy, Tensor(a!) dx, float scale, bool log) -> ()");
+  m.def("capability() -> str", &lmk::capability);
+}
+
+TORCH_LIBRARY_IMPL(lmkernels_cpu, CPU, m) {
+  m.impl("softmax_fwd", &lmk::softmax_fwd);
+  m.impl("softmax_bwd", &lmk::softmax_bwd);
+}
+
+// Importable as `lmkernels._C` (an empty module; loading it registers the ops above).
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&def);
+}

@@ -1,0 +1,180 @@
+// lmkernels._cuda: the pybind11 module of the CUDA kernels. No torch headers: tensors arrive as
+// data pointers (tensor.data_ptr()), dtypes as lmk::DType codes, the stream as the integer value
+// of its cudaStream_t. The Python op layer (lmkernels/ops/) checks devices, shapes and
+// contiguity; this layer checks what it can see (sizes, codes, null pointers) and raises
+// ValueError naming the argument, and turns a CUDA error into RuntimeError naming the op.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "lmk/softmax.h"
+#include "lmk/softmax_cuda.h"
+
+#ifndef LMK_CUDA_ARCHS
+#define LMK_CUDA_ARCHS ""  // comma-separated, e.g. "80,90"; set by CMakeLists.txt
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+[[noreturn]] void value_error(const std::string& arg, const std::string& what) {
+  throw py::value_error(arg + ": " + what);
+}
+
+void check_nonnegative(const char* arg, int64_t v) {
+  if (v < 0) value_error(arg, "expected >= 0, got " + std::to_string(v));
+}
+
+void check_pointer(const char* arg, uint64_t p) {
+  if (p == 0) value_error(arg, "null data pointer for a non-empty tensor");
+}
+
+// Data dtype of a softmax kernel: F32, F16 or BF16.
+lmk::DType data_dtype(int64_t code) {
+  switch (code) {
+    case static_cast<int64_t>(lmk::DType::F32):
+    case static_cast<int64_t>(lmk::DType::F16):
+    case static_cast<int64_t>(lmk::DType::BF16):
+      return static_cast<lmk::DType>(code);
+    case static_cast<int64_t>(lmk::DType::F64):
+      value_error("dtype", "F64 (3) is not supported by the CUDA softmax kernels (F32/F16/BF16)");
+    default:
+      value_error("dtype", "expected a DType code F32=0, F16=1 or BF16=2, got " +
+                               std::to_string(code));
+  }
+}
+
+void check_cuda(cudaError_t err, const char* op) {
+  if (err == cudaSuccess) return;
+  std::ostringstream msg;
+  msg << "lmkernels._cuda." << op << ": " << cudaGetErrorName(err) << " ("
+      << cudaGetErrorString(err) << ")";
+  if (err == cudaErrorInsufficientDriver || err == cudaErrorNoDevice) {
+    msg << "; no usable NVIDIA GPU/driver on this machine";
+  }
+  throw std::runtime_error(msg.str());
+}
+
+cudaStream_t as_stream(uint64_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+void softmax_fwd(uint64_t x, uint64_t y, int64_t dtype, int64_t rows, int64_t cols, double scale,
+                 bool log, uint64_t mask, int64_t mask_dtype, uint64_t mask_row_offsets,
+                 int64_t mask_col_stride, bool causal, int64_t causal_rows, uint64_t stream) {
+  lmk::SoftmaxFwdParams p;
+  p.dtype = data_dtype(dtype);
+  check_nonnegative("rows", rows);
+  check_nonnegative("cols", cols);
+  if (mask_col_stride != 0 && mask_col_stride != 1) {
+    value_error("mask_col_stride", "expected 0 or 1, got " + std::to_string(mask_col_stride));
+  }
+  if (causal && causal_rows < 1) {
+    value_error("causal_rows", "expected >= 1 with causal=True, got " +
+                                   std::to_string(causal_rows));
+  }
+  if (mask != 0) {
+    const bool ok = mask_dtype == static_cast<int64_t>(lmk::DType::Bool) ||
+                    mask_dtype == static_cast<int64_t>(lmk::DType::F32) || mask_dtype == dtype;
+    if (!ok) {
+      value_error("mask_dtype", "expected Bool=4, F32=0 or the data dtype (" +
+                                    std::to_string(dtype) + "), got " +
+                                    std::to_string(mask_dtype));
+    }
+  }
+  if (rows == 0 || cols == 0) return;  // nothing to launch
+  check_pointer("x", x);
+  check_pointer("y", y);
+  if (mask != 0) check_pointer("mask_row_offsets", mask_row_offsets);
+
+  p.x = reinterpret_cast<const void*>(x);
+  p.y = reinterpret_cast<void*>(y);
+  p.rows = rows;
+  p.cols = cols;
+  p.scale = static_cast<float>(scale);
+  p.log = log;
+  if (mask != 0) {
+    p.mask.ptr = reinterpret_cast<const void*>(mask);
+    p.mask.dtype = static_cast<lmk::DType>(mask_dtype);
+    p.mask.row_offsets = reinterpret_cast<const int64_t*>(mask_row_offsets);
+    p.mask.col_stride = mask_col_stride;
+  }
+  p.causal = causal;
+  p.causal_rows = causal ? causal_rows : 1;
+  check_cuda(lmk::softmax_fwd_cuda(p, as_stream(stream)), "softmax_fwd");
+}
+
+void softmax_bwd(uint64_t y, uint64_t dy, uint64_t dx, int64_t dtype, int64_t rows, int64_t cols,
+                 double scale, bool log, uint64_t stream) {
+  lmk::SoftmaxBwdParams p;
+  p.dtype = data_dtype(dtype);
+  check_nonnegative("rows", rows);
+  check_nonnegative("cols", cols);
+  if (rows == 0 || cols == 0) return;
+  check_pointer("y", y);
+  check_pointer("dy", dy);
+  check_pointer("dx", dx);
+  p.y = reinterpret_cast<const void*>(y);
+  p.dy = reinterpret_cast<const void*>(dy);
+  p.dx = reinterpret_cast<void*>(dx);
+  p.rows = rows;
+  p.cols = cols;
+  p.scale = static_cast<float>(scale);
+  p.log = log;
+  check_cuda(lmk::softmax_bwd_cuda(p, as_stream(stream)), "softmax_bwd");
+}
+
+// What this module was built for. Never raises and never needs a GPU.
+py::dict build_info() {
+  std::vector<std::string> archs;
+  std::string list = LMK_CUDA_ARCHS;
+  std::string item;
+  std::istringstream in(list);
+  while (std::getline(in, item, ',')) {
+    if (!item.empty()) archs.push_back("sm_" + item);
+  }
+  py::dict d;
+  d["archs"] = archs;
+  d["ptx_arch"] = archs.empty() ? std::string() : "compute_" + archs.back().substr(3);
+  d["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." +
+                      std::to_string(CUDART_VERSION % 1000 / 10);
+  int driver = 0;
+  if (cudaDriverGetVersion(&driver) != cudaSuccess) driver = 0;
+  cudaGetLastError();  // do not leave an error behind for the next launch to report
+  d["driver_version"] = driver;  // 0: no driver
+  d["cudart"] = "static";
+  d["dtypes"] = std::vector<std::string>{"F32", "F16", "BF16"};
+  d["ops"] = std::vector<std::string>{"softmax_fwd", "softmax_bwd"};
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() = "lmkernels CUDA kernels (torch-free; pointers, sizes and streams as ints)";
+
+  m.def("softmax_fwd", &softmax_fwd, py::arg("x"), py::arg("y"), py::arg("dtype"),
+        py::arg("rows"), py::arg("cols"), py::arg("scale"), py::arg("log"), py::arg("mask"),
+        py::arg("mask_dtype"), py::arg("mask_row_offsets"), py::arg("mask_col_stride"),
+        py::arg("causal"), py::arg("causal_rows"), py::arg("stream"),
+        "y[rows, cols] = softmax (log: log_softmax) of scale * x (+ float mask) over cols.\n"
+        "x, y: contiguous device pointers of the given lmk::DType (F32=0, F16=1, BF16=2).\n"
+        "mask: 0 for none, else a device pointer; row r's mask row starts at element\n"
+        "mask_row_offsets[r] (a device int64 array of length rows), column stride 0 or 1;\n"
+        "mask_dtype Bool=4 (true = masked out), F32=0 or the data dtype (added after\n"
+        "scaling). causal: column j of row r is masked when j > r % causal_rows.\n"
+        "A fully masked row gives 0 (log: -inf). Asynchronous on `stream` (cudaStream_t).");
+  m.def("softmax_bwd", &softmax_bwd, py::arg("y"), py::arg("dy"), py::arg("dx"),
+        py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("scale"), py::arg("log"),
+        py::arg("stream"),
+        "dx = scale * y * (dy - sum(dy * y))  or, for log,  dx = scale * (dy - exp(y) * sum(dy)),\n"
+        "per row of contiguous [rows, cols] device tensors. Asynchronous on `stream`.");
+  m.def("build_info", &build_info,
+        "dict: archs (machine code), ptx_arch, cuda_version (CUDART_VERSION), driver_version\n"
+        "(0 = no driver), cudart, dtypes, ops.");
+}

@@ -1,0 +1,800 @@
+// Softmax / log-softmax forward and backward on CPU (contract: lmk/softmax.h).
+//
+// Compiled twice by CMake: CPU_CAPABILITY=AVX2 (-mavx2 -mfma -mf16c; 8-wide __m256 code) and
+// CPU_CAPABILITY=DEFAULT (the same algorithm on a portable 8-lane struct the compiler
+// auto-vectorises). The binding picks one variant at run time.
+//
+// Algorithm, per row (three passes, fp32 accumulation; fp64 data accumulates in double):
+//   1. m = max_j z_j                      z_j = scale * x_j (+ mask_j), masked -> -inf
+//   2. s = sum_j exp(z_j - m)             softmax: e_j = exp(z_j - m) is stored in the row's fp32
+//                                         buffer (y itself for fp32, a scratch row otherwise)
+//   3. softmax: y_j = e_j * (1 / s)       log_softmax: y_j = z_j - (m + log s)
+//   Without a float/bool-vector mask z is recomputed from x in each pass (one FMA); with one,
+//   pass 1 materialises z into the fp32 buffer. Causal masking only shortens the row: columns
+//   j > r % causal_rows are written as 0 (or -inf for log) without being read.
+//   exp is an inline polynomial specialised for arguments <= 0 (see exp_neg): max relative
+//   error 1.7e-7 (about 3 ulp), exact 0 for -inf and for arguments below -87.7 (flushed instead
+//   of producing fp32 denormals), NaN propagates. It is ~12 vector ops per 8 elements, which is
+//   what makes the pass-2 loop fast: softmax on CPU is exp-bound, not memory-bound.
+// Backward, per row (two passes):
+//   softmax:     d = sum_k dy_k y_k;  dx_j = y_j * (scale * dy_j - scale * d)
+//   log_softmax: d = sum_k dy_k;      dx_j = scale * dy_j - scale * d * exp(y_j)
+//
+// Memory traffic (elements of the data dtype; the fp32 buffer stays in L1/L2 for rows up to
+// ~64K): forward reads x twice (softmax, no mask: passes 1-2; the second read hits cache) and
+// writes y once (plus an fp32 write+read of the buffer); backward reads y and dy twice, writes dx.
+//
+// Threading: at::parallel_for over rows, grain chosen so a task has >= ~32K elements (small
+// tensors run on the calling thread). When there are fewer rows than ~4x the threads and rows
+// are long, every pass is split over (row, column-block) items with per-block partial
+// max / sum that are combined in a fixed order (deterministic for a fixed thread count).
+//
+// Special values (match torch.softmax): NaN anywhere in a row -> the whole row is NaN; +inf in
+// a row -> NaN row (inf - inf). A row whose every z is -inf (e.g. fully masked) gives 0 (log:
+// -inf), never NaN, unless it also holds a NaN. A float mask may contain -inf.
+// Limits: offsets are 64-bit; exp_neg is only valid for arguments <= 88 (it is only called on
+// z - max <= 0 and on log-probabilities); outputs below ~1e-38 are flushed to 0.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <numeric>
+
+#include "lmk/softmax.h"
+
+#if defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
+namespace lmk::cpu::CPU_CAPABILITY {
+namespace {
+
+using c10::BFloat16;
+using c10::Half;
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+constexpr int kW = 8;  // lanes of Vf
+
+// exp_neg constants: 2^n * p(r), x = n ln2 + r, |r| <= ln2/2. p is a degree-5 polynomial with
+// p(0) = 1, fitted for minimax relative error on [-ln2/2, ln2/2] (7e-8 before rounding).
+constexpr float kExpLo = -88.f;  // clamp: n = -127 below about -87.7, whose 2^n bits are +0
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kMagic = 12582912.f + 127.f;  // 1.5 * 2^23 + bias: rounds, and leaves n + 127
+constexpr float kLn2Hi = 0.693359375f;        // ln2 split so that n * kLn2Hi is exact
+constexpr float kLn2Lo = -2.12194440e-4f;
+constexpr float kP1 = 9.999997020e-01f, kP2 = 4.999915063e-01f, kP3 = 1.666763574e-01f,
+                kP4 = 4.189793020e-02f, kP5 = 8.290315047e-03f;
+
+// ------------------------------------------------------------------ 8-lane fp32 vector
+#if defined(CPU_CAPABILITY_AVX2)
+
+struct Vf {
+  __m256 v;
+};
+inline Vf vset(float a) { return {_mm256_set1_ps(a)}; }
+inline Vf vadd(Vf a, Vf b) { return {_mm256_add_ps(a.v, b.v)}; }
+inline Vf vsub(Vf a, Vf b) { return {_mm256_sub_ps(a.v, b.v)}; }
+inline Vf vmul(Vf a, Vf b) { return {_mm256_mul_ps(a.v, b.v)}; }
+inline Vf vfma(Vf a, Vf b, Vf c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }  // a * b + c
+// Lane-wise a > b ? a : b (b when either is NaN).
+inline Vf vmax(Vf a, Vf b) { return {_mm256_max_ps(a.v, b.v)}; }
+inline void vstore_raw(float* p, Vf a) { _mm256_storeu_ps(p, a.v); }
+inline Vf vload_raw(const float* p) { return {_mm256_loadu_ps(p)}; }
+
+inline Vf load(const float* p) { return {_mm256_loadu_ps(p)}; }
+inline Vf load(const BFloat16* p) {
+  __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(w, 16))};
+}
+inline Vf load(const Half* p) {
+  return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
+}
+inline void store(float* p, Vf a) { _mm256_storeu_ps(p, a.v); }
+inline void store(BFloat16* p, Vf a) {
+  // Round to nearest even, NaN -> 0x7FC0 (as c10::BFloat16's constructor).
+  __m256i u = _mm256_castps_si256(a.v);
+  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+  r = _mm256_srli_epi32(r, 16);
+  __m256i ord = _mm256_castps_si256(_mm256_cmp_ps(a.v, a.v, _CMP_ORD_Q));
+  r = _mm256_blendv_epi8(_mm256_set1_epi32(0x7FC0), r, ord);
+  r = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(r));
+}
+inline void store(Half* p, Vf a) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT));
+}
+inline float hsum(Vf a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+// z where the bool mask byte is 0, -inf where it is non-zero.
+inline Vf apply_bool_mask(Vf z, const uint8_t* m) {
+  __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(m)));
+  __m256 keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(b, _mm256_setzero_si256()));
+  return {_mm256_blendv_ps(_mm256_set1_ps(-kInf), z.v, keep)};
+}
+// exp(x) for x <= 88 (see the constants above); NaN -> NaN, -inf -> 0.
+inline Vf exp_neg(Vf x) {
+  __m256 xc = _mm256_max_ps(_mm256_set1_ps(kExpLo), x.v);  // keeps NaN (second operand)
+  __m256 t = _mm256_fmadd_ps(xc, _mm256_set1_ps(kLog2e), _mm256_set1_ps(kMagic));
+  __m256 n = _mm256_sub_ps(t, _mm256_set1_ps(kMagic));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(kP5), r, _mm256_set1_ps(kP4));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP3));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP2));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP1));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  // The low bits of t hold n + 127 in [0, 254]; shifted into the exponent field they are 2^n
+  // (+0 for n = -127).
+  __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23));
+  return {_mm256_mul_ps(p, s)};
+}
+
+#else  // portable 8-lane version of the same operations
+
+struct Vf {
+  float v[kW];
+};
+template <class F>
+inline Vf vmap(F f) {
+  Vf r;
+  for (int i = 0; i < kW; ++i) r.v[i] = f(i);
+  return r;
+}
+inline Vf vset(float a) {
+  return vmap([&](int) { return a; });
+}
+inline Vf vadd(Vf a, Vf b) {
+  return vmap([&](int i) { return a.v[i] + b.v[i]; });
+}
+inline Vf vsub(Vf a, Vf b) {
+  return vmap([&](int i) { return a.v[i] - b.v[i]; });
+}
+inline Vf vmul(Vf a, Vf b) {
+  return vmap([&](int i) { return a.v[i] * b.v[i]; });
+}
+inline Vf vfma(Vf a, Vf b, Vf c) {
+  return vmap([&](int i) { return a.v[i] * b.v[i] + c.v[i]; });
+}
+inline Vf vmax(Vf a, Vf b) {
+  return vmap([&](int i) { return a.v[i] > b.v[i] ? a.v[i] : b.v[i]; });
+}
+inline void vstore_raw(float* p, Vf a) { std::memcpy(p, a.v, sizeof(a.v)); }
+inline Vf vload_raw(const float* p) {
+  Vf r;
+  std::memcpy(r.v, p, sizeof(r.v));
+  return r;
+}
+template <class T>
+inline Vf load(const T* p) {
+  return vmap([&](int i) { return static_cast<float>(p[i]); });
+}
+template <class T>
+inline void store(T* p, Vf a) {
+  for (int i = 0; i < kW; ++i) p[i] = static_cast<T>(a.v[i]);
+}
+inline float hsum(Vf a) {
+  float s01 = (a.v[0] + a.v[4]) + (a.v[2] + a.v[6]);
+  float s23 = (a.v[1] + a.v[5]) + (a.v[3] + a.v[7]);
+  return s01 + s23;
+}
+inline Vf apply_bool_mask(Vf z, const uint8_t* m) {
+  return vmap([&](int i) { return m[i] ? -kInf : z.v[i]; });
+}
+inline float exp_neg1(float x) {
+  float xc = kExpLo > x ? kExpLo : x;  // keeps NaN
+  float t = xc * kLog2e + kMagic;
+  float n = t - kMagic;
+  float r = xc - n * kLn2Hi;
+  r = r - n * kLn2Lo;
+  float p = ((((kP5 * r + kP4) * r + kP3) * r + kP2) * r + kP1) * r + 1.f;
+  uint32_t bits;
+  std::memcpy(&bits, &t, sizeof(bits));
+  bits <<= 23;
+  float s;
+  std::memcpy(&s, &bits, sizeof(s));
+  return p * s;
+}
+inline Vf exp_neg(Vf x) {
+  return vmap([&](int i) { return exp_neg1(x.v[i]); });
+}
+
+#endif
+
+// Horizontal max that propagates NaN (called once per row or block).
+inline float hmax(Vf a) {
+  float t[kW];
+  vstore_raw(t, a);
+  float m = t[0];
+  for (int i = 1; i < kW; ++i) m = (std::isnan(t[i]) || t[i] > m) ? t[i] : m;
+  return m;
+}
+inline float max_nan(float a, float b) { return (std::isnan(b) || b > a) ? b : a; }
+
+// Partial loads/stores for row tails (n < kW valid lanes; the others read as `pad`).
+template <class T>
+inline Vf load_n(const T* p, int64_t n, float pad) {
+  float t[kW];
+  for (int i = 0; i < kW; ++i) t[i] = i < n ? static_cast<float>(p[i]) : pad;
+  return vload_raw(t);
+}
+template <class T>
+inline void store_n(T* p, Vf a, int64_t n) {
+  float t[kW];
+  vstore_raw(t, a);
+  for (int i = 0; i < n; ++i) p[i] = static_cast<T>(t[i]);
+}
+// Lanes >= n replaced by `fill`.
+inline Vf keep_first(Vf a, int64_t n, float fill) {
+  float t[kW];
+  vstore_raw(t, a);
+  for (int i = static_cast<int>(n); i < kW; ++i) t[i] = fill;
+  return vload_raw(t);
+}
+inline Vf load_bool_masked(Vf z, const uint8_t* m, int64_t n) {
+  uint8_t t[kW] = {};
+  for (int i = 0; i < n; ++i) t[i] = m[i];
+  return apply_bool_mask(z, t);
+}
+
+// ------------------------------------------------------------------ forward (fp32 math)
+
+enum class MaskKind { None, BoolVec, FloatVec, FloatConst };
+
+// One row of the forward pass. `buf` is the row's fp32 workspace (y itself for fp32 data).
+template <class T>
+struct FwdRow {
+  const T* x;
+  T* y;
+  float* buf;
+  int64_t valid;  // columns [valid, cols) are causally masked
+  int64_t cols;
+  float scale;
+  bool log;
+  MaskKind kind;
+  const void* mask;  // row's mask pointer (BoolVec / FloatVec)
+  DType mask_dtype;
+  float mask_const;  // FloatConst
+};
+
+template <class T, class M>
+inline Vf z_float_mask(const FwdRow<T>& a, int64_t j, Vf s, int64_t n) {
+  const M* m = static_cast<const M*>(a.mask) + j;
+  if (n == kW) return vfma(load(a.x + j), s, load(m));
+  return vfma(load_n(a.x + j, n, 0.f), s, load_n(m, n, 0.f));
+}
+
+// Materialise z into buf[b, e) (masked rows) and return its max.
+template <class T, class M>
+float materialize_max(const FwdRow<T>& a, int64_t b, int64_t e) {
+  const Vf s = vset(a.scale);
+  Vf acc = vset(-kInf);
+  int64_t j = b;
+  for (; j < e; j += kW) {
+    const int64_t n = std::min<int64_t>(kW, e - j);
+    Vf z;
+    if constexpr (std::is_same_v<M, uint8_t>) {
+      const uint8_t* m = static_cast<const uint8_t*>(a.mask) + j;
+      z = n == kW ? apply_bool_mask(vmul(load(a.x + j), s), m)
+                  : load_bool_masked(vmul(load_n(a.x + j, n, 0.f), s), m, n);
+    } else if constexpr (std::is_same_v<M, void>) {
+      Vf c = vset(a.mask_const);
+      z = n == kW ? vfma(load(a.x + j), s, c) : vfma(load_n(a.x + j, n, 0.f), s, c);
+    } else {
+      z = z_float_mask<T, M>(a, j, s, n);
+    }
+    if (n == kW) {
+      vstore_raw(a.buf + j, z);
+    } else {
+      store_n(a.buf + j, z, n);
+      z = keep_first(z, n, -kInf);
+    }
+    acc = vmax(acc, z);
+  }
+  return hmax(acc);
+}
+
+// Pass 1 over columns [b, e) (e <= valid): max of z.
+template <class T>
+float part_max(const FwdRow<T>& a, int64_t b, int64_t e) {
+  if (b >= e) return -kInf;
+  switch (a.kind) {
+    case MaskKind::BoolVec:
+      return materialize_max<T, uint8_t>(a, b, e);
+    case MaskKind::FloatConst:
+      return materialize_max<T, void>(a, b, e);
+    case MaskKind::FloatVec:
+      if (a.mask_dtype == DType::F32) return materialize_max<T, float>(a, b, e);
+      return materialize_max<T, T>(a, b, e);
+    case MaskKind::None:
+      break;
+  }
+  const Vf s = vset(a.scale);
+  Vf m0 = vset(-kInf), m1 = m0, m2 = m0, m3 = m0;
+  int64_t j = b;
+  for (; j + 4 * kW <= e; j += 4 * kW) {
+    m0 = vmax(m0, vmul(load(a.x + j), s));
+    m1 = vmax(m1, vmul(load(a.x + j + kW), s));
+    m2 = vmax(m2, vmul(load(a.x + j + 2 * kW), s));
+    m3 = vmax(m3, vmul(load(a.x + j + 3 * kW), s));
+  }
+  for (; j + kW <= e; j += kW) m0 = vmax(m0, vmul(load(a.x + j), s));
+  if (j < e) m1 = vmax(m1, keep_first(vmul(load_n(a.x + j, e - j, 0.f), s), e - j, -kInf));
+  return max_nan(max_nan(hmax(m0), hmax(m1)), max_nan(hmax(m2), hmax(m3)));
+}
+
+// z - m for the 8 columns at j (n valid).
+template <class T>
+inline Vf shifted(const FwdRow<T>& a, int64_t j, Vf s, Vf negm, int64_t n) {
+  if (a.kind == MaskKind::None) {
+    return n == kW ? vfma(load(a.x + j), s, negm) : vfma(load_n(a.x + j, n, 0.f), s, negm);
+  }
+  return n == kW ? vadd(vload_raw(a.buf + j), negm) : vadd(load_n(a.buf + j, n, 0.f), negm);
+}
+
+// Pass 2 over [b, e): sum of exp(z - m); softmax stores the exps into buf. When m is -inf every
+// z is -inf or NaN: the result is then NaN if the block holds a NaN, else 0.
+template <class T>
+float part_sum(const FwdRow<T>& a, int64_t b, int64_t e, float m) {
+  if (b >= e) return 0.f;
+  if (m == -kInf) {
+    for (int64_t j = b; j < e; ++j) {
+      float z = a.kind == MaskKind::None ? static_cast<float>(a.x[j]) * a.scale : a.buf[j];
+      if (std::isnan(z)) return kNaN;
+    }
+    return 0.f;
+  }
+  const Vf s = vset(a.scale), negm = vset(-m);
+  Vf s0 = vset(0.f), s1 = s0;
+  int64_t j = b;
+  if (a.log) {
+    for (; j + 2 * kW <= e; j += 2 * kW) {
+      s0 = vadd(s0, exp_neg(shifted(a, j, s, negm, kW)));
+      s1 = vadd(s1, exp_neg(shifted(a, j + kW, s, negm, kW)));
+    }
+    for (; j < e; j += kW) {
+      const int64_t n = std::min<int64_t>(kW, e - j);
+      s0 = vadd(s0, keep_first(exp_neg(shifted(a, j, s, negm, n)), n, 0.f));
+    }
+    return hsum(vadd(s0, s1));
+  }
+  for (; j + 2 * kW <= e; j += 2 * kW) {
+    Vf e0 = exp_neg(shifted(a, j, s, negm, kW));
+    Vf e1 = exp_neg(shifted(a, j + kW, s, negm, kW));
+    vstore_raw(a.buf + j, e0);
+    vstore_raw(a.buf + j + kW, e1);
+    s0 = vadd(s0, e0);
+    s1 = vadd(s1, e1);
+  }
+  for (; j < e; j += kW) {
+    const int64_t n = std::min<int64_t>(kW, e - j);
+    Vf e0 = exp_neg(shifted(a, j, s, negm, n));
+    if (n == kW) {
+      vstore_raw(a.buf + j, e0);
+    } else {
+      e0 = keep_first(e0, n, 0.f);
+      store_n(a.buf + j, e0, n);
+    }
+    s0 = vadd(s0, e0);
+  }
+  return hsum(vadd(s0, s1));
+}
+
+template <class T>
+inline void fill(T* p, int64_t n, float v) {
+  std::fill(p, p + n, static_cast<T>(v));
+}
+
+// Pass 3 over [b, e): write y from the row's max m and exp-sum s.
+template <class T>
+void part_out(const FwdRow<T>& a, int64_t b, int64_t e, float m, float s) {
+  if (b >= e) return;
+  if (m == -kInf) {  // every z is -inf (s = 0) or the row holds a NaN (s = NaN)
+    fill(a.y + b, e - b, std::isnan(s) ? kNaN : (a.log ? -kInf : 0.f));
+    return;
+  }
+  int64_t j = b;
+  if (a.log) {
+    const Vf sc = vset(a.scale), neg = vset(-(m + std::log(s)));
+    for (; j < e; j += kW) {
+      const int64_t n = std::min<int64_t>(kW, e - j);
+      Vf v = shifted(a, j, sc, neg, n);
+      if (n == kW) {
+        store(a.y + j, v);
+      } else {
+        store_n(a.y + j, v, n);
+      }
+    }
+    return;
+  }
+  const Vf inv = vset(1.f / s);
+  for (; j + 2 * kW <= e; j += 2 * kW) {
+    Vf v0 = vmul(vload_raw(a.buf + j), inv);
+    Vf v1 = vmul(vload_raw(a.buf + j + kW), inv);
+    store(a.y + j, v0);
+    store(a.y + j + kW, v1);
+  }
+  for (; j < e; j += kW) {
+    const int64_t n = std::min<int64_t>(kW, e - j);
+    if (n == kW) {
+      store(a.y + j, vmul(vload_raw(a.buf + j), inv));
+    } else {
+      store_n(a.y + j, vmul(load_n(a.buf + j, n, 0.f), inv), n);
+    }
+  }
+}
+
+// Causally masked tail of block [b, e): columns >= valid.
+template <class T>
+void part_tail(const FwdRow<T>& a, int64_t b, int64_t e) {
+  b = std::max(b, a.valid);
+  if (b < e) fill(a.y + b, e - b, a.log ? -kInf : 0.f);
+}
+
+inline int64_t dtype_size(DType t) {
+  switch (t) {
+    case DType::F32:
+      return 4;
+    case DType::F16:
+    case DType::BF16:
+      return 2;
+    case DType::F64:
+      return 8;
+    case DType::Bool:
+      return 1;
+  }
+  return 1;
+}
+
+// Row-independent setup of row r: causal length, mask pointer and kind.
+template <class T>
+FwdRow<T> make_row(const SoftmaxFwdParams& p, int64_t r, float* buf) {
+  FwdRow<T> a;
+  a.x = static_cast<const T*>(p.x) + r * p.cols;
+  a.y = static_cast<T*>(p.y) + r * p.cols;
+  a.buf = buf;
+  a.cols = p.cols;
+  a.valid = p.causal ? std::min<int64_t>(p.cols, r % p.causal_rows + 1) : p.cols;
+  a.scale = p.scale;
+  a.log = p.log;
+  a.kind = MaskKind::None;
+  a.mask = nullptr;
+  a.mask_dtype = p.mask.dtype;
+  a.mask_const = 0.f;
+  if (p.mask.ptr != nullptr) {
+    const char* m = static_cast<const char*>(p.mask.ptr) +
+                    p.mask.row_offsets[r] * dtype_size(p.mask.dtype);
+    if (p.mask.col_stride == 0) {
+      if (p.mask.dtype == DType::Bool) {
+        if (*reinterpret_cast<const uint8_t*>(m) != 0) a.valid = 0;
+      } else {
+        a.kind = MaskKind::FloatConst;
+        switch (p.mask.dtype) {
+          case DType::F32:
+            a.mask_const = *reinterpret_cast<const float*>(m);
+            break;
+          case DType::F16:
+            a.mask_const = static_cast<float>(*reinterpret_cast<const Half*>(m));
+            break;
+          case DType::BF16:
+            a.mask_const = static_cast<float>(*reinterpret_cast<const BFloat16*>(m));
+            break;
+          default:
+            break;
+        }
+      }
+    } else {
+      a.kind = p.mask.dtype == DType::Bool ? MaskKind::BoolVec : MaskKind::FloatVec;
+      a.mask = m;
+    }
+  }
+  return a;
+}
+
+template <class T>
+void fwd_row(const FwdRow<T>& a) {
+  const float m = part_max(a, 0, a.valid);
+  const float s = part_sum(a, 0, a.valid, m);
+  part_out(a, 0, a.valid, m, s);
+  part_tail(a, 0, a.cols);
+}
+
+// Rows per task so that one task holds >= ~32K elements.
+inline int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)); }
+
+// Split long rows into column blocks when there are too few rows to keep every thread busy.
+// Returns the number of blocks per row (1: no split).
+inline int64_t blocks_per_row(int64_t rows, int64_t cols) {
+  const int64_t nt = at::get_num_threads();
+  if (nt <= 1 || rows % nt == 0 || rows >= 4 * nt || cols < 16384) return 1;
+  int64_t nb = nt / std::gcd(rows, nt);
+  return std::min<int64_t>(nb, cols / 4096);
+}
+
+// Block [b, e) of a row split into nb blocks (boundaries multiples of 64 elements).
+inline void block_range(int64_t cols, int64_t nb, int64_t k, int64_t& b, int64_t& e) {
+  const int64_t chunk = ((cols + nb - 1) / nb + 63) / 64 * 64;
+  b = std::min(cols, k * chunk);
+  e = std::min(cols, b + chunk);
+}
+
+template <class T>
+void fwd_typed(const SoftmaxFwdParams& p) {
+  constexpr bool kF32 = std::is_same_v<T, float>;
+  const int64_t rows = p.rows, cols = p.cols;
+  const int64_t nb = blocks_per_row(rows, cols);
+  if (nb == 1) {
+    at::parallel_for(0, rows, row_grain(cols), [&](int64_t r0, int64_t r1) {
+      std::unique_ptr<float[]> scratch(kF32 ? nullptr : new float[cols]);
+      for (int64_t r = r0; r < r1; ++r) {
+        float* buf = kF32 ? reinterpret_cast<float*>(static_cast<T*>(p.y) + r * cols)
+                          : scratch.get();
+        fwd_row(make_row<T>(p, r, buf));
+      }
+    });
+    return;
+  }
+  // Split path: three parallel sweeps over (row, block) items with per-item partials.
+  const int64_t items = rows * nb;
+  std::unique_ptr<float[]> scratch(kF32 ? nullptr : new float[rows * cols]);
+  std::unique_ptr<float[]> pmax(new float[items]), psum(new float[items]);
+  auto row_of = [&](int64_t it) {
+    const int64_t r = it / nb;
+    float* buf = kF32 ? reinterpret_cast<float*>(static_cast<T*>(p.y) + r * cols)
+                      : scratch.get() + r * cols;
+    return make_row<T>(p, r, buf);
+  };
+  auto row_max = [&](int64_t r) {
+    float m = -kInf;
+    for (int64_t k = 0; k < nb; ++k) m = max_nan(m, pmax[r * nb + k]);
+    return m;
+  };
+  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      FwdRow<T> a = row_of(it);
+      int64_t b, e;
+      block_range(cols, nb, it % nb, b, e);
+      pmax[it] = part_max(a, b, std::min(e, a.valid));
+    }
+  });
+  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      FwdRow<T> a = row_of(it);
+      int64_t b, e;
+      block_range(cols, nb, it % nb, b, e);
+      psum[it] = part_sum(a, b, std::min(e, a.valid), row_max(it / nb));
+    }
+  });
+  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      FwdRow<T> a = row_of(it);
+      const int64_t r = it / nb;
+      float s = 0.f;
+      for (int64_t k = 0; k < nb; ++k) s += psum[r * nb + k];
+      int64_t b, e;
+      block_range(cols, nb, it % nb, b, e);
+      part_out(a, b, std::min(e, a.valid), row_max(r), s);
+      part_tail(a, b, e);
+    }
+  });
+}
+
+// ------------------------------------------------------------------ forward, fp64 data
+
+void fwd_f64(const SoftmaxFwdParams& p) {
+  const int64_t cols = p.cols;
+  const double scale = p.scale;
+  constexpr double inf = std::numeric_limits<double>::infinity();
+  at::parallel_for(0, p.rows, row_grain(cols), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const double* x = static_cast<const double*>(p.x) + r * cols;
+      double* y = static_cast<double*>(p.y) + r * cols;
+      int64_t valid = p.causal ? std::min<int64_t>(cols, r % p.causal_rows + 1) : cols;
+      const char* mrow = nullptr;
+      if (p.mask.ptr != nullptr) {
+        mrow = static_cast<const char*>(p.mask.ptr) +
+               p.mask.row_offsets[r] * dtype_size(p.mask.dtype);
+      }
+      const int64_t ms = p.mask.col_stride;
+      // z into y, then max.
+      double m = -inf;
+      for (int64_t j = 0; j < valid; ++j) {
+        double z = scale * x[j];
+        if (mrow != nullptr) {
+          if (p.mask.dtype == DType::Bool) {
+            if (reinterpret_cast<const uint8_t*>(mrow)[j * ms] != 0) z = -inf;
+          } else if (p.mask.dtype == DType::F32) {
+            z += reinterpret_cast<const float*>(mrow)[j * ms];
+          } else {
+            z += reinterpret_cast<const double*>(mrow)[j * ms];
+          }
+        }
+        y[j] = z;
+        m = (std::isnan(z) || z > m) ? z : m;
+      }
+      double s = 0.0;
+      if (m == -inf) {
+        for (int64_t j = 0; j < valid; ++j) s += std::isnan(y[j]) ? y[j] : 0.0;
+        const double v = std::isnan(s) ? std::nan("") : (p.log ? -inf : 0.0);
+        std::fill(y, y + valid, v);
+      } else if (p.log) {
+        for (int64_t j = 0; j < valid; ++j) s += std::exp(y[j] - m);
+        const double shift = m + std::log(s);
+        for (int64_t j = 0; j < valid; ++j) y[j] -= shift;
+      } else {
+        for (int64_t j = 0; j < valid; ++j) {
+          y[j] = std::exp(y[j] - m);
+          s += y[j];
+        }
+        const double inv = 1.0 / s;
+        for (int64_t j = 0; j < valid; ++j) y[j] *= inv;
+      }
+      std::fill(y + valid, y + cols, p.log ? -inf : 0.0);
+    }
+  });
+}
+
+// ------------------------------------------------------------------ backward
+
+template <class T>
+struct BwdRow {
+  const T* y;
+  const T* dy;
+  T* dx;
+  float scale;
+  bool log;
+};
+
+// Partial reduction over [b, e): sum dy*y (softmax) or sum dy (log).
+template <class T>
+float bwd_part_dot(const BwdRow<T>& a, int64_t b, int64_t e) {
+  Vf s0 = vset(0.f), s1 = s0;
+  int64_t j = b;
+  if (a.log) {
+    for (; j + 2 * kW <= e; j += 2 * kW) {
+      s0 = vadd(s0, load(a.dy + j));
+      s1 = vadd(s1, load(a.dy + j + kW));
+    }
+    if (j + kW <= e) {
+      s0 = vadd(s0, load(a.dy + j));
+      j += kW;
+    }
+    if (j < e) s1 = vadd(s1, load_n(a.dy + j, e - j, 0.f));
+  } else {
+    for (; j + 2 * kW <= e; j += 2 * kW) {
+      s0 = vfma(load(a.dy + j), load(a.y + j), s0);
+      s1 = vfma(load(a.dy + j + kW), load(a.y + j + kW), s1);
+    }
+    if (j + kW <= e) {
+      s0 = vfma(load(a.dy + j), load(a.y + j), s0);
+      j += kW;
+    }
+    if (j < e) s1 = vfma(load_n(a.dy + j, e - j, 0.f), load_n(a.y + j, e - j, 0.f), s1);
+  }
+  return hsum(vadd(s0, s1));
+}
+
+template <class T>
+inline Vf bwd_value(const BwdRow<T>& a, Vf y, Vf dy, Vf sc, Vf negsd) {
+  // softmax: y * (scale*dy - scale*d);  log: scale*dy - scale*d*exp(y)
+  return a.log ? vfma(exp_neg(y), negsd, vmul(dy, sc)) : vmul(y, vfma(dy, sc, negsd));
+}
+
+template <class T>
+void bwd_part_apply(const BwdRow<T>& a, int64_t b, int64_t e, float d) {
+  const Vf sc = vset(a.scale), negsd = vset(-a.scale * d);
+  int64_t j = b;
+  for (; j + kW <= e; j += kW) {
+    store(a.dx + j, bwd_value(a, load(a.y + j), load(a.dy + j), sc, negsd));
+  }
+  if (j < e) {
+    const int64_t n = e - j;
+    store_n(a.dx + j, bwd_value(a, load_n(a.y + j, n, 0.f), load_n(a.dy + j, n, 0.f), sc, negsd),
+            n);
+  }
+}
+
+template <class T>
+void bwd_typed(const SoftmaxBwdParams& p) {
+  const int64_t rows = p.rows, cols = p.cols;
+  auto row = [&](int64_t r) {
+    return BwdRow<T>{static_cast<const T*>(p.y) + r * cols, static_cast<const T*>(p.dy) + r * cols,
+                     static_cast<T*>(p.dx) + r * cols, p.scale, p.log};
+  };
+  const int64_t nb = blocks_per_row(rows, cols);
+  if (nb == 1) {
+    at::parallel_for(0, rows, row_grain(cols), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        BwdRow<T> a = row(r);
+        bwd_part_apply(a, 0, cols, bwd_part_dot(a, 0, cols));
+      }
+    });
+    return;
+  }
+  const int64_t items = rows * nb;
+  std::unique_ptr<float[]> pd(new float[items]);
+  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      int64_t b, e;
+      block_range(cols, nb, it % nb, b, e);
+      pd[it] = bwd_part_dot(row(it / nb), b, e);
+    }
+  });
+  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t r = it / nb;
+      float d = 0.f;
+      for (int64_t k = 0; k < nb; ++k) d += pd[r * nb + k];
+      int64_t b, e;
+      block_range(cols, nb, it % nb, b, e);
+      bwd_part_apply(row(r), b, e, d);
+    }
+  });
+}
+
+void bwd_f64(const SoftmaxBwdParams& p) {
+  const int64_t cols = p.cols;
+  const double scale = p.scale;
+  at::parallel_for(0, p.rows, row_grain(cols), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const double* y = static_cast<const double*>(p.y) + r * cols;
+      const double* dy = static_cast<const double*>(p.dy) + r * cols;
+      double* dx = static_cast<double*>(p.dx) + r * cols;
+      double d = 0.0;
+      if (p.log) {
+        for (int64_t j = 0; j < cols; ++j) d += dy[j];
+        for (int64_t j = 0; j < cols; ++j) dx[j] = scale * (dy[j] - std::exp(y[j]) * d);
+      } else {
+        for (int64_t j = 0; j < cols; ++j) d += dy[j] * y[j];
+        for (int64_t j = 0; j < cols; ++j) dx[j] = scale * y[j] * (dy[j] - d);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void softmax_fwd(const SoftmaxFwdParams& p) {
+  if (p.rows <= 0 || p.cols <= 0) return;
+  switch (p.dtype) {
+    case DType::F32:
+      return fwd_typed<float>(p);
+    case DType::BF16:
+      return fwd_typed<BFloat16>(p);
+    case DType::F16:
+      return fwd_typed<Half>(p);
+    case DType::F64:
+      return fwd_f64(p);
+    case DType::Bool:
+      break;
+  }
+}
+
+void softmax_bwd(const SoftmaxBwdParams& p) {
+  if (p.rows <= 0 || p.cols <= 0) return;
+  switch (p.dtype) {
+    case DType::F32:
+      return bwd_typed<float>(p);
+    case DType::BF16:
+      return bwd_typed<BFloat16>(p);
+    case DType::F16:
+      return bwd_typed<Half>(p);
+    case DType::F64:
+      return bwd_f64(p);
+    case DType::Bool:
+      break;
+  }
+}
+
+}  // namespace lmk::cpu::CPU_CAPABILITY

@@ -1,0 +1,53 @@
+"""Reference implementations: the math definition in plain PyTorch, upcast to fp32 (fp64 data
+stays fp64). The ``reference`` backend, the conformance tests and the benchmarks all use these,
+so the oracle and the baseline never drift apart.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def causal_mask(rows: int, cols: int, device: torch.device) -> Tensor:
+    """Boolean (rows, cols) mask, True where column j > row i (top-left aligned)."""
+    return torch.ones(rows, cols, dtype=torch.bool, device=device).triu(1)
+
+
+def softmax_fwd(
+    x: Tensor, dim: int, scale: float, log: bool, mask: Tensor | None, causal: bool
+) -> Tensor:
+    """softmax / log_softmax of ``scale * x (+ mask)`` along ``dim``, in fp32 (fp64 for fp64).
+
+    With a mask or ``causal``, a row with no unmasked finite score gives zeros (not NaN);
+    without them the result is exactly torch's (an all ``-inf`` row gives NaN).
+    """
+    z = x.to(_acc_dtype(x.dtype)) * scale
+    masked = mask is not None or causal
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            z = z.masked_fill(mask, float("-inf"))
+        else:
+            z = z + mask.to(z.dtype)
+    if causal:
+        z = z.masked_fill(causal_mask(z.shape[-2], z.shape[-1], z.device), float("-inf"))
+    y = torch.log_softmax(z, dim) if log else torch.softmax(z, dim)
+    if masked:
+        empty = (z == float("-inf")).all(dim, keepdim=True)
+        y = y.masked_fill(empty, 0.0)
+    return y.to(x.dtype)
+
+
+def softmax_bwd(y: Tensor, dy: Tensor, dim: int, scale: float, log: bool) -> Tensor:
+    """Gradient of :func:`softmax_fwd` with respect to ``x`` from its output ``y``."""
+    acc = _acc_dtype(y.dtype)
+    y32, dy32 = y.to(acc), dy.to(acc)
+    if log:
+        dx = dy32 - torch.exp(y32) * dy32.sum(dim, keepdim=True)
+    else:
+        dx = y32 * (dy32 - (dy32 * y32).sum(dim, keepdim=True))
+    return (dx * scale).to(y.dtype)

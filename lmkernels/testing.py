@@ -1,0 +1,205 @@
+"""The conformance suite's machinery, for lmkernels' own ops and for kernels of your own.
+
+An op registers :class:`Case` objects once; :func:`check_case` runs one case on one backend
+and dtype: forward and backward (random non-unit ``grad_output``) against an fp64 oracle, under
+the accuracy rule below, with the NaN/Inf pattern required to match exactly.
+
+Accuracy rule (DESIGN.md §5). With ``oracle`` = the case's torch function on fp64 copies of the
+inputs and ``baseline`` = the same torch function run in the tested dtype:
+
+    max|ours - oracle|  <=  2 * max|baseline - oracle|  +  k * ulp(dtype) * max|oracle|
+
+with k = 1 for fp16/bf16, where torch's own error is well above rounding noise; k = 4 for fp32,
+where torch's error is itself at the noise level of summation order (a few ulp of the largest
+value); k = 8 for fp64, whose oracle is no more precise than the data. Forward results of
+normalisation ops (``elementwise=True``) must additionally pass ``torch.testing.assert_close``
+against the oracle rounded to the dtype, with torch's default per-dtype tolerances.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One conformance case of one op.
+
+    ``make(dtype, device, generator)`` returns ``(args, kwargs)``; tensors among ``args`` that
+    are floating point and ``requires_grad`` get gradients checked. ``ours`` is the lmkernels
+    function, ``torch_fn`` the plain-torch definition (used for the oracle and the baseline).
+    """
+
+    op: str
+    name: str
+    make: Callable[[torch.dtype, torch.device, torch.Generator], tuple[tuple, dict]]
+    ours: Callable
+    torch_fn: Callable
+    dtypes: Sequence[torch.dtype] = ALL_DTYPES
+    backward: bool = True
+    elementwise: bool = True  # a normalisation op: also check element-wise tolerances
+    small: bool = True  # cheap enough for the Triton interpreter
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def id(self) -> str:
+        return f"{self.op}:{self.name}"
+
+
+_REGISTRY: dict[str, Case] = {}
+
+
+def register(*cases: Case) -> None:
+    for c in cases:
+        if c.id in _REGISTRY:
+            raise ValueError(f"conformance case {c.id} registered twice")
+        _REGISTRY[c.id] = c
+
+
+def cases(op: str | None = None) -> list[Case]:
+    return [c for c in _REGISTRY.values() if op is None or c.op == op]
+
+
+_ULP_FLOOR = {torch.float64: 8, torch.float32: 4}
+
+
+def ulp(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+def _to64(obj):
+    if isinstance(obj, Tensor) and obj.dtype.is_floating_point:
+        return obj.detach().to(torch.float64).requires_grad_(obj.requires_grad)
+    return obj
+
+
+def _clone(obj):
+    if isinstance(obj, Tensor):
+        return obj.detach().clone().requires_grad_(obj.requires_grad)
+    return obj
+
+
+def _grad_inputs(args) -> list[Tensor]:
+    return [a for a in args if isinstance(a, Tensor) and a.requires_grad]
+
+
+def _run(fn, args, kwargs, grad_out_seed: int | None, gen_device: torch.device,
+         go_dtype: torch.dtype):  # fmt: skip
+    out = fn(*args, **kwargs)
+    grads = []
+    if grad_out_seed is not None:
+        g = torch.Generator(device=gen_device).manual_seed(grad_out_seed)
+        # non-unit, non-uniform grad_output; made non-contiguous via a transposed buffer
+        go = torch.randn(out.shape[::-1], generator=g, device=out.device)
+        go = go.permute(tuple(reversed(range(out.dim()))))
+        # rounded to the tested dtype first, so the oracle sees the very same values
+        go = (go * 1.7 + 0.3).to(go_dtype).to(out.dtype)
+        ins = _grad_inputs(args)
+        grads = list(torch.autograd.grad(out, ins, go, allow_unused=True)) if ins else []
+    return out, grads
+
+
+def max_err(a: Tensor, oracle: Tensor, what: str) -> float:
+    """Max abs error of ``a`` against ``oracle`` after checking NaN/±Inf patterns match."""
+    a64, o64 = a.detach().to(torch.float64), oracle.detach().to(torch.float64)
+    if a64.shape != o64.shape:
+        raise AssertionError(f"{what}: shape {tuple(a64.shape)} != expected {tuple(o64.shape)}")
+    for name, pred in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)):
+        pa, po = pred(a64), pred(o64)
+        if not torch.equal(pa, po):
+            n = int((pa != po).sum())
+            raise AssertionError(f"{what}: {name} pattern differs from the oracle at {n} places")
+    finite = torch.isfinite(o64)
+    if not finite.any():
+        return 0.0
+    return float((a64[finite] - o64[finite]).abs().max())
+
+
+def assert_accurate(ours: Tensor, baseline: Tensor, oracle: Tensor, dtype: torch.dtype,
+                    what: str) -> None:  # fmt: skip
+    """The 2x rule of the module docstring."""
+    e_ours = max_err(ours, oracle, what)
+    e_base = max_err(baseline, oracle, what + " (torch baseline)") if baseline is not None else 0
+    o = oracle.detach()
+    scale = float(o[torch.isfinite(o)].abs().max()) if torch.isfinite(o).any() else 0.0
+    k = _ULP_FLOOR.get(dtype, 1)
+    bound = 2 * e_base + k * ulp(dtype) * scale
+    if e_ours > bound:
+        raise AssertionError(
+            f"{what}: max error {e_ours:.3g} > bound {bound:.3g} "
+            f"(torch {dtype} error {e_base:.3g}, oracle scale {scale:.3g})"
+        )
+
+
+def check_case(case: Case, dtype: torch.dtype, device: torch.device | str = "cpu",
+               seed: int = 0) -> None:  # fmt: skip
+    """Run ``case`` on the current backend (see :func:`lmkernels.use_backend`) and assert it
+    matches the oracle in value, NaN/Inf pattern, gradients, dtype and shape."""
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    args, kwargs = case.make(dtype, device, gen)
+    go_seed = seed + 1 if case.backward else None
+
+    def run(fn, inputs):
+        return _run(fn, inputs, kwargs, go_seed, device, dtype)
+
+    out, grads = run(case.ours, [_clone(a) for a in args])
+    ref_out, ref_grads = run(case.torch_fn, [_to64(a) for a in args])
+    base_out, base_grads = run(case.torch_fn, [_clone(a) for a in args])
+
+    # The coarser of the tested dtype and the output dtype sets the floor (e.g. dtype= casts).
+    coarse = max(dtype, out.dtype, key=lambda d: torch.finfo(d).eps)
+    base_dtype = base_out.dtype
+    if out.dtype != base_dtype:
+        raise AssertionError(f"{case.id}: output dtype {out.dtype}, torch gives {base_dtype}")
+    assert_accurate(out, base_out, ref_out, coarse, f"{case.id} forward [{dtype}]")
+    if case.elementwise and torch.isfinite(ref_out).all():
+        torch.testing.assert_close(out, ref_out.to(out.dtype), msg=lambda m: f"{case.id}: {m}")
+    for i, (g, rg, bg) in enumerate(zip(grads, ref_grads, base_grads)):
+        if (g is None) != (rg is None):
+            raise AssertionError(f"{case.id}: gradient {i} is {g} but torch gives {rg}")
+        if g is None:
+            continue
+        if g.dtype != bg.dtype:
+            raise AssertionError(f"{case.id}: gradient {i} dtype {g.dtype}, torch {bg.dtype}")
+        assert_accurate(g, bg, rg, coarse, f"{case.id} grad[{i}] [{dtype}]")
+
+
+def _bits(t: Tensor) -> Tensor:
+    return t.detach().contiguous().view(-1).view(torch.uint8)
+
+
+def check_deterministic(case: Case, dtype: torch.dtype, device="cpu", runs: int = 3) -> None:
+    """Repeated forward and backward on the same inputs must be bitwise identical."""
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    args, kwargs = case.make(dtype, device, gen)
+    first = None
+    for _ in range(runs):
+        out, grads = _run(case.ours, [_clone(a) for a in args], kwargs,
+                          1 if case.backward else None, device, dtype)  # fmt: skip
+        flat = [out] + [g for g in grads if g is not None]
+        if first is None:
+            first = flat
+            continue
+        for a, b in zip(first, flat):
+            if not torch.equal(_bits(a), _bits(b)):
+                raise AssertionError(f"{case.id}: repeated run is not bitwise identical")
+
+
+def poison_tail(t: Tensor, extra: int = 64) -> Tensor:
+    """A contiguous copy of ``t`` that lives in a larger buffer whose tail is NaN.
+
+    A kernel that reads past ``t``'s logical end picks up NaN, which the accuracy check then
+    reports (out-of-bounds loads are silent in the Triton interpreter and on GPUs).
+    """
+    buf = torch.full((t.numel() + extra,), float("nan"), dtype=t.dtype, device=t.device)
+    view = buf[: t.numel()].view(t.shape)
+    view.copy_(t.detach())
+    return view.requires_grad_(t.requires_grad)

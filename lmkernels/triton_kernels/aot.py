@@ -1,0 +1,115 @@
+# Ahead-of-time compilation of Triton kernels for NVIDIA targets, without a GPU.
+#
+# For each spec (see e.g. softmax.aot_specs()) and each arch, triton.compile lowers the kernel
+# to PTX for GPUTarget("cuda", arch, 32); Triton's bundled ptxas then assembles that PTX with
+# -v, whose log gives registers and spill bytes; shared memory comes from Triton's metadata.
+# Must run in a process where TRITON_INTERPRET is unset at the time triton is imported: under
+# the interpreter triton.jit returns InterpretedFunction objects, which cannot be compiled.
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+# usable shared memory per block (opt-in maximum), bytes
+SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+_REGS = re.compile(r"Used (\d+) registers")
+_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def ptxas_path() -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def _gpu_name(arch: int) -> str:
+    # Triton emits sm_90a PTX for arch 90 (wgmma/TMA-capable); ptxas must match
+    return f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+
+
+def _ptxas_stats(ptx: str, arch: int) -> tuple[int, int, int]:
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        res = subprocess.run(
+            [
+                ptxas_path(),
+                "-v",
+                "--gpu-name",
+                _gpu_name(arch),
+                src,
+                "-o",
+                os.path.join(tmp, "k.cubin"),
+            ],
+            capture_output=True,
+            text=True,
+        )
+    if res.returncode != 0:
+        raise RuntimeError(f"ptxas failed for sm_{arch}:\n{res.stderr}")
+    log = res.stdout + res.stderr
+    regs, spills = _REGS.search(log), _SPILL.search(log)
+    if regs is None or spills is None:
+        raise RuntimeError(f"could not parse ptxas -v output:\n{log}")
+    return int(regs.group(1)), int(spills.group(1)), int(spills.group(2))
+
+
+def compile_report(specs: list[dict], archs: tuple[int, ...] = (80, 90)) -> list[dict]:
+    """Compile every spec for every arch; one row per (spec, arch).
+
+    spec: dict with kernel (a triton.jit function), signature, constexprs, num_warps and
+    config (a short label). Row keys: kernel, config, arch, registers, spill_stores,
+    spill_loads, smem (bytes), smem_limit (bytes).
+    """
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError(
+            "compile_report needs a process without TRITON_INTERPRET (it was set when triton was "
+            "imported, so triton.jit returned interpreter functions); run it in a subprocess "
+            "with TRITON_INTERPRET unset"
+        )
+    rows = []
+    for spec in specs:
+        fn = spec["kernel"]
+        if not isinstance(fn, triton.runtime.JITFunction):
+            raise RuntimeError(
+                f"{getattr(fn, '__name__', fn)!r} is not a JITFunction (was triton imported with "
+                "TRITON_INTERPRET=1?)"
+            )
+        for arch in archs:
+            src = ASTSource(fn=fn, signature=spec["signature"], constexprs=spec["constexprs"])
+            compiled = triton.compile(
+                src,
+                target=GPUTarget("cuda", arch, 32),
+                options={"num_warps": spec["num_warps"]},
+            )
+            regs, st, ld = _ptxas_stats(compiled.asm["ptx"], arch)
+            rows.append(
+                dict(
+                    kernel=fn.__name__,
+                    config=spec["config"],
+                    arch=arch,
+                    registers=regs,
+                    spill_stores=st,
+                    spill_loads=ld,
+                    smem=int(compiled.metadata.shared),
+                    smem_limit=SMEM_LIMIT.get(arch, 48 * 1024),
+                )
+            )
+    return rows
+
+
+def format_report(rows: list[dict]) -> str:
+    """A fixed-width table of compile_report rows."""
+    head = f"{'kernel':<28} {'config':<40} {'arch':>4} {'regs':>4} {'spill st/ld':>11} {'smem':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['kernel']:<28} {r['config']:<40} {r['arch']:>4} {r['registers']:>4} "
+            f"{str(r['spill_stores']) + '/' + str(r['spill_loads']):>11} {r['smem']:>7}"
+        )
+    return "\n".join(lines)

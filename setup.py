@@ -1,0 +1,71 @@
+"""Thin setuptools wrapper: CMakeLists.txt is the one description of the C++/CUDA build.
+
+    pip install -e . --no-build-isolation
+
+Environment: LMKERNELS_SKIP_CUDA=1 (do not build the CUDA module), LMKERNELS_CUDA_ARCHS
+(default "80;90"), MAX_JOBS / CMAKE_BUILD_PARALLEL_LEVEL (build parallelism).
+"""
+
+import glob
+import os
+import subprocess
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+BUILD_DIR = os.path.join(ROOT, "build", "cmake")  # fixed: editable rebuilds stay warm
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str) -> None:
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        if ext.name != "lmkernels._C":  # one CMake run builds every module
+            return
+        import pybind11
+        import torch.utils
+
+        pkg_dir = os.path.dirname(os.path.abspath(self.get_ext_fullpath(ext.name)))
+        os.makedirs(BUILD_DIR, exist_ok=True)
+        cmake = os.environ.get("CMAKE", "cmake")
+        prefix = ";".join([torch.utils.cmake_prefix_path, pybind11.get_cmake_dir()])
+        configure = [
+            cmake, "-S", ROOT, "-B", BUILD_DIR,
+            f"-DCMAKE_PREFIX_PATH={prefix}",
+            f"-DPython3_EXECUTABLE={sys.executable}",
+            "-DCMAKE_BUILD_TYPE=Release",
+        ]
+        try:
+            import ninja
+
+            configure += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja.BIN_DIR}/ninja"]
+        except ImportError:
+            pass
+        if os.path.exists(os.path.join(BUILD_DIR, "CMakeCache.txt")):
+            configure = [c for c in configure if c not in ("-G", "Ninja")]
+            configure = [c for c in configure if not c.startswith("-DCMAKE_MAKE_PROGRAM")]
+        jobs = os.environ.get("MAX_JOBS") or os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL")
+        build = [cmake, "--build", BUILD_DIR] + (["-j", jobs] if jobs else [])
+        # Remove modules of an earlier build that this build may not produce (e.g. _cuda after
+        # LMKERNELS_SKIP_CUDA=1): two copies of one TORCH_LIBRARY in a process abort it.
+        for stale in glob.glob(os.path.join(pkg_dir, "_cuda*.so")):
+            os.remove(stale)
+        for stale in glob.glob(os.path.join(BUILD_DIR, "_cuda*.so")):
+            os.remove(stale)
+        subprocess.check_call(configure)
+        subprocess.check_call(build)
+        subprocess.check_call(
+            [cmake, "--install", BUILD_DIR, "--prefix", os.path.dirname(pkg_dir)]
+        )
+
+
+setup(
+    packages=["lmkernels", "lmkernels.ops", "lmkernels.triton_kernels", "lmkernels.bench"],
+    ext_modules=[CMakeExtension("lmkernels._C")],
+    cmdclass={"build_ext": CMakeBuild},
+)

@@ -1,0 +1,54 @@
+"""The conformance suite: every registered case x every backend x every dtype."""
+
+import pytest
+import torch
+from conftest import device_for
+
+import cases_softmax  # noqa: F401  (registers its cases)
+import lmkernels
+from lmkernels.backends import BACKENDS, availability
+from lmkernels.testing import cases, check_case, check_deterministic
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+          "fp64": torch.float64}  # fmt: skip
+
+# Which dtypes each backend serves (anything else raises BackendUnavailable, tested below).
+BACKEND_DTYPES = {
+    "reference": set(DTYPES.values()),
+    "cpu": set(DTYPES.values()),
+    "triton": {torch.float32, torch.float16, torch.bfloat16},
+    "cuda": {torch.float32, torch.float16, torch.bfloat16},
+}
+
+
+def _enter(backend: str, case, dtype):
+    device = device_for(backend)
+    reason = availability(backend, device)
+    if reason is not None:
+        pytest.skip(f"backend {backend} unavailable here: {reason}")
+    if dtype not in case.dtypes:
+        pytest.skip(f"{case.id} is not defined for {dtype}")
+    if dtype not in BACKEND_DTYPES[backend]:
+        pytest.skip(f"backend {backend} does not serve {dtype} (raises; see test_backends.py)")
+    if backend == "triton" and device == "cpu" and not case.small:
+        pytest.skip("large case: too slow for the Triton interpreter (runs on a GPU)")
+    return device
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("case", cases(), ids=lambda c: c.id)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conformance(backend, case, dtype):
+    dtype = DTYPES[dtype]
+    device = _enter(backend, case, dtype)
+    with lmkernels.use_backend(backend):
+        check_case(case, dtype, device)
+
+
+@pytest.mark.parametrize("case", [c for c in cases() if "poison" not in c.name][::7],
+                         ids=lambda c: c.id)  # fmt: skip
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic(backend, case):
+    device = _enter(backend, case, torch.float32)
+    with lmkernels.use_backend(backend):
+        check_deterministic(case, torch.float32, device)
