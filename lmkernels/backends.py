@@ -156,6 +156,7 @@ def info() -> dict:
         ],
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "selected": selected_backend(),
+        "modules": {m: _module(f"lmkernels.{m}")[1] or "built" for m in ("_C", "_cuda")},
         "backends": {},
     }
     for name in BACKENDS:

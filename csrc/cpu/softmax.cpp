@@ -343,6 +343,11 @@ inline Vf shifted(const FwdRow<T>& a, int64_t j, Vf s, Vf negm, int64_t n) {
   return n == kW ? vadd(vload_raw(a.buf + j), negm) : vadd(load_n(a.buf + j, n, 0.f), negm);
 }
 
+constexpr int64_t kSumChunk = 2048;  // multiple of 2 * kW
+
+template <class T>
+float part_sum_chunk(const FwdRow<T>& a, int64_t b, int64_t e, float m);
+
 // Pass 2 over [b, e): sum of exp(z - m); softmax stores the exps into buf. When m is -inf every
 // z is -inf or NaN: the result is then NaN if the block holds a NaN, else 0.
 template <class T>
@@ -355,6 +360,16 @@ float part_sum(const FwdRow<T>& a, int64_t b, int64_t e, float m) {
     }
     return 0.f;
   }
+  // fp32 vector sums over chunks of kSumChunk columns, chunk sums added in double.
+  double total = 0.0;
+  for (int64_t c = b; c < e; c += kSumChunk) {
+    total += part_sum_chunk(a, c, std::min(e, c + kSumChunk), m);
+  }
+  return static_cast<float>(total);
+}
+
+template <class T>
+float part_sum_chunk(const FwdRow<T>& a, int64_t b, int64_t e, float m) {
   const Vf s = vset(a.scale), negm = vset(-m);
   Vf s0 = vset(0.f), s1 = s0;
   int64_t j = b;
@@ -656,9 +671,9 @@ struct BwdRow {
   bool log;
 };
 
-// Partial reduction over [b, e): sum dy*y (softmax) or sum dy (log).
+// Reduction over one chunk [b, e): sum dy*y (softmax) or sum dy (log).
 template <class T>
-float bwd_part_dot(const BwdRow<T>& a, int64_t b, int64_t e) {
+float bwd_dot_chunk(const BwdRow<T>& a, int64_t b, int64_t e) {
   Vf s0 = vset(0.f), s1 = s0;
   int64_t j = b;
   if (a.log) {
@@ -683,6 +698,14 @@ float bwd_part_dot(const BwdRow<T>& a, int64_t b, int64_t e) {
     if (j < e) s1 = vfma(load_n(a.dy + j, e - j, 0.f), load_n(a.y + j, e - j, 0.f), s1);
   }
   return hsum(vadd(s0, s1));
+}
+
+// Partial reduction over [b, e): fp32 chunk sums added in double.
+template <class T>
+float bwd_part_dot(const BwdRow<T>& a, int64_t b, int64_t e) {
+  double total = 0.0;
+  for (int64_t c = b; c < e; c += kSumChunk) total += bwd_dot_chunk(a, c, std::min(e, c + kSumChunk));
+  return static_cast<float>(total);
 }
 
 template <class T>

@@ -20,6 +20,8 @@
 // Launch shapes:
 //   cols <= 1024   one warp per row, 4 rows per 128-thread block, warp-shuffle reductions;
 //   cols  > 1024   one 512-thread block per row, cub::BlockReduce.
+// __launch_bounds__ asks for 1024 resident threads per SM (<= 64 registers per thread); the
+// backward loops are unrolled twice only, which keeps every variant free of spills.
 // The 1-D grid has at most kMaxBlocks blocks and loops over further rows (grid-stride), so any
 // row count works; all offsets are 64-bit (rows * cols may exceed 2^31).
 // Loads and stores are 16-byte vectors (4 x fp32, 8 x fp16/bf16) when the data pointers are

@@ -45,14 +45,12 @@ def as_rows(t: Tensor, dim: int) -> Tensor:
     return m.contiguous().view(-1, m.shape[-1])
 
 
-def row_offsets(mask: Tensor, shape: torch.Size) -> tuple[Tensor, int]:
-    """Element offsets of each row of ``mask`` broadcast to ``shape``, and its column stride.
+def row_offsets(shape: torch.Size, strides: tuple[int, ...], device: torch.device) -> Tensor:
+    """Element offsets of each row of a tensor with ``strides`` broadcast to ``shape``.
 
-    ``mask`` must already be expanded to ``shape`` with a last-dim stride of 0 or 1. Rows
-    enumerate ``shape[:-1]`` in row-major order; offsets are int64 (no 2^31 limit).
+    Rows enumerate ``shape[:-1]`` in row-major order; offsets are int64 (no 2^31 limit).
     """
-    off = torch.zeros((), dtype=torch.int64, device=mask.device)
-    for size, stride in zip(shape[:-1], mask.stride()[:-1]):
-        idx = torch.arange(size, dtype=torch.int64, device=mask.device) * stride
-        off = off.unsqueeze(-1) + idx
-    return off.reshape(-1).contiguous(), mask.stride(-1)
+    off = torch.zeros((), dtype=torch.int64, device=device)
+    for size, stride in zip(shape[:-1], strides[:-1]):
+        off = off.unsqueeze(-1) + torch.arange(size, dtype=torch.int64, device=device) * stride
+    return off.reshape(-1)

@@ -82,7 +82,7 @@ def _rowwise_fwd(launch):
             mask = mask.expand(x.shape)
             if mask.stride(-1) not in (0, 1):
                 mask = mask.contiguous()
-            offsets, col_stride = row_offsets(mask, x.shape)
+            offsets, col_stride = row_offsets(x.shape, mask.stride(), x.device), mask.stride(-1)
         causal_rows = x.shape[-2] if causal else 1
         launch(as_rows(x, dim), as_rows(y, dim), float(scale), log, mask, offsets, col_stride,
                causal, causal_rows)  # fmt: skip

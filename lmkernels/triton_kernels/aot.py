@@ -59,12 +59,18 @@ def _ptxas_stats(ptx: str, arch: int) -> tuple[int, int, int]:
     return int(regs.group(1)), int(spills.group(1)), int(spills.group(2))
 
 
+def _attrs(fn, divisible: tuple[str, ...]) -> dict:
+    # the JIT's specialisation attribute for 16-divisible arguments, keyed by argument position
+    return {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
+
+
 def compile_report(specs: list[dict], archs: tuple[int, ...] = (80, 90)) -> list[dict]:
     """Compile every spec for every arch; one row per (spec, arch).
 
-    spec: dict with kernel (a triton.jit function), signature, constexprs, num_warps and
-    config (a short label). Row keys: kernel, config, arch, registers, spill_stores,
-    spill_loads, smem (bytes), smem_limit (bytes).
+    spec: dict with kernel (a triton.jit function), signature, constexprs, num_warps,
+    config (a short label) and optionally divisible_by_16 (argument names the JIT would mark
+    16-divisible: 16-byte-aligned pointers, ints that are multiples of 16). Row keys: kernel,
+    config, arch, registers, spill_stores, spill_loads, smem (bytes), smem_limit (bytes).
     """
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError(
@@ -81,7 +87,12 @@ def compile_report(specs: list[dict], archs: tuple[int, ...] = (80, 90)) -> list
                 "TRITON_INTERPRET=1?)"
             )
         for arch in archs:
-            src = ASTSource(fn=fn, signature=spec["signature"], constexprs=spec["constexprs"])
+            src = ASTSource(
+                fn=fn,
+                signature=spec["signature"],
+                constexprs=spec["constexprs"],
+                attrs=_attrs(fn, spec.get("divisible_by_16", ())),
+            )
             compiled = triton.compile(
                 src,
                 target=GPUTarget("cuda", arch, 32),
@@ -105,11 +116,11 @@ def compile_report(specs: list[dict], archs: tuple[int, ...] = (80, 90)) -> list
 
 def format_report(rows: list[dict]) -> str:
     """A fixed-width table of compile_report rows."""
-    head = f"{'kernel':<28} {'config':<40} {'arch':>4} {'regs':>4} {'spill st/ld':>11} {'smem':>7}"
+    head = f"{'kernel':<28} {'config':<48} {'arch':>4} {'regs':>4} {'spill st/ld':>11} {'smem':>7}"
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['kernel']:<28} {r['config']:<40} {r['arch']:>4} {r['registers']:>4} "
+            f"{r['kernel']:<28} {r['config']:<48} {r['arch']:>4} {r['registers']:>4} "
             f"{str(r['spill_stores']) + '/' + str(r['spill_loads']):>11} {r['smem']:>7}"
         )
     return "\n".join(lines)

@@ -25,7 +25,7 @@
 # Limits and trade-offs:
 #   * one program per row, so very short rows (cols < 32) leave most lanes idle;
 #   * rows may hold up to 2^31 - 1 elements; rows * cols may exceed 2^31 (all offsets are int64);
-#   * register use is bounded by the config heuristic (at most 32 fp32 elements per thread),
+#   * register use is bounded by the config heuristic (at most 16 elements per thread),
 #     checked by the AOT report (aot_specs() + lmkernels.triton_kernels.aot.compile_report):
 #     zero spills on sm_80 / sm_90 for every config the launchers can pick;
 #   * the mask is read through an int64 per-row offset table, so any broadcast of a
@@ -45,7 +45,7 @@ import triton.language as tl
 # Longest row served by the single-tile kernels (per dtype family); longer rows go to the looped
 # kernels, which stream LOOPED_BLOCK elements at a time. Tests lower these to reach the looped
 # path with small shapes in the interpreter.
-SINGLE_TILE_MAX_COLS = 16384
+SINGLE_TILE_MAX_COLS = 8192  # 16384 (32 elements/thread) spills with a float mask on sm_80
 SINGLE_TILE_MAX_COLS_FP64 = 8192
 LOOPED_BLOCK = 4096
 LOOPED_BLOCK_FP64 = 2048
@@ -273,9 +273,8 @@ class SoftmaxConfig:
 
 
 def _warps_for(block: int) -> int:
-    # at most 16 elements per thread up to 4096-element blocks, then 16 warps (512 threads):
-    # 8192 -> 16 and 16384 -> 32 elements per thread; registers stay below the 128 that a
-    # 512-thread block may use without spilling.
+    # 8 elements per thread (one warp per 256 elements) up to 4096, then 16 warps (512 threads,
+    # so at most 128 registers each): 8192 -> 16 elements per thread, the single-tile limit.
     return max(1, min(16, block // 256))
 
 
@@ -326,10 +325,11 @@ def softmax_fwd(
 
     x, y: (rows, cols) contiguous, fp32/fp16/bf16/fp64, same dtype and device; y is written.
     mask: None; a torch.bool tensor (True = masked out); or a float tensor (fp32 or x's dtype)
-    added after scaling. Mask element (r, j) is mask.flatten()[mask_row_offsets[r] +
-    j * mask_col_stride] with mask_row_offsets an int64 tensor of length rows and
-    mask_col_stride 0 or 1. causal: column j of row r is masked when j > r % causal_rows.
-    A fully masked row gives zeros (log: -inf).
+    added after scaling. Mask element (r, j) is the element at offset
+    mask_row_offsets[r] + j * mask_col_stride from mask's first element (mask.data_ptr()), with
+    mask_row_offsets an int64 tensor of length rows and mask_col_stride 0 or 1 (so any
+    broadcast mask is served without a copy). causal: column j of row r is masked when
+    j > r % causal_rows. A fully masked row gives zeros (log: -inf); NaN propagates to its row.
     """
     rows, cols = x.shape
     if rows == 0 or cols == 0:
@@ -437,11 +437,13 @@ def _bwd_spec(t: str, cfg: SoftmaxConfig, log: bool) -> dict:
     )
 
 
-def aot_specs() -> list[dict]:
+def aot_specs(aligned: bool = False) -> list[dict]:
     """Every (kernel, signature, constexprs, num_warps) softmax_fwd / softmax_bwd can launch.
 
     Each spec is a dict with kernel (the JITFunction), signature, constexprs, num_warps and
-    config (a short label), for lmkernels.triton_kernels.aot.compile_report.
+    config (a short label), for lmkernels.triton_kernels.aot.compile_report. aligned=True gives
+    the variants the JIT builds for the common case of 16-byte-aligned tensors and cols % 16 == 0
+    (vectorised loads); the default gives the generic variants.
     """
     specs = []
     for dtype in _DTYPES:
@@ -451,4 +453,11 @@ def aot_specs() -> list[dict]:
             for mask_ty, log, causal in product(mask_tys, (False, True), (False, True)):
                 specs.append(_fwd_spec(t, cfg, mask_ty, log, causal))
             specs += [_bwd_spec(t, cfg, log) for log in (False, True)]
+    if aligned:
+        for spec in specs:
+            sig = spec["signature"]
+            spec["divisible_by_16"] = tuple(
+                k for k, v in sig.items() if v.startswith("*") or k == "cols"
+            )
+            spec["config"] += " aligned"
     return specs

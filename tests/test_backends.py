@@ -1,0 +1,75 @@
+"""Backend selection: context manager, environment variable, default order, clear refusals."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lmkernels
+import lmkernels.functional as LF
+from lmkernels.backends import BackendUnavailable, availability, selected_backend
+
+
+def test_use_backend_nests_and_restores():
+    assert selected_backend() is None
+    with lmkernels.use_backend("reference"):
+        assert selected_backend() == "reference"
+        with lmkernels.use_backend("cpu"):
+            assert selected_backend() == "cpu"
+        assert selected_backend() == "reference"
+    assert selected_backend() is None
+
+
+def test_unknown_backend_name_is_rejected():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with lmkernels.use_backend("cudnn"):
+            pass
+
+
+def test_explicit_unavailable_backend_raises_with_reason():
+    x = torch.randn(3, 4)
+    with lmkernels.use_backend("cuda"), pytest.raises(BackendUnavailable, match="cuda.*CUDA"):
+        LF.softmax(x, -1)
+
+
+@pytest.mark.skipif(availability("triton", "cpu") is not None,
+                    reason="triton interpreter not active in this run")  # fmt: skip
+def test_explicit_backend_refuses_unsupported_dtype():
+    with lmkernels.use_backend("triton"), pytest.raises(BackendUnavailable, match="float64"):
+        LF.softmax(torch.randn(3, 4, dtype=torch.float64), -1)
+
+
+def test_env_variable_selects_backend(monkeypatch):
+    monkeypatch.setenv("LMKERNELS_BACKEND", "reference")
+    assert selected_backend() == "reference"
+    with lmkernels.use_backend("cpu"):  # the context manager is stronger
+        assert selected_backend() == "cpu"
+    monkeypatch.setenv("LMKERNELS_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        selected_backend()
+
+
+def test_default_order_on_cpu_uses_the_cpu_backend(monkeypatch):
+    calls = []
+    real = torch.ops.lmkernels_cpu.softmax_fwd
+
+    class Spy:
+        def __call__(self, *a):
+            calls.append(1)
+            return real(*a)
+
+    monkeypatch.setattr(torch.ops.lmkernels_cpu, "softmax_fwd", Spy())
+    LF.softmax(torch.randn(2, 5), -1)
+    assert calls, "the default CPU order must pick the cpu backend first"
+
+
+def test_info_cli_lists_every_backend_with_reasons():
+    out = subprocess.run([sys.executable, "-m", "lmkernels", "info"], capture_output=True,
+                         text=True, check=True, env=dict(os.environ)).stdout  # fmt: skip
+    for name in ("reference", "cpu", "triton", "cuda"):
+        assert f"\n  {name}" in out
+    assert "torch" in out and "available" in out
+    if not torch.cuda.is_available():
+        assert "runs on CUDA tensors" in out
