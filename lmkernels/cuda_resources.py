@@ -6,9 +6,9 @@ module, read from the binary with ``cuobjdump -res-usage``, so it works on any a
 ``STACK`` (stack frame bytes), ``SHARED`` (static shared memory bytes) and ``LOCAL`` (local
 memory bytes per thread). Spilled registers live in local memory through the stack frame, so
 ``stack == local == 0`` proves there are no spills. On sm_90 ``SHARED`` also counts the 1 KiB
-that the system reserves per block (ptxas's own ``smem`` figure leaves it out). The exact spill byte counts only appear in
-ptxas's ``-v`` log of the build (the CMake build passes ``-Xptxas=-v``); give that log as
-``ptxas_log`` to add ``spill_stores`` / ``spill_loads`` to each row.
+that the system reserves per block (ptxas's own ``smem`` figure leaves it out). The exact spill
+byte counts only appear in ptxas's ``-v`` log of the build (the CMake build passes
+``-Xptxas=-v``); give that log as ``ptxas_log`` to add ``spill_stores`` / ``spill_loads``.
 
 Run ``python -m lmkernels.cuda_resources [SO_PATH] [--ptxas-log FILE]`` for a Markdown table.
 """
@@ -50,7 +50,9 @@ def _nvcc_toolkit_bin() -> Path | None:
     try:
         out = subprocess.run(
             [nvcc, "-dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
-            capture_output=True, text=True, timeout=30,
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
     except (OSError, subprocess.SubprocessError):
         return real.parent
@@ -101,14 +103,18 @@ def _demangle(names: list[str]) -> dict[str, str]:
         return {n: n for n in names}
     try:
         out = subprocess.run(
-            [tool], input="\n".join(names) + "\n", capture_output=True, text=True, timeout=30,
+            [tool],
+            input="\n".join(names) + "\n",
+            capture_output=True,
+            text=True,
+            timeout=30,
             check=True,
         ).stdout.splitlines()
     except (OSError, subprocess.SubprocessError):
         return {n: n for n in names}
     if len(out) != len(names):
         return {n: n for n in names}
-    return dict(zip(names, out))
+    return dict(zip(names, out, strict=True))
 
 
 def parse_ptxas_log(text: str) -> dict[tuple[str, str], dict[str, int]]:
@@ -214,13 +220,25 @@ def cuda_kernel_resources(
         info = spills.get((r["mangled"], r["arch"]), {})
         r["spill_stores"] = info.get("spill_stores")
         r["spill_loads"] = info.get("spill_loads")
-        r["spills"] = bool(
-            r["stack"] or r["local"] or r["spill_stores"] or r["spill_loads"]
-        )
+        r["spills"] = bool(r["stack"] or r["local"] or r["spill_stores"] or r["spill_loads"])
     rows.sort(key=lambda r: (r["kernel"], r["arch"]))
     return [
-        {k: r[k] for k in ("kernel", "mangled", "arch", "registers", "stack", "shared", "local",
-                           "constant", "spill_stores", "spill_loads", "spills")}
+        {
+            k: r[k]
+            for k in (
+                "kernel",
+                "mangled",
+                "arch",
+                "registers",
+                "stack",
+                "shared",
+                "local",
+                "constant",
+                "spill_stores",
+                "spill_loads",
+                "spills",
+            )
+        }
         for r in rows
     ]
 
@@ -247,9 +265,7 @@ def format_resource_table(rows: list[dict]) -> str:
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        spill = (
-            "-" if r["spill_stores"] is None else f"{r['spill_stores']}/{r['spill_loads']}"
-        )
+        spill = "-" if r["spill_stores"] is None else f"{r['spill_stores']}/{r['spill_loads']}"
         lines.append(
             f"| `{_short_name(r['kernel'])}` | {r['arch']} | {r['registers']} | {r['shared']} "
             f"| {r['stack']} | {r['local']} | {spill} |"

@@ -9,9 +9,10 @@ inputs and ``baseline`` = the same torch function run in the tested dtype:
 
     max|ours - oracle|  <=  2 * max|baseline - oracle|  +  k * ulp(dtype) * max|oracle|
 
-with k = 1 for fp16/bf16, where torch's own error is well above rounding noise; k = 4 for fp32,
-where torch's error is itself at the noise level of summation order (a few ulp of the largest
-value); k = 8 for fp64, whose oracle is no more precise than the data. Forward results of
+with k = 1 for fp16/bf16, where torch's own error is well above rounding noise, and k = 4 for
+fp32, where torch's error is itself at the noise level of summation order (a few ulp of the
+largest value). fp64 has no more precise oracle, so fp64 results are compared with
+``torch.testing.assert_close`` and its default fp64 tolerances instead. Forward results of
 normalisation ops (``elementwise=True``) must additionally pass ``torch.testing.assert_close``
 against the oracle rounded to the dtype, with torch's default per-dtype tolerances.
 """
@@ -66,7 +67,7 @@ def cases(op: str | None = None) -> list[Case]:
     return [c for c in _REGISTRY.values() if op is None or c.op == op]
 
 
-_ULP_FLOOR = {torch.float64: 8, torch.float32: 4}
+_ULP_FLOOR = {torch.float32: 4}
 
 
 def ulp(dtype: torch.dtype) -> float:
@@ -123,8 +124,12 @@ def max_err(a: Tensor, oracle: Tensor, what: str) -> float:
 
 def assert_accurate(ours: Tensor, baseline: Tensor, oracle: Tensor, dtype: torch.dtype,
                     what: str) -> None:  # fmt: skip
-    """The 2x rule of the module docstring."""
+    """The 2x rule of the module docstring (fp64: torch's default fp64 tolerances)."""
     e_ours = max_err(ours, oracle, what)
+    if dtype == torch.float64:
+        torch.testing.assert_close(ours.to(oracle.dtype), oracle, equal_nan=True,
+                                   msg=lambda m: f"{what}: {m}")  # fmt: skip
+        return
     e_base = max_err(baseline, oracle, what + " (torch baseline)") if baseline is not None else 0
     o = oracle.detach()
     scale = float(o[torch.isfinite(o)].abs().max()) if torch.isfinite(o).any() else 0.0

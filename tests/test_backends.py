@@ -34,11 +34,26 @@ def test_explicit_unavailable_backend_raises_with_reason():
         LF.softmax(x, -1)
 
 
-@pytest.mark.skipif(availability("triton", "cpu") is not None,
-                    reason="triton interpreter not active in this run")  # fmt: skip
-def test_explicit_backend_refuses_unsupported_dtype():
-    with lmkernels.use_backend("triton"), pytest.raises(BackendUnavailable, match="float64"):
-        LF.softmax(torch.randn(3, 4, dtype=torch.float64), -1)
+def test_explicit_backend_refuses_an_unsupported_call_before_running():
+    from lmkernels.backends import Impl, dispatch
+
+    def never(*_):
+        raise AssertionError("must not run")
+
+    impls = {"reference": Impl(never, lambda *a: "float64 is not supported")}
+    with lmkernels.use_backend("reference"), pytest.raises(BackendUnavailable, match="float64"):
+        dispatch("demo", impls, torch.device("cpu"), torch.zeros(1))
+    # automatic mode moves on and reports every reason when nothing can serve the call
+    with pytest.raises(BackendUnavailable, match="reference: float64"):
+        dispatch("demo", impls, torch.device("cpu"), torch.zeros(1))
+
+
+@pytest.mark.skipif(availability("cuda", "cuda") is None, reason="a usable cuda backend exists")
+def test_cuda_backend_refuses_float64_by_its_supports_table():
+    from lmkernels.ops.softmax import _FWD
+
+    reason = _FWD["cuda"].supports(torch.zeros(2, dtype=torch.float64))
+    assert reason is not None and "float64" in reason
 
 
 def test_env_variable_selects_backend(monkeypatch):

@@ -16,7 +16,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
 BACKEND_DTYPES = {
     "reference": set(DTYPES.values()),
     "cpu": set(DTYPES.values()),
-    "triton": {torch.float32, torch.float16, torch.bfloat16},
+    "triton": set(DTYPES.values()),
     "cuda": {torch.float32, torch.float16, torch.bfloat16},
 }
 

@@ -59,5 +59,5 @@ def test_cuda_module_call_without_gpu_is_a_clear_error():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the runtime tests cover the module")
     with pytest.raises(RuntimeError, match="softmax"):
-        _cuda.softmax_fwd(0, 0, 0, 1, 1, 1.0, False, 0, 4, 0, 1, False, 1, 0)
+        _cuda.softmax_fwd(256, 256, 0, 1, 1, 1.0, False, 0, 4, 0, 1, False, 1, 0)
     assert lmkernels.info()["modules"]["_cuda"] == "built"

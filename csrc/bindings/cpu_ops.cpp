@@ -88,7 +88,7 @@ void softmax_fwd(const at::Tensor& x, const at::Tensor& y, double scale, bool lo
   p.y = y.data_ptr();
   p.rows = x.size(0);
   p.cols = x.size(1);
-  p.scale = static_cast<float>(scale);
+  p.scale = scale;
   p.log = log;
   p.causal = causal;
   if (causal) {
@@ -98,7 +98,6 @@ void softmax_fwd(const at::Tensor& x, const at::Tensor& y, double scale, bool lo
   if (mask.has_value()) {
     const at::Tensor& m = *mask;
     TORCH_CHECK(m.device().is_cpu(), "lmkernels_cpu: mask must be a CPU tensor, got ", m.device());
-    TORCH_CHECK(m.is_contiguous(), "lmkernels_cpu: mask must be contiguous");
     if (m.scalar_type() == at::kBool) {
       p.mask.dtype = DType::Bool;
     } else if (m.scalar_type() == at::kFloat) {
@@ -120,12 +119,14 @@ void softmax_fwd(const at::Tensor& x, const at::Tensor& y, double scale, bool lo
                 p.rows, ", got shape ", off.sizes());
     TORCH_CHECK(mask_col_stride == 0 || mask_col_stride == 1,
                 "lmkernels_cpu: mask_col_stride must be 0 or 1, got ", mask_col_stride);
-    // Every mask row must lie inside the mask tensor.
+    // Every mask row must lie inside the mask's storage (the mask may be a broadcast view).
+    const int64_t avail =
+        static_cast<int64_t>(m.storage().nbytes() / m.itemsize()) - m.storage_offset();
     const int64_t span = p.cols > 0 ? (p.cols - 1) * mask_col_stride + 1 : 0;
     const int64_t* o = off.data_ptr<int64_t>();
     for (int64_t r = 0; r < p.rows && span > 0; ++r) {
-      TORCH_CHECK(o[r] >= 0 && o[r] + span <= m.numel(), "lmkernels_cpu: mask_row_offsets[", r,
-                  "] = ", o[r], " puts a mask row outside the mask (", m.numel(),
+      TORCH_CHECK(o[r] >= 0 && o[r] + span <= avail, "lmkernels_cpu: mask_row_offsets[", r,
+                  "] = ", o[r], " puts a mask row outside the mask's storage (", avail,
                   " elements, row span ", span, ")");
     }
     p.mask.ptr = m.data_ptr();
@@ -153,7 +154,7 @@ void softmax_bwd(const at::Tensor& y, const at::Tensor& dy, const at::Tensor& dx
   p.dx = dx.data_ptr();
   p.rows = y.size(0);
   p.cols = y.size(1);
-  p.scale = static_cast<float>(scale);
+  p.scale = scale;
   p.log = log;
   if (use_avx2()) {
     cpu::AVX2::softmax_bwd(p);

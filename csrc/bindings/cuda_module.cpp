@@ -24,30 +24,31 @@ namespace py = pybind11;
 
 namespace {
 
-[[noreturn]] void value_error(const std::string& arg, const std::string& what) {
-  throw py::value_error(arg + ": " + what);
+// ValueError "lmkernels._cuda.<op>: <arg>: <what>".
+[[noreturn]] void value_error(const char* op, const std::string& arg, const std::string& what) {
+  throw py::value_error(std::string("lmkernels._cuda.") + op + ": " + arg + ": " + what);
 }
 
-void check_nonnegative(const char* arg, int64_t v) {
-  if (v < 0) value_error(arg, "expected >= 0, got " + std::to_string(v));
+void check_nonnegative(const char* op, const char* arg, int64_t v) {
+  if (v < 0) value_error(op, arg, "expected >= 0, got " + std::to_string(v));
 }
 
-void check_pointer(const char* arg, uint64_t p) {
-  if (p == 0) value_error(arg, "null data pointer for a non-empty tensor");
+void check_pointer(const char* op, const char* arg, uint64_t p) {
+  if (p == 0) value_error(op, arg, "null data pointer for a non-empty tensor");
 }
 
 // Data dtype of a softmax kernel: F32, F16 or BF16.
-lmk::DType data_dtype(int64_t code) {
+lmk::DType data_dtype(const char* op, int64_t code) {
   switch (code) {
     case static_cast<int64_t>(lmk::DType::F32):
     case static_cast<int64_t>(lmk::DType::F16):
     case static_cast<int64_t>(lmk::DType::BF16):
       return static_cast<lmk::DType>(code);
     case static_cast<int64_t>(lmk::DType::F64):
-      value_error("dtype", "F64 (3) is not supported by the CUDA softmax kernels (F32/F16/BF16)");
+      value_error(op, "dtype", "F64 (3) is not supported by the CUDA kernels (F32/F16/BF16)");
     default:
-      value_error("dtype", "expected a DType code F32=0, F16=1 or BF16=2, got " +
-                               std::to_string(code));
+      value_error(op, "dtype",
+                  "expected a DType code F32=0, F16=1 or BF16=2, got " + std::to_string(code));
   }
 }
 
@@ -67,36 +68,37 @@ cudaStream_t as_stream(uint64_t s) { return reinterpret_cast<cudaStream_t>(s); }
 void softmax_fwd(uint64_t x, uint64_t y, int64_t dtype, int64_t rows, int64_t cols, double scale,
                  bool log, uint64_t mask, int64_t mask_dtype, uint64_t mask_row_offsets,
                  int64_t mask_col_stride, bool causal, int64_t causal_rows, uint64_t stream) {
+  const char* op = "softmax_fwd";
   lmk::SoftmaxFwdParams p;
-  p.dtype = data_dtype(dtype);
-  check_nonnegative("rows", rows);
-  check_nonnegative("cols", cols);
+  p.dtype = data_dtype(op, dtype);
+  check_nonnegative(op, "rows", rows);
+  check_nonnegative(op, "cols", cols);
   if (mask_col_stride != 0 && mask_col_stride != 1) {
-    value_error("mask_col_stride", "expected 0 or 1, got " + std::to_string(mask_col_stride));
+    value_error(op, "mask_col_stride", "expected 0 or 1, got " + std::to_string(mask_col_stride));
   }
   if (causal && causal_rows < 1) {
-    value_error("causal_rows", "expected >= 1 with causal=True, got " +
-                                   std::to_string(causal_rows));
+    value_error(op, "causal_rows",
+                "expected >= 1 with causal=True, got " + std::to_string(causal_rows));
   }
   if (mask != 0) {
     const bool ok = mask_dtype == static_cast<int64_t>(lmk::DType::Bool) ||
                     mask_dtype == static_cast<int64_t>(lmk::DType::F32) || mask_dtype == dtype;
     if (!ok) {
-      value_error("mask_dtype", "expected Bool=4, F32=0 or the data dtype (" +
-                                    std::to_string(dtype) + "), got " +
-                                    std::to_string(mask_dtype));
+      value_error(op, "mask_dtype",
+                  "expected Bool=4, F32=0 or the data dtype (" + std::to_string(dtype) +
+                      "), got " + std::to_string(mask_dtype));
     }
   }
   if (rows == 0 || cols == 0) return;  // nothing to launch
-  check_pointer("x", x);
-  check_pointer("y", y);
-  if (mask != 0) check_pointer("mask_row_offsets", mask_row_offsets);
+  check_pointer(op, "x", x);
+  check_pointer(op, "y", y);
+  if (mask != 0) check_pointer(op, "mask_row_offsets", mask_row_offsets);
 
   p.x = reinterpret_cast<const void*>(x);
   p.y = reinterpret_cast<void*>(y);
   p.rows = rows;
   p.cols = cols;
-  p.scale = static_cast<float>(scale);
+  p.scale = scale;
   p.log = log;
   if (mask != 0) {
     p.mask.ptr = reinterpret_cast<const void*>(mask);
@@ -106,27 +108,28 @@ void softmax_fwd(uint64_t x, uint64_t y, int64_t dtype, int64_t rows, int64_t co
   }
   p.causal = causal;
   p.causal_rows = causal ? causal_rows : 1;
-  check_cuda(lmk::softmax_fwd_cuda(p, as_stream(stream)), "softmax_fwd");
+  check_cuda(lmk::softmax_fwd_cuda(p, as_stream(stream)), op);
 }
 
 void softmax_bwd(uint64_t y, uint64_t dy, uint64_t dx, int64_t dtype, int64_t rows, int64_t cols,
                  double scale, bool log, uint64_t stream) {
+  const char* op = "softmax_bwd";
   lmk::SoftmaxBwdParams p;
-  p.dtype = data_dtype(dtype);
-  check_nonnegative("rows", rows);
-  check_nonnegative("cols", cols);
+  p.dtype = data_dtype(op, dtype);
+  check_nonnegative(op, "rows", rows);
+  check_nonnegative(op, "cols", cols);
   if (rows == 0 || cols == 0) return;
-  check_pointer("y", y);
-  check_pointer("dy", dy);
-  check_pointer("dx", dx);
+  check_pointer(op, "y", y);
+  check_pointer(op, "dy", dy);
+  check_pointer(op, "dx", dx);
   p.y = reinterpret_cast<const void*>(y);
   p.dy = reinterpret_cast<const void*>(dy);
   p.dx = reinterpret_cast<void*>(dx);
   p.rows = rows;
   p.cols = cols;
-  p.scale = static_cast<float>(scale);
+  p.scale = scale;
   p.log = log;
-  check_cuda(lmk::softmax_bwd_cuda(p, as_stream(stream)), "softmax_bwd");
+  check_cuda(lmk::softmax_bwd_cuda(p, as_stream(stream)), op);
 }
 
 // What this module was built for. Never raises and never needs a GPU.

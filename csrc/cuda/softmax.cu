@@ -323,7 +323,7 @@ template <typename T, int VEC, int TPR, int BLOCK>
 cudaError_t launch_bwd(const SoftmaxBwdParams& p, cudaStream_t stream) {
   softmax_bwd_kernel<T, VEC, TPR, BLOCK><<<grid_for(p.rows, BLOCK / TPR), BLOCK, 0, stream>>>(
       static_cast<const T*>(p.y), static_cast<const T*>(p.dy), static_cast<T*>(p.dx), p.rows,
-      p.cols, p.scale, p.log);
+      p.cols, static_cast<float>(p.scale), p.log);
   return cudaGetLastError();
 }
 
@@ -367,7 +367,7 @@ cudaError_t softmax_fwd_cuda(const SoftmaxFwdParams& p, cudaStream_t stream) {
   FwdArgs a{};
   a.rows = p.rows;
   a.cols = p.cols;
-  a.scale = p.scale;
+  a.scale = static_cast<float>(p.scale);
   a.log = p.log;
   a.mask_kind = kMaskNone;
   if (p.mask.ptr != nullptr) {

@@ -123,13 +123,13 @@ _GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FWD = {
     "reference": Impl(_reference_fwd),
     "cpu": Impl(_rowwise_fwd(_cpu_fwd), _dtypes(*FLOAT_DTYPES)),
-    "triton": Impl(_rowwise_fwd(_triton_fwd), _dtypes(*_GPU_DTYPES)),
+    "triton": Impl(_rowwise_fwd(_triton_fwd), _dtypes(*FLOAT_DTYPES)),
     "cuda": Impl(_rowwise_fwd(_cuda_fwd), _dtypes(*_GPU_DTYPES)),
 }
 _BWD = {
     "reference": Impl(_reference_bwd),
     "cpu": Impl(_rowwise_bwd(_cpu_bwd), _dtypes(*FLOAT_DTYPES)),
-    "triton": Impl(_rowwise_bwd(_triton_bwd), _dtypes(*_GPU_DTYPES)),
+    "triton": Impl(_rowwise_bwd(_triton_bwd), _dtypes(*FLOAT_DTYPES)),
     "cuda": Impl(_rowwise_bwd(_cuda_bwd), _dtypes(*_GPU_DTYPES)),
 }
 

@@ -3,14 +3,15 @@
 # Semantics: csrc/include/lmk/softmax.h (the contract shared by every backend).
 #   forward   z_j = scale * x_j (+ float mask_j); z_j = -inf where masked out (bool mask, causal,
 #             or past the row end); y = exp(z - max z) / sum exp(z - max z), or for log
-#             y = z - max z - log sum; a fully masked row gives y = 0 (log: -inf), never NaN.
+#             y = z - max z - log sum; with a mask or causal a fully masked row gives y = 0
+#             (log: -inf), never NaN; without them an all -inf row is NaN, as in torch.
 #   backward  softmax:     dx = scale * y * (dy - sum(dy * y))
 #             log_softmax: dx = scale * (dy - exp(y) * sum(dy))
 # All arithmetic is fp32 (fp64 for fp64 data): loads are converted before any math, which is
 # also what the interpreter needs (its bf16 arithmetic is wrong).
 #
 # Kernels, one program per row:
-#   _softmax_fwd_kernel         the whole row is one register tile (cols <= single_tile_max):
+#   _softmax_fwd_kernel         the whole row is one register tile (cols <= SINGLE_TILE_MAX_COLS):
 #                               read x once, write y once: 2 * rows * cols * itemsize bytes
 #                               (+ the mask's bytes when present).
 #   _softmax_fwd_looped_kernel  long rows: pass 1 streams the row in BLOCK chunks keeping a
@@ -20,7 +21,7 @@
 #                               columns past the diagonal (pass 1 also stops its loop there).
 #   _softmax_bwd_kernel         backward, whole row in registers: read y, dy; write dx.
 #   _softmax_bwd_looped_kernel  backward for long rows: pass 1 reduces sum(dy*y) (or sum(dy)),
-#                               pass 2 writes dx: reads y, dy twice.
+#                               pass 2 writes dx (pass 1 reads dy, and y for softmax).
 #
 # Limits and trade-offs:
 #   * one program per row, so very short rows (cols < 32) leave most lanes idle;
@@ -42,13 +43,13 @@ import torch
 import triton
 import triton.language as tl
 
-# Longest row served by the single-tile kernels (per dtype family); longer rows go to the looped
-# kernels, which stream LOOPED_BLOCK elements at a time. Tests lower these to reach the looped
-# path with small shapes in the interpreter.
-SINGLE_TILE_MAX_COLS = 8192  # 16384 (32 elements/thread) spills with a float mask on sm_80
-SINGLE_TILE_MAX_COLS_FP64 = 8192
-LOOPED_BLOCK = 4096
-LOOPED_BLOCK_FP64 = 2048
+# Longest row served by the single-tile kernels; longer rows go to the looped kernels, which
+# stream LOOPED_BLOCK elements per iteration. Both limits come from the AOT report: a 16384
+# tile (32 elements/thread) spills with a float mask on sm_80, and so does a 4096-element
+# looped chunk on 16 warps with a bool mask. Tests lower them to reach the looped path with
+# small shapes in the interpreter.
+SINGLE_TILE_MAX_COLS = 8192
+LOOPED_BLOCK = 2048
 MIN_BLOCK = 32
 
 
@@ -82,6 +83,19 @@ def _load_z(
             mf = tl.load(m_row + m_offs, mask=valid, other=0.0).to(ACC)
             z = z + mf
     return tl.where(valid, z, -float("inf"))
+
+
+@triton.jit
+def _cast_out(y, OUT: tl.constexpr):
+    # Convert fp32/fp64 results to the output dtype, rounding to nearest even. For bf16 the
+    # rounding is done in integer arithmetic (4 ops, free in a memory-bound kernel): the
+    # interpreter's fp32 -> bf16 cast truncates, and this makes the code it runs round exactly
+    # as the GPU's cvt.rn does.
+    if OUT == tl.bfloat16:
+        bits = y.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        y = tl.where(y != y, y, bits.to(tl.float32, bitcast=True))
+    return y.to(OUT)
 
 
 @triton.jit
@@ -119,11 +133,14 @@ def _softmax_fwd_kernel(
     # everywhere, e == 0, s == 0; there s = 1 makes y = 0 (softmax) and y = z = -inf (log).
     # Deciding this on s, not on m, keeps NaN rows NaN on the GPU, whose max ignores NaN.
     s_safe = tl.where(s == 0.0, 1.0, s)
+    if not (HAS_MASK or CAUSAL):
+        # no mask: an all -inf row is NaN, exactly as torch (-inf - -inf)
+        s_safe = tl.where(m == -float("inf"), float("nan"), s_safe)
     if LOG:
         y = z - m_safe - tl.log(s_safe)
     else:
         y = e * (1.0 / s_safe)
-    tl.store(y_row + offs, y.to(y_ptr.dtype.element_ty), mask=offs < cols)
+    tl.store(y_row + offs, _cast_out(y, y_ptr.dtype.element_ty), mask=offs < cols)
 
 
 @triton.jit
@@ -174,6 +191,8 @@ def _softmax_fwd_looped_kernel(
     s = tl.sum(s_vec * tl.exp(m_vec - m_safe), axis=0)
     # fully masked row: s == 0 -> 1, so y = 0 (softmax) / -inf (log); see _softmax_fwd_kernel
     s_safe = tl.where(s == 0.0, 1.0, s)
+    if not (HAS_MASK or CAUSAL):
+        s_safe = tl.where(m == -float("inf"), float("nan"), s_safe)  # torch's NaN, see above
     inv = 1.0 / s_safe
     log_s = tl.log(s_safe)
 
@@ -187,7 +206,7 @@ def _softmax_fwd_looped_kernel(
             y = z - m_safe - log_s
         else:
             y = tl.exp(z - m_safe) * inv
-        tl.store(y_row + offs, y.to(y_ptr.dtype.element_ty), mask=offs < cols)
+        tl.store(y_row + offs, _cast_out(y, y_ptr.dtype.element_ty), mask=offs < cols)
 
 
 @triton.jit
@@ -213,7 +232,7 @@ def _softmax_bwd_kernel(
     else:
         y = tl.load(y_ptr + base + offs, mask=valid, other=0.0).to(ACC)
         dx = scale * y * (dy - tl.sum(dy * y, axis=0))
-    tl.store(dx_ptr + base + offs, dx.to(dx_ptr.dtype.element_ty), mask=valid)
+    tl.store(dx_ptr + base + offs, _cast_out(dx, dx_ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit
@@ -254,7 +273,7 @@ def _softmax_bwd_looped_kernel(
         else:
             y = tl.load(y_ptr + base + offs, mask=valid, other=0.0).to(ACC)
             dx = scale * y * (dy - total)
-        tl.store(dx_ptr + base + offs, dx.to(dx_ptr.dtype.element_ty), mask=valid)
+        tl.store(dx_ptr + base + offs, _cast_out(dx, dx_ptr.dtype.element_ty), mask=valid)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,26 +299,23 @@ def _warps_for(block: int) -> int:
 
 def softmax_config(cols: int, dtype: torch.dtype) -> SoftmaxConfig:
     """Launch config for rows of `cols` elements of `dtype` (shared by forward and backward)."""
-    wide = dtype == torch.float64
-    max_tile = SINGLE_TILE_MAX_COLS_FP64 if wide else SINGLE_TILE_MAX_COLS
-    if cols <= max_tile:
+    # dtype is part of the interface: fp64 needs twice the registers per element, and the
+    # current limits leave room for it (see the AOT report)
+    del dtype
+    if cols <= SINGLE_TILE_MAX_COLS:
         block = max(MIN_BLOCK, triton.next_power_of_2(max(cols, 1)))
         return SoftmaxConfig(block, _warps_for(block), looped=False)
-    block = LOOPED_BLOCK_FP64 if wide else LOOPED_BLOCK
-    return SoftmaxConfig(block, _warps_for(block), looped=True)
+    return SoftmaxConfig(LOOPED_BLOCK, _warps_for(LOOPED_BLOCK), looped=True)
 
 
 def _all_configs(dtype: torch.dtype) -> list[SoftmaxConfig]:
     # every config softmax_config can return for dtype
-    wide = dtype == torch.float64
-    max_tile = SINGLE_TILE_MAX_COLS_FP64 if wide else SINGLE_TILE_MAX_COLS
     out, block = [], MIN_BLOCK
-    while True:
+    while block < SINGLE_TILE_MAX_COLS:
         out.append(softmax_config(block, dtype))
-        if block >= max_tile:
-            break
         block *= 2
-    out.append(softmax_config(max_tile + 1, dtype))
+    out.append(softmax_config(SINGLE_TILE_MAX_COLS, dtype))
+    out.append(softmax_config(SINGLE_TILE_MAX_COLS + 1, dtype))
     return out
 
 

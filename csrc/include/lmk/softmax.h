@@ -31,7 +31,7 @@ struct SoftmaxFwdParams {
   void* y = nullptr;
   DType dtype = DType::F32;  // of x and y
   int64_t rows = 0, cols = 0;
-  float scale = 1.f;
+  double scale = 1.0;  // fp32 kernels round it to float once
   bool log = false;
   SoftmaxMask mask;
   bool causal = false;
@@ -44,7 +44,7 @@ struct SoftmaxBwdParams {
   void* dx = nullptr;
   DType dtype = DType::F32;  // of y, dy and dx
   int64_t rows = 0, cols = 0;
-  float scale = 1.f;
+  double scale = 1.0;  // fp32 kernels round it to float once
   bool log = false;
 };
 

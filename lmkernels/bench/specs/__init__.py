@@ -1,0 +1,1 @@
+"""One benchmark spec module per op family; each defines ``BENCHES`` (see lmkernels.bench.spec)."""

@@ -1,0 +1,171 @@
+"""Timing and peak memory of benchmark callables.
+
+CPU: the callables of one measurement (every provider plus the same-size copy) are timed
+round-robin within one process: warm-up first, then ``reps`` rounds in which each callable runs
+once (the order rotates every round), so drift on a noisy VM hits all of them alike. A sample
+repeats a short call enough times to last ``min_sample_s``. We report the median and the 20th
+and 80th percentiles of the per-call times.
+
+CUDA: ``triton.testing.do_bench`` (it flushes L2 between calls); without triton, CUDA events
+around single calls.
+
+Peak memory: on CUDA the ``torch.cuda.max_memory_allocated`` delta of one call; on CPU the peak
+of the running sum of the allocation and free events that the torch profiler records for one
+call (``profile_memory=True``), i.e. the most memory the call held at once beyond what existed
+before it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    samples: int
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-quantile (0..1) of ``values`` with linear interpolation."""
+    v = sorted(values)
+    pos = q * (len(v) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
+def summarize(seconds: list[float]) -> Timing:
+    ms = [s * 1e3 for s in seconds]
+    return Timing(percentile(ms, 0.5), percentile(ms, 0.2), percentile(ms, 0.8), len(ms))
+
+
+@contextlib.contextmanager
+def _gc_off() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]],
+    reps: int,
+    warmup: int = 2,
+    min_sample_s: float = 2e-3,
+) -> dict[str, Timing]:
+    """Time CPU callables round-robin (see the module docstring)."""
+    names = list(fns)
+    inner = {}
+    with _gc_off():
+        for name in names:
+            fn = fns[name]
+            fn()  # the first call may allocate caches; not used for calibration
+            best = math.inf
+            for _ in range(max(warmup, 1)):
+                t0 = time.perf_counter()
+                fn()
+                best = min(best, time.perf_counter() - t0)
+            inner[name] = max(1, math.ceil(min_sample_s / max(best, 1e-9)))
+        samples: dict[str, list[float]] = {n: [] for n in names}
+        for r in range(reps):
+            k = r % len(names)
+            for name in names[k:] + names[:k]:
+                fn, n = fns[name], inner[name]
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                samples[name].append((time.perf_counter() - t0) / n)
+    return {n: summarize(s) for n, s in samples.items()}
+
+
+def time_cuda(fn: Callable[[], object], reps: int = 100) -> Timing:
+    """Time a CUDA callable with ``triton.testing.do_bench`` (CUDA events without triton)."""
+    try:
+        from triton.testing import do_bench
+    except Exception:  # noqa: BLE001 - no triton: the plain event timer below
+        do_bench = None
+    if do_bench is not None:
+        med, p20, p80 = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+        return Timing(float(med), float(p20), float(p80), reps)
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return summarize(times)
+
+
+def time_all(
+    fns: dict[str, Callable[[], object]], device: torch.device, reps: int
+) -> dict[str, Timing]:
+    if device.type == "cuda":
+        return {name: time_cuda(fn) for name, fn in fns.items()}
+    return time_interleaved(fns, reps)
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    # libkineto prints a line on stderr at every profiler start and stop; it would break the
+    # progress bar. Silence file descriptor 2 for the duration.
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as p:
+        fn()
+    events = [
+        (e.start_ns(), e.nbytes())
+        for e in p.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    ]
+    held = peak = 0
+    for _, nbytes in sorted(events):
+        held += nbytes
+        peak = max(peak, held)
+    return peak
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[int | None, str]:
+    """(peak bytes held by one call of ``fn`` beyond what existed before, method or reason)."""
+    try:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            fn()
+            torch.cuda.synchronize(device)
+            return torch.cuda.max_memory_allocated(device) - base, "cuda-allocator"
+        return _cpu_peak_bytes(fn), "cpu-profiler"
+    except Exception as e:  # noqa: BLE001 - a missing number, not a failed benchmark
+        return None, f"peak memory unavailable ({type(e).__name__}: {e})"

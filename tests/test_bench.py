@@ -1,0 +1,252 @@
+"""Tests of the benchmark harness itself (lmkernels.bench): byte models against hand counts,
+the roofline copy, peak-memory accounting, the outputs of a quick CLI run, and how skipped and
+wrong providers are reported. No timing thresholds: speed lives in the benchmarks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from lmkernels.bench import report, roofline, runner, spec, timing
+from lmkernels.bench.__main__ import main
+from lmkernels.bench.specs import softmax as softmax_spec
+
+CPU = torch.device("cpu")
+F32, BF16 = torch.float32, torch.bfloat16
+
+
+def _bench(name: str) -> spec.Bench:
+    (b,) = [b for b in spec.discover() if b.name == name]
+    return b
+
+
+# ------------------------------------------------------------------------------- byte models
+
+
+def test_softmax_byte_model_matches_hand_counts():
+    n = 4096 * 1024
+    sm = _bench("softmax").bytes
+    assert sm((4096, 1024), F32, "fwd") == 2 * n * 4  # read x, write y
+    assert sm((4096, 1024), F32, "bwd") == 3 * n * 4  # read y, dy; write dx
+    assert sm((4096, 1024), F32, "fwdbwd") == 5 * n * 4
+    assert sm((4096, 1024), BF16, "fwd") == 2 * n * 2
+    assert _bench("log_softmax").bytes((16, 262144), BF16, "bwd") == 3 * 16 * 262144 * 2
+    # padding mask: x viewed as (G=4, L=1024, S=1024); one bool per (group, key) read in fwd
+    masked = _bench("masked_softmax").bytes
+    assert masked((4096, 1024), F32, "fwd") == 2 * n * 4 + 4 * 1024
+    assert masked((4096, 1024), F32, "bwd") == 3 * n * 4
+    assert masked((4096, 1024), F32, "fwdbwd") == 5 * n * 4 + 4 * 1024
+    # causal: the mask comes from indices and moves no bytes
+    assert _bench("causal_softmax").bytes((1024, 4096), F32, "fwd") == 2 * 1024 * 4096 * 4
+
+
+def test_default_sweep_shapes():
+    shapes = _bench("softmax").shapes
+    for s in [(4096, 1024), (1024, 4096), (16, 262144)]:
+        assert s in shapes
+    assert sorted(c for _, c in shapes) == [256, 1024, 4096, 16384, 65536, 262144]
+    for rows, cols in shapes:  # every sweep tensor is 16 MiB in fp32
+        assert 16 * 2**20 <= rows * cols * 4 <= 32 * 2**20
+
+
+def test_attention_views_of_a_shape():
+    assert softmax_spec._attn_dims((4096, 1024)) == (4, 1024, 1024)
+    assert softmax_spec._attn_dims((16, 262144)) == (1, 16, 262144)
+    inp = softmax_spec.padding_inputs((64, 32), F32, CPU)
+    x, mask = inp.args
+    assert x.shape == (2, 32, 32) and mask.shape == (2, 1, 32) and mask.dtype == torch.bool
+    assert not mask.all(-1).any()  # no fully masked row
+
+
+def test_copy_roofline_moves_the_ops_bytes():
+    fn, moved = roofline.copy_callable(2 * 4096 * 1024 * 4, CPU)
+    assert moved == 2 * 4096 * 1024 * 4
+    fn()
+    assert roofline.gbps(10**9, 1000.0) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "name,mem,key",
+    [
+        ("NVIDIA A100-SXM4-40GB", 40, "A100-40GB"),
+        ("NVIDIA A100-SXM4-80GB", 80, "A100-80GB-SXM"),
+        ("NVIDIA A100 80GB PCIe", 80, "A100-80GB-PCIe"),
+        ("NVIDIA H100 80GB HBM3", 80, "H100-SXM"),
+        ("NVIDIA H100 PCIe", 80, "H100-PCIe"),
+        ("NVIDIA H200", 141, "H200"),
+        ("NVIDIA L4", 24, "L4"),
+        ("NVIDIA GeForce RTX 4090", 24, "RTX-4090"),
+        ("NVIDIA L40S", 48, None),
+    ],
+)
+def test_gpu_peak_table(name, mem, key):
+    assert roofline.gpu_key(name, mem * 2**30) == key
+
+
+# ---------------------------------------------------------------------------- timing, memory
+
+
+def test_percentiles():
+    assert timing.percentile([3.0, 1.0, 2.0], 0.5) == 2.0
+    assert timing.percentile([0.0, 10.0], 0.2) == pytest.approx(2.0)
+    t = timing.summarize([0.001] * 5)
+    assert (t.median_ms, t.p20_ms, t.p80_ms, t.samples) == (1.0, 1.0, 1.0, 5)
+
+
+def test_interleaved_timing_runs_every_callable():
+    calls = {"a": 0, "b": 0}
+
+    def make(k):
+        def f():
+            calls[k] += 1
+
+        return f
+
+    out = timing.time_interleaved({k: make(k) for k in calls}, reps=4, min_sample_s=0)
+    assert set(out) == {"a", "b"} and all(t.samples == 4 for t in out.values())
+    assert all(c >= 4 for c in calls.values())
+
+
+def test_cpu_peak_memory_of_softmax_is_its_output():
+    x = torch.randn(512, 1024)
+    peak, how = timing.peak_memory(lambda: torch.softmax(x, -1), CPU)
+    assert how == "cpu-profiler"
+    assert 4 * x.numel() <= peak <= 4 * x.numel() + 64 * 1024  # the fp32 output (plus slack)
+    peak2, _ = timing.peak_memory(lambda: torch.softmax(x, -1).exp(), CPU)
+    assert peak2 >= 2 * 4 * x.numel()  # two outputs alive at once
+
+
+def test_provider_patterns():
+    assert runner._match("torch.compile", None)
+    assert runner._match("torch", ["torch", "lmkernels-*"])
+    assert not runner._match("torch.compile", ["torch", "lmkernels-*"])
+    assert not runner._match("torch.compile", ["!torch.compile"])
+    assert runner._match("reference", ["!torch.compile"])
+    assert [b.name for b in runner.select(spec.discover(), ["softmax.*"])] == [
+        "softmax", "log_softmax", "masked_softmax", "causal_softmax"
+    ]  # fmt: skip
+    assert "causal_softmax" not in [b.name for b in runner.select(spec.discover(), ["!causal*"])]
+
+
+# -------------------------------------------------------------------- providers: skip / fail
+
+
+def _toy_bench(providers: list[spec.Provider]) -> spec.Bench:
+    return spec.Bench(
+        name="toy",
+        shapes=((8, 64),),
+        quick_shapes=((8, 64),),
+        dtypes=(F32,),
+        make_inputs=softmax_spec.plain_inputs,
+        bytes=softmax_spec.plain_bytes,
+        reference=lambda x: torch.softmax(x, -1),
+        providers=lambda device: providers,
+        family="test",
+    )
+
+
+def test_wrong_provider_is_failed_and_not_timed_and_unavailable_is_skipped():
+    calls: dict = {}
+
+    def counted(name, f):
+        def g(*a):
+            calls[name] = calls.get(name, 0) + 1
+            return f(*a)
+
+        return g
+
+    bench = _toy_bench([
+        spec.Provider("torch", counted("torch", lambda x: torch.softmax(x, -1))),
+        spec.Provider("wrong-axis", counted("wrong-axis", lambda x: torch.softmax(x, 0))),
+        spec.Provider("crashes", lambda x: x.view(-1, 3)),
+        spec.Provider("missing", reason="not installed here"),
+        spec.Provider("no-fp32", counted("no-fp32", torch.exp), supports=lambda s, d: "fp16 only"),
+    ])  # fmt: skip
+    doc = runner.run([bench], runner.Config(reps=3, device=CPU), progress=False)
+    rows = {(r["provider"], r["mode"]): r for r in doc["results"]}
+    assert doc["skipped_providers"] == [
+        {"bench": "toy", "provider": "missing", "reason": "not installed here"}
+    ]
+    for mode in spec.MODES:
+        assert rows[("torch", mode)]["status"] == "ok" and "median_ms" in rows[("torch", mode)]
+        assert rows[("copy", mode)]["status"] == "roofline"
+        wrong = rows[("wrong-axis", mode)]
+        assert wrong["status"] == "FAILED" and "relative error" in wrong["reason"]
+        assert "median_ms" not in wrong and "peak_mib" not in wrong
+        crash = rows[("crashes", mode)]
+        assert crash["status"] == "FAILED" and "RuntimeError" in crash["reason"]
+        skip = rows[("no-fp32", mode)]
+        assert skip["status"] == "skipped" and skip["reason"] == "fp16 only"
+        assert ("missing", mode) not in rows
+    # the wrong provider ran once per mode for its check, never in the timed loop
+    assert calls["wrong-axis"] == len(spec.MODES)
+    assert calls["torch"] > 3 * len(spec.MODES)
+    assert "no-fp32" not in calls
+    md = report.markdown(doc)
+    assert "| toy | missing | not installed here |" in md
+    assert "**FAILED**: max relative error" in md and "**skipped**: fp16 only" in md
+
+
+def test_lmkernels_providers_report_why_a_backend_is_skipped():
+    provs = {p.name: p for p in spec.lmkernels_providers(CPU, lambda x: x)}
+    assert set(provs) == {"lmkernels-cpu", "lmkernels-triton", "lmkernels-cuda"}
+    assert "CUDA" in provs["lmkernels-cuda"].reason
+    # the conftest sets TRITON_INTERPRET=1 on CPU machines: the interpreter is never timed
+    assert provs["lmkernels-triton"].fn is None and provs["lmkernels-triton"].reason
+    peer = spec.peer("peer", "json", CPU, lambda: spec.Provider("peer", lambda x: x))
+    assert peer.fn is None and "CUDA" in peer.reason
+
+
+# ---------------------------------------------------------------------------- the CLI outputs
+
+
+def test_quick_cli_run_writes_json_markdown_and_plots(tmp_path, capsys):
+    # One tiny shape; torch.compile included but for the fwd mode only (one compile).
+    args = ["--ops", "softmax", "--shapes", "8x256", "--dtypes", "fp32,bf16", "--reps", "3",
+            "--out", str(tmp_path), "--quick"]  # fmt: skip
+    assert main([*args, "--modes", "fwd"]) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    m = doc["machine"]
+    assert m["cpu_count"] >= 1 and m["torch"] == torch.__version__ and "cpu_model" in m
+    skipped = {s["provider"]: s["reason"] for s in doc["skipped_providers"]}
+    assert "lmkernels-cuda" in skipped and "liger-kernel" in skipped
+    by = {(r["provider"], r["dtype"]): r for r in doc["results"]}
+    for d in ("fp32", "bf16"):
+        for p in ("torch", "torch.compile", "reference", "copy"):
+            r = by[(p, d)]
+            assert r["status"] in ("ok", "roofline") and r["p20_ms"] <= r["median_ms"]
+            assert r["gbps"] > 0 and r["frac_roofline"] > 0
+        assert by[("torch", d)]["peak_mib"] > 0
+        if spec.backends.availability("cpu", "cpu") is None:
+            ours = by[("lmkernels-cpu", d)]
+            assert ours["status"] == "ok"
+            assert math.isclose(
+                ours["speedup_vs_torch"], by[("torch", d)]["median_ms"] / ours["median_ms"]
+            )
+            assert "speedup_vs_compile" in ours
+    md = (tmp_path / "results.md").read_text()
+    assert "### softmax · fwd · fp32" in md and "### softmax · fwd · bf16" in md
+    assert "| lmkernels-cuda |" in md  # listed as skipped, with its reason
+    assert (tmp_path / "softmax_fwd.png").stat().st_size > 0
+    assert "results.json" in capsys.readouterr().out
+
+    # compare: the same run against itself has no regressions; a slower one is flagged
+    new = json.loads((tmp_path / "results.json").read_text())
+    assert report.compare(doc, new)[1] == 0
+    for r in new["results"]:
+        if "speedup_vs_torch" in r:
+            r["speedup_vs_torch"] *= 0.5
+    lines, worse = report.compare(doc, new)
+    assert worse == (2 if "lmkernels-cpu" not in skipped else 0)
+    assert main(["compare", str(tmp_path / "results.json"), str(tmp_path / "results.json")]) == 0
+
+
+def test_cli_rejects_unknown_names(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["--dtypes", "fp8", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        main(["--ops", "nope", "--out", str(tmp_path)])
