@@ -27,11 +27,15 @@ venv: $(VENV)/.deps
 build: $(VENV)/.deps
 	$(PY) -m pip install -q -e . --no-build-isolation --no-deps
 
-lint: $(VENV)/.deps
-	$(PY) -m ruff check lmkernels tests benchmarks setup.py
+LINT_PY := lmkernels tests benchmarks setup.py
+CXX_SOURCES := $(wildcard csrc/*/*.cpp csrc/*/*.cu csrc/include/lmk/*.h)
 
-test: build
-	$(PY) -m ruff check lmkernels tests benchmarks setup.py
+lint: $(VENV)/.deps
+	$(PY) -m ruff check $(LINT_PY)
+	$(PY) -m ruff format --check $(LINT_PY)
+	$(VENV)/bin/clang-format --dry-run -Werror $(CXX_SOURCES)
+
+test: build lint
 	$(PY) -m pytest tests -q
 
 bench: build

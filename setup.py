@@ -35,7 +35,11 @@ class CMakeBuild(build_ext):
         cmake = os.environ.get("CMAKE", "cmake")
         prefix = ";".join([torch.utils.cmake_prefix_path, pybind11.get_cmake_dir()])
         configure = [
-            cmake, "-S", ROOT, "-B", BUILD_DIR,
+            cmake,
+            "-S",
+            ROOT,
+            "-B",
+            BUILD_DIR,
             f"-DCMAKE_PREFIX_PATH={prefix}",
             f"-DPython3_EXECUTABLE={sys.executable}",
             "-DCMAKE_BUILD_TYPE=Release",
@@ -59,9 +63,7 @@ class CMakeBuild(build_ext):
             os.remove(stale)
         subprocess.check_call(configure)
         subprocess.check_call(build)
-        subprocess.check_call(
-            [cmake, "--install", BUILD_DIR, "--prefix", os.path.dirname(pkg_dir)]
-        )
+        subprocess.check_call([cmake, "--install", BUILD_DIR, "--prefix", os.path.dirname(pkg_dir)])
 
 
 setup(

@@ -10,8 +10,11 @@ Backends: reference, cpu, triton, cuda (see :mod:`lmkernels.backends`).
 
 import torch  # noqa: F401  (libtorch must be loaded before the compiled modules)
 
-from lmkernels import ops  # noqa: F401  (registers the torch.library ops, fakes and autograd)
-from lmkernels import functional, nn
+from lmkernels import (
+    functional,
+    nn,
+    ops,  # noqa: F401  (registers the torch.library ops, fakes and autograd)
+)
 from lmkernels.backends import BackendUnavailable, info, selected_backend, use_backend
 
 try:  # the CPU kernels; their absence is reported by `python -m lmkernels info`

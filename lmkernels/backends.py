@@ -151,9 +151,7 @@ def info() -> dict:
         "torch_cuda": torch.version.cuda,
         "triton": getattr(_module("triton")[0], "__version__", None),
         "triton_interpret": triton_interpreting(),
-        "cuda_devices": [
-            torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())
-        ],
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "selected": selected_backend(),
         "modules": {m: _module(f"lmkernels.{m}")[1] or "built" for m in ("_C", "_cuda")},

@@ -66,7 +66,7 @@ def _softmax_common(
 def softmax(
     input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None
 ) -> Tensor:
-    r"""Softmax along ``dim``: ``exp(x_i) / sum_j exp(x_j)``, same as ``torch.nn.functional.softmax``.
+    r"""Softmax along ``dim``, ``exp(x_i) / sum_j exp(x_j)``: ``torch.nn.functional.softmax``.
 
     Args:
         input: floating-point tensor of any shape (any strides).
@@ -86,9 +86,7 @@ def log_softmax(
 
     Arguments and result as for :func:`softmax`.
     """
-    return _softmax_common(
-        "lmkernels.functional.log_softmax", input, dim, _stacklevel, dtype, True
-    )
+    return _softmax_common("lmkernels.functional.log_softmax", input, dim, _stacklevel, dtype, True)
 
 
 def scaled_masked_softmax(

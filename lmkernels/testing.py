@@ -166,7 +166,7 @@ def check_case(case: Case, dtype: torch.dtype, device: torch.device | str = "cpu
     assert_accurate(out, base_out, ref_out, coarse, f"{case.id} forward [{dtype}]")
     if case.elementwise and torch.isfinite(ref_out).all():
         torch.testing.assert_close(out, ref_out.to(out.dtype), msg=lambda m: f"{case.id}: {m}")
-    for i, (g, rg, bg) in enumerate(zip(grads, ref_grads, base_grads)):
+    for i, (g, rg, bg) in enumerate(zip(grads, ref_grads, base_grads, strict=True)):
         if (g is None) != (rg is None):
             raise AssertionError(f"{case.id}: gradient {i} is {g} but torch gives {rg}")
         if g is None:
@@ -193,7 +193,7 @@ def check_deterministic(case: Case, dtype: torch.dtype, device="cpu", runs: int 
         if first is None:
             first = flat
             continue
-        for a, b in zip(first, flat):
+        for a, b in zip(first, flat, strict=True):
             if not torch.equal(_bits(a), _bits(b)):
                 raise AssertionError(f"{case.id}: repeated run is not bitwise identical")
 

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from conftest import device_for
 
 import cases_softmax  # noqa: F401  (registers its cases)
 import lmkernels
+from conftest import device_for
 from lmkernels.backends import BACKENDS, availability
 from lmkernels.testing import cases, check_case, check_deterministic
 

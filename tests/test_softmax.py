@@ -25,7 +25,7 @@ def test_implicit_dim_matches_torch_and_warns():
             y = LF.softmax(x)
         with warnings.catch_warnings(record=True):
             warnings.simplefilter("always")
-            ref = F.softmax(x)  # noqa: torch's deprecated implicit dim
+            ref = F.softmax(x)  # torch's deprecated implicit dim
         torch.testing.assert_close(y, ref)
         assert any("Implicit dimension" in str(w.message) for w in ours)
 
@@ -211,7 +211,7 @@ def test_baseline_cpu_kernels_pass_the_conformance_cases():
     env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
     tests = os.path.dirname(__file__)
     code = (
-        "import sys; sys.path.insert(0, %r)\n"
+        f"import sys; sys.path.insert(0, {tests!r})\n"
         "import torch, lmkernels, cases_softmax\n"
         "from lmkernels.testing import cases, check_case\n"
         "assert torch.ops.lmkernels_cpu.capability() == 'DEFAULT'\n"
@@ -220,7 +220,7 @@ def test_baseline_cpu_kernels_pass_the_conformance_cases():
         "        for dt in (torch.float32, torch.bfloat16):\n"
         "            check_case(c, dt)\n"
         "print('ok')\n"
-    ) % tests
+    )
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=600)  # fmt: skip
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]

@@ -4,10 +4,10 @@ rows also end mid-chunk, and causal rows stop mid-row)."""
 
 import pytest
 import torch
-from conftest import device_for
 
 import cases_softmax  # noqa: F401  (registers its cases)
 import lmkernels
+from conftest import device_for
 from lmkernels.backends import availability
 from lmkernels.testing import cases, check_case
 

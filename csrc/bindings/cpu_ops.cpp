@@ -5,10 +5,9 @@
 //
 // Also the Python extension module `lmkernels._C`: it has no Python-level content, importing it
 // loads the library and runs the registrations below.
-#include <Python.h>
-
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
+#include <Python.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -44,18 +43,20 @@ std::string capability() { return use_avx2() ? "AVX2" : "DEFAULT"; }
 
 // ------------------------------------------------------------------ argument checks
 
-#define LMK_CHECK_CPU_2D(t, name)                                                       \
-  TORCH_CHECK((t).device().is_cpu(), "lmkernels_cpu: " name " must be a CPU tensor, got ", \
-              (t).device());                                                            \
-  TORCH_CHECK((t).dim() == 2, "lmkernels_cpu: " name " must be 2-D (rows, cols), got ",   \
-              (t).dim(), "-D");                                                         \
+#define LMK_CHECK_CPU_2D(t, name)                                                                  \
+  TORCH_CHECK((t).device().is_cpu(), "lmkernels_cpu: " name " must be a CPU tensor, got ",         \
+              (t).device());                                                                       \
+  TORCH_CHECK((t).dim() == 2, "lmkernels_cpu: " name " must be 2-D (rows, cols), got ", (t).dim(), \
+              "-D");                                                                               \
   TORCH_CHECK((t).is_contiguous(), "lmkernels_cpu: " name " must be contiguous")
 
-#define LMK_CHECK_LIKE(t, ref, name, ref_name)                                              \
-  TORCH_CHECK((t).scalar_type() == (ref).scalar_type(), "lmkernels_cpu: " name " must have " \
-              ref_name "'s dtype ", (ref).scalar_type(), ", got ", (t).scalar_type());      \
-  TORCH_CHECK((t).sizes() == (ref).sizes(), "lmkernels_cpu: " name " must have " ref_name  \
-              "'s shape ", (ref).sizes(), ", got ", (t).sizes())
+#define LMK_CHECK_LIKE(t, ref, name, ref_name)                                                    \
+  TORCH_CHECK((t).scalar_type() == (ref).scalar_type(),                                           \
+              "lmkernels_cpu: " name " must have " ref_name "'s dtype ", (ref).scalar_type(),     \
+              ", got ", (t).scalar_type());                                                       \
+  TORCH_CHECK((t).sizes() == (ref).sizes(),                                                       \
+              "lmkernels_cpu: " name " must have " ref_name "'s shape ", (ref).sizes(), ", got ", \
+              (t).sizes())
 
 DType data_dtype(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {

@@ -3,10 +3,9 @@
 // of its cudaStream_t. The Python op layer (lmkernels/ops/) checks devices, shapes and
 // contiguity; this layer checks what it can see (sizes, codes, null pointers) and raises
 // ValueError naming the argument, and turns a CUDA error into RuntimeError naming the op.
+#include <cuda_runtime_api.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
-
-#include <cuda_runtime_api.h>
 
 #include <cstdint>
 #include <sstream>
@@ -85,8 +84,8 @@ void softmax_fwd(uint64_t x, uint64_t y, int64_t dtype, int64_t rows, int64_t co
                     mask_dtype == static_cast<int64_t>(lmk::DType::F32) || mask_dtype == dtype;
     if (!ok) {
       value_error(op, "mask_dtype",
-                  "expected Bool=4, F32=0 or the data dtype (" + std::to_string(dtype) +
-                      "), got " + std::to_string(mask_dtype));
+                  "expected Bool=4, F32=0 or the data dtype (" + std::to_string(dtype) + "), got " +
+                      std::to_string(mask_dtype));
     }
   }
   if (rows == 0 || cols == 0) return;  // nothing to launch
@@ -144,11 +143,11 @@ py::dict build_info() {
   py::dict d;
   d["archs"] = archs;
   d["ptx_arch"] = archs.empty() ? std::string() : "compute_" + archs.back().substr(3);
-  d["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." +
-                      std::to_string(CUDART_VERSION % 1000 / 10);
+  d["cuda_version"] =
+      std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
   int driver = 0;
   if (cudaDriverGetVersion(&driver) != cudaSuccess) driver = 0;
-  cudaGetLastError();  // do not leave an error behind for the next launch to report
+  cudaGetLastError();            // do not leave an error behind for the next launch to report
   d["driver_version"] = driver;  // 0: no driver
   d["cudart"] = "static";
   d["dtypes"] = std::vector<std::string>{"F32", "F16", "BF16"};
@@ -161,10 +160,10 @@ py::dict build_info() {
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "lmkernels CUDA kernels (torch-free; pointers, sizes and streams as ints)";
 
-  m.def("softmax_fwd", &softmax_fwd, py::arg("x"), py::arg("y"), py::arg("dtype"),
-        py::arg("rows"), py::arg("cols"), py::arg("scale"), py::arg("log"), py::arg("mask"),
-        py::arg("mask_dtype"), py::arg("mask_row_offsets"), py::arg("mask_col_stride"),
-        py::arg("causal"), py::arg("causal_rows"), py::arg("stream"),
+  m.def("softmax_fwd", &softmax_fwd, py::arg("x"), py::arg("y"), py::arg("dtype"), py::arg("rows"),
+        py::arg("cols"), py::arg("scale"), py::arg("log"), py::arg("mask"), py::arg("mask_dtype"),
+        py::arg("mask_row_offsets"), py::arg("mask_col_stride"), py::arg("causal"),
+        py::arg("causal_rows"), py::arg("stream"),
         "y[rows, cols] = softmax (log: log_softmax) of scale * x (+ float mask) over cols.\n"
         "x, y: contiguous device pointers of the given lmk::DType (F32=0, F16=1, BF16=2).\n"
         "mask: 0 for none, else a device pointer; row r's mask row starts at element\n"
@@ -172,9 +171,8 @@ PYBIND11_MODULE(_cuda, m) {
         "mask_dtype Bool=4 (true = masked out), F32=0 or the data dtype (added after\n"
         "scaling). causal: column j of row r is masked when j > r % causal_rows.\n"
         "A fully masked row gives 0 (log: -inf). Asynchronous on `stream` (cudaStream_t).");
-  m.def("softmax_bwd", &softmax_bwd, py::arg("y"), py::arg("dy"), py::arg("dx"),
-        py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("scale"), py::arg("log"),
-        py::arg("stream"),
+  m.def("softmax_bwd", &softmax_bwd, py::arg("y"), py::arg("dy"), py::arg("dx"), py::arg("dtype"),
+        py::arg("rows"), py::arg("cols"), py::arg("scale"), py::arg("log"), py::arg("stream"),
         "dx = scale * y * (dy - sum(dy * y))  or, for log,  dx = scale * (dy - exp(y) * sum(dy)),\n"
         "per row of contiguous [rows, cols] device tensors. Asynchronous on `stream`.");
   m.def("build_info", &build_info,

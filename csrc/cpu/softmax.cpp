@@ -35,6 +35,8 @@
 // gives NaN, as torch does. A float mask may contain -inf.
 // Limits: offsets are 64-bit; exp_neg is only valid for arguments <= 88 (it is only called on
 // z - max <= 0 and on log-probabilities); outputs below ~1e-38 are flushed to 0.
+#include "lmk/softmax.h"
+
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -46,8 +48,6 @@
 #include <limits>
 #include <memory>
 #include <numeric>
-
-#include "lmk/softmax.h"
 
 #if defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
@@ -328,8 +328,8 @@ struct FwdRow {
   float scale;
   bool log;
   MaskKind kind;
-  bool zero_empty;   // a mask or causal is given: a row with no finite z gives 0, not NaN
-  const void* mask;  // row's mask pointer (BoolVec / FloatVec)
+  bool zero_empty;             // a mask or causal is given: a row with no finite z gives 0, not NaN
+  const void* mask;            // row's mask pointer (BoolVec / FloatVec)
   const void* pf_x = nullptr;  // next row of x and y to prefetch during pass 2 (or null)
   void* pf_y = nullptr;
   DType mask_dtype;
@@ -497,7 +497,8 @@ float sum_chunk(const FwdRow<T>& a, int64_t b, int64_t e, float m) {
 template <class T>
 float part_sum_chunk(const FwdRow<T>& a, int64_t b, int64_t e, float m) {
   const bool mat = a.kind != MaskKind::None;
-  if (a.log) return mat ? sum_chunk<T, true, true>(a, b, e, m) : sum_chunk<T, false, true>(a, b, e, m);
+  if (a.log)
+    return mat ? sum_chunk<T, true, true>(a, b, e, m) : sum_chunk<T, false, true>(a, b, e, m);
   return mat ? sum_chunk<T, true, false>(a, b, e, m) : sum_chunk<T, false, false>(a, b, e, m);
 }
 
@@ -596,8 +597,8 @@ FwdRow<T> make_row(const SoftmaxFwdParams& p, int64_t r, float* buf) {
   a.mask_dtype = p.mask.dtype;
   a.mask_const = 0.f;
   if (p.mask.ptr != nullptr) {
-    const char* m = static_cast<const char*>(p.mask.ptr) +
-                    p.mask.row_offsets[r] * dtype_size(p.mask.dtype);
+    const char* m =
+        static_cast<const char*>(p.mask.ptr) + p.mask.row_offsets[r] * dtype_size(p.mask.dtype);
     if (p.mask.col_stride == 0) {
       if (p.mask.dtype == DType::Bool) {
         if (*reinterpret_cast<const uint8_t*>(m) != 0) a.valid = 0;
@@ -634,7 +635,9 @@ void fwd_row(const FwdRow<T>& a) {
 }
 
 // Rows per task so that one task holds >= ~32K elements.
-inline int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)); }
+inline int64_t row_grain(int64_t cols) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1));
+}
 
 // Split long rows into column blocks when there are too few rows to keep every thread busy.
 // Returns the number of blocks per row (1: no split).
@@ -663,8 +666,8 @@ void fwd_typed(const SoftmaxFwdParams& p) {
     at::parallel_for(0, rows, row_grain(cols), [&](int64_t r0, int64_t r1) {
       std::unique_ptr<float[]> scratch(kF32 ? nullptr : new float[cols]);
       for (int64_t r = r0; r < r1; ++r) {
-        float* buf = kF32 ? reinterpret_cast<float*>(static_cast<T*>(p.y) + r * cols)
-                          : scratch.get();
+        float* buf =
+            kF32 ? reinterpret_cast<float*>(static_cast<T*>(p.y) + r * cols) : scratch.get();
         FwdRow<T> a = make_row<T>(p, r, buf);
         if (prefetch && r + 1 < r1) {
           a.pf_x = a.x + cols;
@@ -681,8 +684,8 @@ void fwd_typed(const SoftmaxFwdParams& p) {
   std::unique_ptr<float[]> pmax(new float[items]), psum(new float[items]);
   auto row_of = [&](int64_t it) {
     const int64_t r = it / nb;
-    float* buf = kF32 ? reinterpret_cast<float*>(static_cast<T*>(p.y) + r * cols)
-                      : scratch.get() + r * cols;
+    float* buf =
+        kF32 ? reinterpret_cast<float*>(static_cast<T*>(p.y) + r * cols) : scratch.get() + r * cols;
     return make_row<T>(p, r, buf);
   };
   auto row_max = [&](int64_t r) {
@@ -733,8 +736,8 @@ void fwd_f64(const SoftmaxFwdParams& p) {
       int64_t valid = p.causal ? std::min<int64_t>(cols, r % p.causal_rows + 1) : cols;
       const char* mrow = nullptr;
       if (p.mask.ptr != nullptr) {
-        mrow = static_cast<const char*>(p.mask.ptr) +
-               p.mask.row_offsets[r] * dtype_size(p.mask.dtype);
+        mrow =
+            static_cast<const char*>(p.mask.ptr) + p.mask.row_offsets[r] * dtype_size(p.mask.dtype);
       }
       const int64_t ms = p.mask.col_stride;
       // z into y, then max.
@@ -821,7 +824,8 @@ float bwd_dot_chunk(const BwdRow<T>& a, int64_t b, int64_t e) {
 template <class T>
 float bwd_part_dot(const BwdRow<T>& a, int64_t b, int64_t e) {
   double total = 0.0;
-  for (int64_t c = b; c < e; c += kSumChunk) total += bwd_dot_chunk(a, c, std::min(e, c + kSumChunk));
+  for (int64_t c = b; c < e; c += kSumChunk)
+    total += bwd_dot_chunk(a, c, std::min(e, c + kSumChunk));
   return static_cast<float>(total);
 }
 

@@ -161,12 +161,12 @@ struct FwdArgs {
   int64_t rows, cols;
   float scale;
   bool log;
-  int mask_kind;                   // MaskKind; kMaskData: the mask has the data's dtype
-  const void* mask;                // element 0 of the mask storage (null: no mask)
-  const int64_t* mask_row_offsets; // [rows] element offset of row r's mask row
-  int64_t mask_col_stride;         // 0 or 1
-  int64_t mask_elem_size;          // bytes per mask element
-  int64_t causal_rows;             // 0: not causal; else row r sees columns j <= r % causal_rows
+  int mask_kind;                    // MaskKind; kMaskData: the mask has the data's dtype
+  const void* mask;                 // element 0 of the mask storage (null: no mask)
+  const int64_t* mask_row_offsets;  // [rows] element offset of row r's mask row
+  int64_t mask_col_stride;          // 0 or 1
+  int64_t mask_elem_size;           // bytes per mask element
+  int64_t causal_rows;              // 0: not causal; else row r sees columns j <= r % causal_rows
 };
 
 // z_j of the contract: scale * x_j (+ float mask), -inf where masked out.
@@ -284,8 +284,8 @@ __global__ void __launch_bounds__(BLOCK, kMinThreadsPerSM / BLOCK)
       for (int i = 0; i < VEC; ++i) {
         const float yi = to_float(yv.v[i]);
         const float g = to_float(gv.v[i]);
-        out.v[i] = from_float<T>(log_softmax ? scale * (g - softmax_exp(yi) * c)
-                                             : scale * yi * (g - c));
+        out.v[i] =
+            from_float<T>(log_softmax ? scale * (g - softmax_exp(yi) * c) : scale * yi * (g - c));
       }
       store_pack<T, VEC>(dxr + j, out);
     }

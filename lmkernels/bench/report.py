@@ -66,6 +66,13 @@ def markdown(doc: dict) -> str:
         + (" (dirty)" if m.get("git_dirty") else ""),
         f"- repetitions {doc['config']['reps']}{' (quick)' if doc['config']['quick'] else ''}",
     ]
+    load = m.get("loadavg_start")
+    if load is not None and m["device"] == "cpu":
+        busy = load > 0.5 * (m["cpu_count"] or 1)
+        lines.append(
+            f"- load average {load} at the start, {m.get('loadavg_end')} at the end"
+            + (" — **the machine was busy: CPU times are noisy**" if busy else "")
+        )
     if roof["kind"] == "copy":
         lines.append(
             "- roofline: a same-size copy timed in the same run, interleaved with the providers "

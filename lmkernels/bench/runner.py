@@ -6,6 +6,7 @@ same-size copy) together. Returns one JSON-ready document (see :mod:`lmkernels.b
 from __future__ import annotations
 
 import fnmatch
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -250,9 +251,18 @@ def measure_case(
     return list(rows.values())
 
 
+def _loadavg() -> float | None:
+    """The 1-minute load average (other jobs on a shared machine make CPU timings noisy)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 def run(benches: Sequence[Bench], cfg: Config, progress: bool = True, stream=None) -> dict:
     """Run ``benches`` under ``cfg``; returns the results document."""
     started = time.time()
+    load_start = _loadavg()
     device = cfg.device
     peak_gbps, roof = None, {"kind": "copy", "what": "dst.copy_(src) of the same bytes"}
     if device.type == "cuda":
@@ -295,7 +305,11 @@ def run(benches: Sequence[Bench], cfg: Config, progress: bool = True, stream=Non
         "schema": "lmkernels-bench/1",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "elapsed_s": round(time.time() - started, 1),
-        "machine": roofline.machine_info(device),
+        "machine": {
+            **roofline.machine_info(device),
+            "loadavg_start": load_start,
+            "loadavg_end": _loadavg(),
+        },
         "config": {
             "ops": [b.name for b in benches],
             "modes": list(cfg.modes or []) or None,

@@ -51,6 +51,6 @@ def row_offsets(shape: torch.Size, strides: tuple[int, ...], device: torch.devic
     Rows enumerate ``shape[:-1]`` in row-major order; offsets are int64 (no 2^31 limit).
     """
     off = torch.zeros((), dtype=torch.int64, device=device)
-    for size, stride in zip(shape[:-1], strides[:-1]):
+    for size, stride in zip(shape[:-1], strides[:-1], strict=True):
         off = off.unsqueeze(-1) + torch.arange(size, dtype=torch.int64, device=device) * stride
     return off.reshape(-1)
