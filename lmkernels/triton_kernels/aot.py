@@ -64,7 +64,17 @@ def _attrs(fn, divisible: tuple[str, ...]) -> dict:
     return {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
 
 
-def compile_report(specs: list[dict], archs: tuple[int, ...] = (80, 90)) -> list[dict]:
+_FORK_SPECS: list[dict] = []  # the specs a forked worker of compile_report reads
+
+
+def _compile_chunk(args: tuple[int, int, tuple[int, ...]]) -> list[dict]:
+    lo, hi, archs = args
+    return compile_report(_FORK_SPECS[lo:hi], archs, jobs=1)
+
+
+def compile_report(
+    specs: list[dict], archs: tuple[int, ...] = (80, 90), jobs: int | None = None
+) -> list[dict]:
     """Compile every spec for every arch; one row per (spec, arch).
 
     spec: dict with kernel (a triton.jit function), signature, constexprs, num_warps,
@@ -78,6 +88,16 @@ def compile_report(specs: list[dict], archs: tuple[int, ...] = (80, 90)) -> list
             "imported, so triton.jit returned interpreter functions); run it in a subprocess "
             "with TRITON_INTERPRET unset"
         )
+    jobs = jobs or os.cpu_count() or 1
+    if jobs > 1 and len(specs) > 1:
+        # fork: the workers inherit the specs (JITFunctions do not pickle); rows keep spec order
+        import multiprocessing
+
+        _FORK_SPECS[:] = specs
+        step = max(1, len(specs) // (jobs * 4))
+        chunks = [(i, min(i + step, len(specs)), archs) for i in range(0, len(specs), step)]
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            return [row for part in pool.map(_compile_chunk, chunks) for row in part]
     rows = []
     for spec in specs:
         fn = spec["kernel"]
