@@ -1,8 +1,8 @@
 """Conformance cases of the softmax family (registered once, run on every backend).
 
 Shape choices: rows are small primes (3, 5) so every kernel sees a non-power-of-two grid;
-columns cover 1, primes, both sides of the powers of two the kernels tile by (127/128/129,
-4095/4097) and a long row beyond the single-tile limits (large=True: not run in the Triton
+columns cover 1, primes, both sides of the powers of two the kernels tile by and of each
+backend's thresholds (named where they are listed) and long rows beyond the single-tile limits (large=True: not run in the Triton
 interpreter, where it would take minutes; the looped Triton path is covered there by
 test_triton_softmax.py with a lowered threshold).
 """
@@ -62,8 +62,12 @@ def _special_rows(dtype, device, gen):
 
 _PLAIN = []
 for log in (False, True):
-    for cols in (1, 2, 7, 127, 128, 129, 1000, 4095, 4097):
+    # 1024/1025: CUDA's warp-per-row limit; 8192/8193: Triton's single-tile limit
+    for cols in (1, 2, 7, 127, 128, 129, 1000, 1024, 1025, 4095, 4097, 8192, 8193):
         _PLAIN.append(_plain(f"rows3_cols{cols}", (3, cols), -1, log))
+    # the CPU kernels split few long rows (cols >= 16384) across threads
+    for cols in (16383, 16384, 262147):
+        _PLAIN.append(_plain(f"rows1_cols{cols}", (1, cols), -1, log, large=True))
     _PLAIN += [
         _plain("dim0_rank3", (5, 4, 3), 0, log),
         _plain("dim1_rank3", (5, 4, 3), 1, log),

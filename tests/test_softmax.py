@@ -127,9 +127,12 @@ def _opcheck_cases():
     ]
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 @pytest.mark.parametrize("i", range(6))
 def test_opcheck(backend, i):
+    reason = lmkernels.backends.availability(backend, "cpu")
+    if reason is not None:
+        pytest.skip(f"{backend} cannot run CPU tensors here: {reason}")
     args = _opcheck_cases()[i]
     with lmkernels.use_backend(backend):
         torch.library.opcheck(torch.ops.lmkernels.softmax_fwd.default, args)
