@@ -2,9 +2,9 @@
 
 Shape choices: rows are small primes (3, 5) so every kernel sees a non-power-of-two grid;
 columns cover 1, primes, both sides of the powers of two the kernels tile by and of each
-backend's thresholds (named where they are listed) and long rows beyond the single-tile limits (large=True: not run in the Triton
-interpreter, where it would take minutes; the looped Triton path is covered there by
-test_triton_softmax.py with a lowered threshold).
+backend's thresholds (named where they are listed) and long rows beyond the single-tile
+limits (large=True: not run in the Triton interpreter, where it would take minutes; the
+looped Triton path is covered there by test_triton_softmax.py with a lowered threshold).
 """
 
 from __future__ import annotations
