@@ -32,7 +32,8 @@
 // Numerics: fp32 math and accumulation for fp32/fp16/bf16 data; outputs rounded to nearest.
 // The module is built with --use_fast_math, so exp/log are the MUFU approximations (relative
 // error ~1e-6 near the row max, larger only for values that are tiny next to it).
-// NaN in a row makes the whole row NaN; a fully masked row gives 0 (log: -inf).
+// NaN in a row makes the whole row NaN; with a mask or causal a fully masked row gives 0
+// (log: -inf); without them an all -inf row gives NaN, as torch does.
 //
 // Limits: fp64 data is not supported (cudaErrorNotSupported); the caller handles it elsewhere.
 // One block per row means a handful of very long rows (e.g. 8 x 262144) cannot fill a big GPU;
@@ -167,6 +168,7 @@ struct FwdArgs {
   int64_t mask_col_stride;          // 0 or 1
   int64_t mask_elem_size;           // bytes per mask element
   int64_t causal_rows;              // 0: not causal; else row r sees columns j <= r % causal_rows
+  bool zero_empty;                  // mask or causal: a row with no finite z gives 0, not NaN
 };
 
 // z_j of the contract: scale * x_j (+ float mask), -inf where masked out.
@@ -224,6 +226,10 @@ __global__ void __launch_bounds__(BLOCK, kMinThreadsPerSM / BLOCK)
       st = softmax_combine(st, SoftmaxStats<float>{vmax, vsum});
     }
     st = row_allreduce<TPR, BLOCK>(st);
+    if (!a.zero_empty && st.m == -INFINITY) {
+      // No mask and no causal: an all -inf row is NaN, as in torch (-inf - -inf).
+      st = SoftmaxStats<float>{NAN, NAN};
+    }
     const float inv_sum = softmax_inv_sum(st);
     const float log_sum = softmax_log(st.s);
 
@@ -370,6 +376,7 @@ cudaError_t softmax_fwd_cuda(const SoftmaxFwdParams& p, cudaStream_t stream) {
   a.scale = static_cast<float>(p.scale);
   a.log = p.log;
   a.mask_kind = kMaskNone;
+  a.zero_empty = p.mask.ptr != nullptr || p.causal;
   if (p.mask.ptr != nullptr) {
     if (p.mask.row_offsets == nullptr) return cudaErrorInvalidValue;
     if (p.mask.col_stride != 0 && p.mask.col_stride != 1) return cudaErrorInvalidValue;

@@ -11,7 +11,8 @@
 //     every output of the row become NaN;
 //   * +inf gives exp(inf - inf) = NaN, as the two-pass formula does;
 //   * a row whose values are all -inf ends with m = -inf, s = 0: softmax_inv_sum returns 0 so
-//     the row's outputs are 0, never NaN.
+//     the row's outputs are 0, never NaN (the masked-softmax rule; a caller that wants torch's
+//     NaN for an unmasked all -inf row replaces the statistics by NaN).
 // combine() is commutative bit for bit (max, and a sum of two products), so a butterfly
 // reduction gives every lane the same result.
 #pragma once
