@@ -12,10 +12,15 @@
 //   Without a float/bool-vector mask z is recomputed from x in each pass (one FMA); with one,
 //   pass 1 materialises z into the fp32 buffer. Causal masking only shortens the row: columns
 //   j > r % causal_rows are written as 0 (or -inf for log) without being read.
-//   exp is an inline polynomial specialised for arguments <= 0 (see exp_neg): max relative
-//   error 1.7e-7 (about 3 ulp), exact 0 for -inf and for arguments below -87.7 (flushed instead
-//   of producing fp32 denormals), NaN propagates. It is ~12 vector ops per 8 elements, which is
-//   what makes the pass-2 loop fast: softmax on CPU is exp-bound, not memory-bound.
+//   Pass 2's exp is exp2_neg: 2^u = 2^n * q(f) with u = (z - m) * log2e, an inline polynomial
+//   of degree 5 / 4 / 3 for fp32 / fp16 / bf16 output (1.9e-7 / 2.9e-6 / 1.0e-4 relative), exact
+//   0 for -inf and below 2^-127 (flushed instead of producing fp32 denormals), NaN propagates.
+//   For softmax on AVX2, log2e is folded into the pass's FMA (u = x * scale * log2e - shift, see
+//   sum_chunk): ~10 vector ops per 8 elements, 5 on the FMA pipes in bf16. The pass is
+//   exp-bound, so every op counts.
+//   Rows longer than 64 KiB (softmax, no vector mask) run passes 1-2 per 4096-column block (the
+//   block stays in L1 between them) with per-block max and sum, and pass 3 rescales each block
+//   by exp(m_k - M) / S (fwd_row_blocked); x is then read from memory only once.
 // Backward, per row (two passes):
 //   softmax:     d = sum_k dy_k y_k;  dx_j = scale * y_j * (dy_j - d)
 //   log_softmax: d = sum_k dy_k;      dx_j = scale * (dy_j - exp(y_j) * d)
@@ -33,8 +38,9 @@
 // a row -> NaN row (inf - inf). With a mask or causal, a row whose every z is -inf (fully
 // masked) gives 0 (log: -inf), never NaN, unless it also holds a NaN; without them such a row
 // gives NaN, as torch does. A float mask may contain -inf.
-// Limits: offsets are 64-bit; exp_neg is only valid for arguments <= 88 (it is only called on
-// z - max <= 0 and on log-probabilities); outputs below ~1e-38 are flushed to 0.
+// Limits: offsets are 64-bit; exp_neg / exp2_neg are only valid for arguments <= 88 / 127 (they
+// are only called on z - max <= 0 (up to rounding) and on log-probabilities); outputs below
+// ~1e-38 are flushed to 0.
 #include "lmk/softmax.h"
 
 #include <ATen/Parallel.h>
@@ -72,9 +78,21 @@ constexpr float kLn2Hi = 0.693359375f;        // ln2 split so that n * kLn2Hi is
 constexpr float kLn2Lo = -2.12194440e-4f;
 constexpr float kP1 = 9.999997020e-01f, kP2 = 4.999915063e-01f, kP3 = 1.666763574e-01f,
                 kP4 = 4.189793020e-02f, kP5 = 8.290315047e-03f;
-// Degree 4 (2.8e-6 relative), enough for results rounded to bf16 / fp16.
+// Degree 4 (2.8e-6 relative), enough for results rounded to bf16 / fp16 (the log_softmax
+// backward's exp(y)); it reduces with a single ln2 constant (n * ln2 is then off by at most
+// 127 * 2.3e-8 * ln2, i.e. < 3e-6 relative), one FMA less than the split.
 constexpr float kQ1 = 9.999668598e-01f, kQ2 = 5.000301600e-01f, kQ3 = 1.678747386e-01f,
                 kQ4 = 4.151384905e-02f;
+constexpr float kLn2 = 0.693147181f;
+// exp2_neg (the forward's exp pass): 2^f on [-1/2, 1/2], minimax relative, q(0) = 1, fitted
+// here; degree 3 (1.0e-4 relative, 1/20 of a bf16 half-ulp) for bf16, 4 (2.9e-6) for fp16.
+constexpr float kExp2Lo = -127.f;  // 2^n bits of n = -127 are +0
+constexpr float kD1 = 6.932829022e-01f, kD2 = 2.422102094e-01f, kD3 = 5.500861630e-02f;
+constexpr float kE1 = 6.931241751e-01f, kE2 = 2.402409911e-01f, kE3 = 5.590633675e-02f,
+                kE4 = 9.582820348e-03f;
+// Degree 5 (1.9e-7 relative, evaluated in fp32): fp32 data.
+constexpr float kF1 = 6.931470037e-01f, kF2 = 2.402224243e-01f, kF3 = 5.550733581e-02f,
+                kF4 = 9.671507403e-03f, kF5 = 1.326471101e-03f;
 
 // ------------------------------------------------------------------ 8-lane fp32 vector
 #if defined(CPU_CAPABILITY_AVX2)
@@ -150,6 +168,15 @@ inline void store_pair(BFloat16* p, Vf a, Vf b) {
   __m256i r = _mm256_packus_epi32(bf16_bits(a.v), bf16_bits(b.v));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), r);
 }
+// Non-temporal stores of 16 floats at a 32-byte aligned p, and the fence that orders them.
+constexpr bool kHasStream = true;
+inline void stream2(float* p, Vf a, Vf b) {
+  _mm256_stream_ps(p, a.v);
+  _mm256_stream_ps(p + kW, b.v);
+}
+inline void store_fence() { _mm_sfence(); }
+// Optimisation barrier that makes gcc keep a loop accumulator in a register.
+inline void keep_in_register(Vf& a) { asm("" : "+x"(a.v)); }
 inline float hsum(Vf a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -169,15 +196,17 @@ inline Vf exp_neg(Vf x) {
   __m256 xc = _mm256_max_ps(_mm256_set1_ps(kExpLo), x.v);  // keeps NaN (second operand)
   __m256 t = _mm256_fmadd_ps(xc, _mm256_set1_ps(kLog2e), _mm256_set1_ps(kMagic));
   __m256 n = _mm256_sub_ps(t, _mm256_set1_ps(kMagic));
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), xc);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
-  __m256 p;
+  __m256 r, p;
   if constexpr (kDeg == 5) {
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), xc);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
     p = _mm256_fmadd_ps(_mm256_set1_ps(kP5), r, _mm256_set1_ps(kP4));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP3));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP2));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP1));
   } else {
+    static_assert(kDeg == 4);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2), xc);
     p = _mm256_fmadd_ps(_mm256_set1_ps(kQ4), r, _mm256_set1_ps(kQ3));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kQ2));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kQ1));
@@ -187,6 +216,32 @@ inline Vf exp_neg(Vf x) {
   // (+0 for n = -127).
   __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23));
   return {_mm256_mul_ps(p, s)};
+}
+
+// 2^u for u <= 127 (used for 16-bit data): 2^n * q(f), u = n + f, |f| <= 1/2; u below -127
+// gives 0, NaN -> NaN. kDeg 3: 1.0e-4 relative (bf16); kDeg 4: 2.9e-6 (fp16).
+template <int kDeg>
+inline Vf exp2_neg(Vf u) {
+  __m256 uc = _mm256_max_ps(_mm256_set1_ps(kExp2Lo), u.v);  // keeps NaN
+  __m256 t = _mm256_add_ps(uc, _mm256_set1_ps(kMagic));
+  __m256 f = _mm256_sub_ps(uc, _mm256_sub_ps(t, _mm256_set1_ps(kMagic)));
+  __m256 p;
+  if constexpr (kDeg == 5) {
+    p = _mm256_fmadd_ps(_mm256_set1_ps(kF5), f, _mm256_set1_ps(kF4));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kF3));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kF2));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kF1));
+  } else if constexpr (kDeg == 4) {
+    p = _mm256_fmadd_ps(_mm256_set1_ps(kE4), f, _mm256_set1_ps(kE3));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kE2));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kE1));
+  } else {
+    p = _mm256_fmadd_ps(_mm256_set1_ps(kD3), f, _mm256_set1_ps(kD2));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kD1));
+  }
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+  __m256 sc = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23));
+  return {_mm256_mul_ps(p, sc)};
 }
 
 #else  // portable 8-lane version of the same operations
@@ -246,6 +301,10 @@ template <class T>
 inline void store_pair(T* p, Vf a, Vf b) {
   store2(p, a, b);
 }
+inline void keep_in_register(Vf&) {}
+constexpr bool kHasStream = false;
+inline void stream2(float* p, Vf a, Vf b) { store2(p, a, b); }
+inline void store_fence() {}
 inline float hsum(Vf a) {
   float s01 = (a.v[0] + a.v[4]) + (a.v[2] + a.v[6]);
   float s23 = (a.v[1] + a.v[5]) + (a.v[3] + a.v[7]);
@@ -259,8 +318,7 @@ inline float exp_neg1(float x) {
   float xc = kExpLo > x ? kExpLo : x;  // keeps NaN
   float t = xc * kLog2e + kMagic;
   float n = t - kMagic;
-  float r = xc - n * kLn2Hi;
-  r = r - n * kLn2Lo;
+  float r = kDeg == 5 ? (xc - n * kLn2Hi) - n * kLn2Lo : xc - n * kLn2;
   float p = kDeg == 5 ? ((((kP5 * r + kP4) * r + kP3) * r + kP2) * r + kP1) * r + 1.f
                       : (((kQ4 * r + kQ3) * r + kQ2) * r + kQ1) * r + 1.f;
   uint32_t bits;
@@ -273,6 +331,25 @@ inline float exp_neg1(float x) {
 template <int kDeg = 5>
 inline Vf exp_neg(Vf x) {
   return vmap([&](int i) { return exp_neg1<kDeg>(x.v[i]); });
+}
+template <int kDeg>
+inline float exp2_neg1(float u) {
+  float uc = kExp2Lo > u ? kExp2Lo : u;  // keeps NaN
+  float t = uc + kMagic;
+  float f = uc - (t - kMagic);
+  float p = kDeg == 5   ? ((((kF5 * f + kF4) * f + kF3) * f + kF2) * f + kF1) * f + 1.f
+            : kDeg == 4 ? (((kE4 * f + kE3) * f + kE2) * f + kE1) * f + 1.f
+                        : ((kD3 * f + kD2) * f + kD1) * f + 1.f;
+  uint32_t bits;
+  std::memcpy(&bits, &t, sizeof(bits));
+  bits <<= 23;
+  float sc;
+  std::memcpy(&sc, &bits, sizeof(sc));
+  return p * sc;
+}
+template <int kDeg>
+inline Vf exp2_neg(Vf u) {
+  return vmap([&](int i) { return exp2_neg1<kDeg>(u.v[i]); });
 }
 
 #endif
@@ -314,6 +391,14 @@ inline Vf load_bool_masked(Vf z, const uint8_t* m, int64_t n) {
 }
 
 // ------------------------------------------------------------------ forward (fp32 math)
+
+#if defined(CPU_CAPABILITY_AVX2)
+constexpr bool kHasFma = true;
+#else
+constexpr bool kHasFma = false;
+#endif
+// The shift in log2 units that the folded exp pass subtracts for a max m (see sum_chunk).
+inline float fold_shift(float m) { return m * kLog2e; }
 
 enum class MaskKind { None, BoolVec, FloatVec, FloatConst };
 
@@ -373,6 +458,27 @@ float materialize_max(const FwdRow<T>& a, int64_t b, int64_t e) {
   return hmax(acc);
 }
 
+// max_j (kMul ? scale * x_j : x_j) over [b, e), NaN-propagating.
+template <class T, bool kMul>
+float raw_max(const T* x, int64_t b, int64_t e, float scale) {
+  const Vf s = vset(scale);
+  auto z = [&](Vf v) { return kMul ? vmul(v, s) : v; };
+  Vf m0 = vset(-kInf), m1 = m0, m2 = m0, m3 = m0;
+  int64_t j = b;
+  for (; j + 4 * kW <= e; j += 4 * kW) {
+    Vf v0, v1, v2, v3;
+    load_pair(x + j, v0, v1);
+    load_pair(x + j + 2 * kW, v2, v3);
+    m0 = vmax(m0, z(v0));
+    m1 = vmax(m1, z(v1));
+    m2 = vmax(m2, z(v2));
+    m3 = vmax(m3, z(v3));
+  }
+  for (; j + kW <= e; j += kW) m0 = vmax(m0, z(load(x + j)));
+  if (j < e) m1 = vmax(m1, keep_first(z(load_n(x + j, e - j, 0.f)), e - j, -kInf));
+  return max_nan(max_nan(hmax(m0), hmax(m1)), max_nan(hmax(m2), hmax(m3)));
+}
+
 // Pass 1 over columns [b, e) (e <= valid): max of z.
 template <class T>
 float part_max(const FwdRow<T>& a, int64_t b, int64_t e) {
@@ -388,22 +494,10 @@ float part_max(const FwdRow<T>& a, int64_t b, int64_t e) {
     case MaskKind::None:
       break;
   }
-  const Vf s = vset(a.scale);
-  Vf m0 = vset(-kInf), m1 = m0, m2 = m0, m3 = m0;
-  int64_t j = b;
-  const T* x = a.x;
-  for (; j + 4 * kW <= e; j += 4 * kW) {
-    Vf v0, v1, v2, v3;
-    load_pair(x + j, v0, v1);
-    load_pair(x + j + 2 * kW, v2, v3);
-    m0 = vmax(m0, vmul(v0, s));
-    m1 = vmax(m1, vmul(v1, s));
-    m2 = vmax(m2, vmul(v2, s));
-    m3 = vmax(m3, vmul(v3, s));
-  }
-  for (; j + kW <= e; j += kW) m0 = vmax(m0, vmul(load(a.x + j), s));
-  if (j < e) m1 = vmax(m1, keep_first(vmul(load_n(a.x + j, e - j, 0.f), s), e - j, -kInf));
-  return max_nan(max_nan(hmax(m0), hmax(m1)), max_nan(hmax(m2), hmax(m3)));
+  // Rounding is monotone: for 0 < scale < inf, max(scale * x) = scale * max(x) (NaN and -inf
+  // included), so the loop needs no multiply.
+  if (a.scale > 0.f && a.scale < kInf) return raw_max<T, false>(a.x, b, e, 1.f) * a.scale;
+  return raw_max<T, true>(a.x, b, e, a.scale);
 }
 
 // z - m for the 8 columns at j (n valid).
@@ -442,7 +536,12 @@ float part_sum(const FwdRow<T>& a, int64_t b, int64_t e, float m) {
 
 // Exp degree for data of type T: full fp32 accuracy only where the output keeps it.
 template <class T>
-constexpr int kExpDeg = sizeof(T) == 2 ? 4 : 5;
+constexpr int kExpDeg = std::is_same_v<T, BFloat16> ? 3
+                        : sizeof(T) == 2            ? 4
+                                                    : 5;
+// Backward (log_softmax) keeps degree 4 for 16-bit data: exp(y) is multiplied by a sum.
+template <class T>
+constexpr int kBwdExpDeg = sizeof(T) == 2 ? 4 : 5;
 
 // Pass 2 inner loop over [b, e): kMat reads z from buf (else z = scale * x), kLog only sums.
 // While this (L1-resident) row is computed, the next row of x and y (pf_x / pf_y, if set) is
@@ -454,19 +553,34 @@ float sum_chunk(const FwdRow<T>& a, int64_t b, int64_t e, float m) {
   float* buf = a.buf;
   const char* pfx = static_cast<const char*>(a.pf_x);
   const char* pfy = static_cast<const char*>(a.pf_y);
-  const Vf s = vset(a.scale), negm = vset(-m);
-  // z - m of 16 elements; without a mask in x's pair layout (buf then keeps that layout).
-  auto z = [&](int64_t j, Vf& z0, Vf& z1) {
-    if constexpr (kMat) {
-      z0 = vadd(vload_raw(buf + j), negm);
-      z1 = vadd(vload_raw(buf + j + kW), negm);
+  // exp(z - m) = 2^u. Softmax with a hardware FMA folds log2e into the shift: u = x * (scale *
+  // log2e) - fold_shift(m) in one FMA, rounded once (exact-ish near the max, like z - m). The
+  // rounding of the two folded constants only scales every exp of the row by one common factor
+  // (plus (z - m) * 6e-8, as rounding z - m does), which the normalisation cancels. log_softmax
+  // needs exp(0) = 1 exactly at the max (log s = 0 for a one-element row) and the portable
+  // build has no fused multiply-add: both use u = (scale * x - m) * log2e.
+  constexpr bool kFold = kHasFma && !kLog;
+  const float c = kMat ? 1.f : a.scale;
+  const Vf s = vset(kFold ? c * kLog2e : c), negm = vset(kFold ? -fold_shift(m) : -m);
+  auto ex = [&](Vf v) {  // exp of the FMA-shifted value v
+    if constexpr (kFold) {
+      return exp2_neg<kExpDeg<T>>(v);
     } else {
-      load_pair(x + j, z0, z1);
-      z0 = vfma(z0, s, negm);
-      z1 = vfma(z1, s, negm);
+      return exp2_neg<kExpDeg<T>>(vmul(v, vset(kLog2e)));
     }
   };
-  Vf s0 = vset(0.f), s1 = s0;
+  // Shifted values of 16 elements; without a mask in x's pair layout (buf then keeps it).
+  auto z = [&](int64_t j, Vf& z0, Vf& z1) {
+    if constexpr (kMat) {
+      z0 = vload_raw(buf + j);
+      z1 = vload_raw(buf + j + kW);
+    } else {
+      load_pair(x + j, z0, z1);
+    }
+    z0 = vfma(z0, s, negm);
+    z1 = vfma(z1, s, negm);
+  };
+  Vf s0 = vset(0.f);
   int64_t j = b;
   for (; j + 2 * kW <= e; j += 2 * kW) {
     if (pfx != nullptr) {
@@ -475,23 +589,25 @@ float sum_chunk(const FwdRow<T>& a, int64_t b, int64_t e, float m) {
     }
     Vf z0, z1;
     z(j, z0, z1);
-    Vf e0 = exp_neg<kExpDeg<T>>(z0);
-    Vf e1 = exp_neg<kExpDeg<T>>(z1);
+    Vf e0 = ex(z0);
+    Vf e1 = ex(z1);
     if constexpr (!kLog) {
       vstore_raw(buf + j, e0);
       vstore_raw(buf + j + kW, e1);
     }
-    s0 = vadd(s0, e0);
-    s1 = vadd(s1, e1);
+    // One accumulator (the pair is added first, off the loop-carried chain): with two, gcc
+    // runs out of the 16 ymm registers and spills an accumulator (a store-forwarding chain).
+    s0 = vadd(s0, vadd(e0, e1));
+    keep_in_register(s0);
   }
   for (; j < e; j += kW) {
     const int64_t n = std::min<int64_t>(kW, e - j);
-    Vf e0 = exp_neg<kExpDeg<T>>(shifted(a, j, s, negm, n));
-    if (n < kW) e0 = keep_first(e0, n, 0.f);
+    Vf v = kMat ? load_n(buf + j, n, 0.f) : load_n(x + j, n, 0.f);
+    Vf e0 = keep_first(ex(vfma(v, s, negm)), n, 0.f);
     if constexpr (!kLog) store_n(buf + j, e0, n);
     s0 = vadd(s0, e0);
   }
-  return hsum(vadd(s0, s1));
+  return hsum(s0);
 }
 
 template <class T>
@@ -506,6 +622,9 @@ template <class T>
 inline void fill(T* p, int64_t n, float v) {
   std::fill(p, p + n, static_cast<T>(v));
 }
+
+template <class T>
+void scale_out(const FwdRow<T>& a, int64_t b, int64_t e, float f);
 
 // Pass 3 over [b, e): write y from the row's max m and exp-sum s.
 template <class T>
@@ -538,8 +657,16 @@ void part_out(const FwdRow<T>& a, int64_t b, int64_t e, float m, float s) {
     }
     return;
   }
-  const Vf inv = vset(1.f / s);
-  // Full 16-element groups of buf are in x's pair layout when pass 2 read x (no mask).
+  scale_out(a, b, e, 1.f / s);
+}
+
+// y = buf * f over [b, e) (softmax). Full 16-element groups of buf (counted from b, a multiple
+// of 16) are in x's pair layout when pass 2 read x (no mask).
+template <class T>
+void scale_out(const FwdRow<T>& a, int64_t b, int64_t e, float f) {
+  const bool mat = a.kind != MaskKind::None;
+  const Vf inv = vset(f);
+  int64_t j = b;
   for (; j + 2 * kW <= e; j += 2 * kW) {
     Vf v0 = vmul(vload_raw(a.buf + j), inv), v1 = vmul(vload_raw(a.buf + j + kW), inv);
     if (mat) {
@@ -556,6 +683,33 @@ void part_out(const FwdRow<T>& a, int64_t b, int64_t e, float m, float s) {
       store_n(a.y + j, vmul(load_n(a.buf + j, n, 0.f), inv), n);
     }
   }
+}
+
+// scale_out(a, 0, cols, f) fused with the max of the next row xn (raw values, as raw_max):
+// the output stores and the next row's loads overlap in one loop. No mask, no causal.
+template <class T>
+float scale_out_max(const FwdRow<T>& a, int64_t cols, float f, const T* xn) {
+  const Vf inv = vset(f);
+  Vf m0 = vset(-kInf), m1 = m0;
+  int64_t j = 0;
+  for (; j + 2 * kW <= cols; j += 2 * kW) {
+    Vf v0, v1;
+    load_pair(xn + j, v0, v1);
+    m0 = vmax(m0, v0);
+    m1 = vmax(m1, v1);
+    store_pair(a.y + j, vmul(vload_raw(a.buf + j), inv), vmul(vload_raw(a.buf + j + kW), inv));
+  }
+  for (; j < cols; j += kW) {
+    const int64_t n = std::min<int64_t>(kW, cols - j);
+    if (n == kW) {
+      store(a.y + j, vmul(vload_raw(a.buf + j), inv));
+      m0 = vmax(m0, load(xn + j));
+    } else {
+      store_n(a.y + j, vmul(load_n(a.buf + j, n, 0.f), inv), n);
+      m1 = vmax(m1, keep_first(load_n(xn + j, n, 0.f), n, -kInf));
+    }
+  }
+  return max_nan(hmax(m0), hmax(m1));
 }
 
 // Causally masked tail of block [b, e): columns >= valid.
@@ -626,8 +780,56 @@ FwdRow<T> make_row(const SoftmaxFwdParams& p, int64_t r, float* buf) {
   return a;
 }
 
+// Long rows (softmax without a float/bool-vector mask): blocks of kBlock columns, each read
+// from memory once by its max pass and then, from L1, by its exp pass (which prefetches the
+// next block), with per-block max m_k and sum s_k; a last pass scales block k by
+// exp(m_k - M) / S, M = max m_k, S = sum_k s_k exp(m_k - M) (in double, in block order).
+// Returns false (having written nothing final) when some block max is not finite; the caller
+// then runs the plain three passes, which own the special cases.
+constexpr int64_t kBlock = 4096;  // multiple of 16 and of kSumChunk's divisors
+
+template <class T>
+bool fwd_row_blocked(const FwdRow<T>& a) {
+  const int64_t n = a.valid, nb = (n + kBlock - 1) / kBlock;
+  std::unique_ptr<float[]> mk(new float[2 * nb]);
+  float* sk = mk.get() + nb;
+  FwdRow<T> c = a;
+  c.pf_x = a.x + kBlock;  // prefetch distance: one block ahead (never faults)
+  c.pf_y = a.y + kBlock;
+  float mx = -kInf;
+  for (int64_t k = 0; k < nb; ++k) {
+    const int64_t b = k * kBlock, e = std::min(n, b + kBlock);
+    if (e == n) c.pf_x = c.pf_y = nullptr;
+    const float m = part_max(c, b, e);
+    if (!(std::fabs(m) < kInf)) return false;  // -inf, +inf or NaN
+    mk[k] = m;
+    mx = std::max(mx, m);
+    sk[k] = part_sum(c, b, e, m);
+  }
+  // Block k's exps are exp(z - m_k) up to the shift actually applied: fold_shift(m_k) (a float,
+  // exact in double) in log2 units when folded, m_k otherwise. Rescale by exactly that.
+  auto rel = [&](int64_t k) {
+    return kHasFma ? std::exp2(double(fold_shift(mk[k])) - double(fold_shift(mx)))
+                   : std::exp(double(mk[k]) - double(mx));
+  };
+  double total = 0.0;
+  for (int64_t k = 0; k < nb; ++k) total += static_cast<double>(sk[k]) * rel(k);
+  for (int64_t k = 0; k < nb; ++k) {
+    const int64_t b = k * kBlock, e = std::min(n, b + kBlock);
+    float f = static_cast<float>(rel(k) / total);
+    if (f < std::numeric_limits<float>::min()) f = 0.f;  // as the exp flushes below ~1e-38
+    scale_out(a, b, e, f);
+  }
+  return true;
+}
+
 template <class T>
 void fwd_row(const FwdRow<T>& a) {
+  if (a.kind == MaskKind::None && !a.log && a.valid * static_cast<int64_t>(sizeof(T)) > 64 * 1024 &&
+      fwd_row_blocked(a)) {
+    part_tail(a, 0, a.cols);
+    return;
+  }
   const float m = part_max(a, 0, a.valid);
   const float s = part_sum(a, 0, a.valid, m);
   part_out(a, 0, a.valid, m, s);
@@ -663,8 +865,13 @@ void fwd_typed(const SoftmaxFwdParams& p) {
   if (nb == 1) {
     // Prefetch the next row while computing this one when both fit in L2 comfortably.
     const bool prefetch = cols * static_cast<int64_t>(sizeof(T)) <= 64 * 1024;
+    const float scale = static_cast<float>(p.scale);
+    const bool fused =
+        prefetch && p.mask.ptr == nullptr && !p.causal && !p.log && scale > 0.f && scale < kInf;
     at::parallel_for(0, rows, row_grain(cols), [&](int64_t r0, int64_t r1) {
       std::unique_ptr<float[]> scratch(kF32 ? nullptr : new float[cols]);
+      float next_max = 0.f;
+      bool have_next = false;
       for (int64_t r = r0; r < r1; ++r) {
         float* buf =
             kF32 ? reinterpret_cast<float*>(static_cast<T*>(p.y) + r * cols) : scratch.get();
@@ -672,6 +879,18 @@ void fwd_typed(const SoftmaxFwdParams& p) {
         if (prefetch && r + 1 < r1) {
           a.pf_x = a.x + cols;
           a.pf_y = a.y + cols;
+        }
+        if (fused) {
+          // Plain softmax rows: pass 3 of row r also computes pass 1 of row r + 1.
+          const float m = have_next ? next_max : part_max(a, 0, cols);
+          const float s = part_sum(a, 0, cols, m);
+          have_next = m != -kInf && r + 1 < r1;
+          if (have_next) {
+            next_max = scale_out_max(a, cols, 1.f / s, a.x + cols) * a.scale;
+          } else {
+            part_out(a, 0, cols, m, s);
+          }
+          continue;
         }
         fwd_row(a);
       }
@@ -789,6 +1008,7 @@ struct BwdRow {
   float scale;
   bool log;
   bool prefetch = false;  // prefetch the next row of y, dy, dx during the apply pass
+  bool stream = false;    // fp32: write dx with non-temporal stores (16-element groups aligned)
 };
 
 // Reduction over one chunk [b, e): sum dy*y (softmax) or sum dy (log).
@@ -832,7 +1052,8 @@ float bwd_part_dot(const BwdRow<T>& a, int64_t b, int64_t e) {
 template <class T>
 inline Vf bwd_value(const BwdRow<T>& a, Vf y, Vf dy, Vf sc, Vf d, Vf negd) {
   // softmax: scale * y * (dy - d);  log: scale * (dy - exp(y) * d)
-  return a.log ? vmul(sc, vfma(exp_neg<kExpDeg<T>>(y), negd, dy)) : vmul(sc, vmul(y, vsub(dy, d)));
+  return a.log ? vmul(sc, vfma(exp_neg<kBwdExpDeg<T>>(y), negd, dy))
+               : vmul(sc, vmul(y, vsub(dy, d)));
 }
 
 template <class T>
@@ -843,6 +1064,18 @@ void bwd_part_apply(const BwdRow<T>& a, int64_t b, int64_t e, float d) {
   const int64_t next = a.prefetch ? e - b : 0;  // distance to the next row (contiguous rows)
   const Vf sc = vset(a.scale), vd = vset(d), negd = vset(-d);
   int64_t j = b;
+  if constexpr (std::is_same_v<T, float>) {
+    if (a.stream) {
+      for (; j + 2 * kW <= e; j += 2 * kW) {
+        if (next != 0) {
+          __builtin_prefetch(y + j + next);
+          __builtin_prefetch(dy + j + next);
+        }
+        stream2(dx + j, bwd_value(a, load(y + j), load(dy + j), sc, vd, negd),
+                bwd_value(a, load(y + j + kW), load(dy + j + kW), sc, vd, negd));
+      }
+    }
+  }
   for (; j + 2 * kW <= e; j += 2 * kW) {
     if (next != 0) {
       __builtin_prefetch(y + j + next);
@@ -868,12 +1101,19 @@ void bwd_typed(const SoftmaxBwdParams& p) {
   const int64_t nb = blocks_per_row(rows, cols);
   if (nb == 1) {
     const bool prefetch = cols * static_cast<int64_t>(sizeof(T)) <= 32 * 1024;
+    // dx larger than half the last-level cache (with y and dy the working set cannot stay
+    // cached anyway): non-temporal stores save the read-for-ownership of every dx line.
+    const bool stream = kHasStream && std::is_same_v<T, float> && cols % 16 == 0 &&
+                        reinterpret_cast<uintptr_t>(p.dx) % 32 == 0 &&
+                        rows * cols * static_cast<int64_t>(sizeof(T)) >= (int64_t{16} << 20);
     at::parallel_for(0, rows, row_grain(cols), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         BwdRow<T> a = row(r);
         a.prefetch = prefetch && r + 1 < r1;
+        a.stream = stream;
         bwd_part_apply(a, 0, cols, bwd_part_dot(a, 0, cols));
       }
+      if (stream) store_fence();
     });
     return;
   }
