@@ -31,39 +31,39 @@ class CMakeBuild(build_ext):
         import torch.utils
 
         pkg_dir = os.path.dirname(os.path.abspath(self.get_ext_fullpath(ext.name)))
+        # setuptools copies only the declared extension (_C) out of its build directory in an
+        # editable install; _cuda is optional (no nvcc: not built), so for editable installs
+        # CMake also installs straight into the source package.
+        pkg_dirs = {pkg_dir}
+        if getattr(self, "editable_mode", False) or self.inplace:
+            pkg_dirs.add(os.path.join(ROOT, "lmkernels"))
         os.makedirs(BUILD_DIR, exist_ok=True)
         cmake = os.environ.get("CMAKE", "cmake")
         prefix = ";".join([torch.utils.cmake_prefix_path, pybind11.get_cmake_dir()])
         configure = [
-            cmake,
-            "-S",
-            ROOT,
-            "-B",
-            BUILD_DIR,
+            cmake, "-S", ROOT, "-B", BUILD_DIR,
             f"-DCMAKE_PREFIX_PATH={prefix}",
             f"-DPython3_EXECUTABLE={sys.executable}",
             "-DCMAKE_BUILD_TYPE=Release",
-        ]
-        try:
-            import ninja
+        ]  # fmt: skip
+        if not os.path.exists(os.path.join(BUILD_DIR, "CMakeCache.txt")):
+            try:
+                import ninja
 
-            configure += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja.BIN_DIR}/ninja"]
-        except ImportError:
-            pass
-        if os.path.exists(os.path.join(BUILD_DIR, "CMakeCache.txt")):
-            configure = [c for c in configure if c not in ("-G", "Ninja")]
-            configure = [c for c in configure if not c.startswith("-DCMAKE_MAKE_PROGRAM")]
+                configure += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja.BIN_DIR}/ninja"]
+            except ImportError:
+                pass
         jobs = os.environ.get("MAX_JOBS") or os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL")
         build = [cmake, "--build", BUILD_DIR] + (["-j", jobs] if jobs else [])
         # Remove modules of an earlier build that this build may not produce (e.g. _cuda after
         # LMKERNELS_SKIP_CUDA=1): two copies of one TORCH_LIBRARY in a process abort it.
-        for stale in glob.glob(os.path.join(pkg_dir, "_cuda*.so")):
-            os.remove(stale)
-        for stale in glob.glob(os.path.join(BUILD_DIR, "_cuda*.so")):
-            os.remove(stale)
+        for d in [*pkg_dirs, BUILD_DIR]:
+            for stale in glob.glob(os.path.join(d, "_cuda*.so")):
+                os.remove(stale)
         subprocess.check_call(configure)
         subprocess.check_call(build)
-        subprocess.check_call([cmake, "--install", BUILD_DIR, "--prefix", os.path.dirname(pkg_dir)])
+        for d in pkg_dirs:
+            subprocess.check_call([cmake, "--install", BUILD_DIR, "--prefix", os.path.dirname(d)])
 
 
 setup(
