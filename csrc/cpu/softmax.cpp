@@ -719,21 +719,6 @@ void part_tail(const FwdRow<T>& a, int64_t b, int64_t e) {
   if (b < e) fill(a.y + b, e - b, a.log ? -kInf : 0.f);
 }
 
-inline int64_t dtype_size(DType t) {
-  switch (t) {
-    case DType::F32:
-      return 4;
-    case DType::F16:
-    case DType::BF16:
-      return 2;
-    case DType::F64:
-      return 8;
-    case DType::Bool:
-      return 1;
-  }
-  return 1;
-}
-
 // Row-independent setup of row r: causal length, mask pointer and kind.
 template <class T>
 FwdRow<T> make_row(const SoftmaxFwdParams& p, int64_t r, float* buf) {

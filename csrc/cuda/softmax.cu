@@ -345,21 +345,6 @@ cudaError_t dispatch_bwd(const SoftmaxBwdParams& p, cudaStream_t stream) {
              : launch_bwd<T, 1, kRowBlock, kRowBlock>(p, stream);
 }
 
-int64_t dtype_size(DType d) {
-  switch (d) {
-    case DType::F32:
-      return 4;
-    case DType::F16:
-    case DType::BF16:
-      return 2;
-    case DType::F64:
-      return 8;
-    case DType::Bool:
-      return 1;
-  }
-  return 0;
-}
-
 bool is_float_data(DType d) { return d == DType::F32 || d == DType::F16 || d == DType::BF16; }
 
 }  // namespace

@@ -14,4 +14,9 @@ namespace lmk {
 // (lmkernels/ops/_dtypes.py keeps the same table).
 enum class DType : int32_t { F32 = 0, F16 = 1, BF16 = 2, F64 = 3, Bool = 4 };
 
+// Bytes per element of a DType.
+LMK_HD constexpr int64_t dtype_size(DType t) {
+  return t == DType::F64 ? 8 : t == DType::F32 ? 4 : t == DType::Bool ? 1 : 2;
+}
+
 }  // namespace lmk
