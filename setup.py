@@ -18,6 +18,17 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 BUILD_DIR = os.path.join(ROOT, "build", "cmake")  # fixed: editable rebuilds stay warm
 
 
+def _cmake_binary() -> str:
+    # pip does not put the venv's bin/ on PATH during a build: take the cmake package's binary
+    # when it is installed, else the one on PATH.
+    try:
+        import cmake
+
+        return os.path.join(cmake.CMAKE_BIN_DIR, "cmake")
+    except ImportError:
+        return "cmake"
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str) -> None:
         super().__init__(name, sources=[])
@@ -38,7 +49,7 @@ class CMakeBuild(build_ext):
         if getattr(self, "editable_mode", False) or self.inplace:
             pkg_dirs.add(os.path.join(ROOT, "lmkernels"))
         os.makedirs(BUILD_DIR, exist_ok=True)
-        cmake = os.environ.get("CMAKE", "cmake")
+        cmake = os.environ.get("CMAKE") or _cmake_binary()
         prefix = ";".join([torch.utils.cmake_prefix_path, pybind11.get_cmake_dir()])
         configure = [
             cmake, "-S", ROOT, "-B", BUILD_DIR,
