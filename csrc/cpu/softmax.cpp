@@ -189,6 +189,11 @@ inline Vf apply_bool_mask(Vf z, const uint8_t* m) {
   __m256 keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(b, _mm256_setzero_si256()));
   return {_mm256_blendv_ps(_mm256_set1_ps(-kInf), z.v, keep)};
 }
+// t = v + kMagic rounds v to an integer n held in t's low mantissa bits as n + 127 in
+// [0, 254]; shifted into the exponent field they are 2^n (+0 for n = -127).
+inline __m256 pow2_from_magic(__m256 t) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23));
+}
 // exp(x) for x <= 88 (see the constants above); NaN -> NaN, -inf -> 0. kDeg 5: fp32 accuracy;
 // kDeg 4: 3e-6 relative, used when the result is rounded to a 16-bit type.
 template <int kDeg = 5>
@@ -212,10 +217,7 @@ inline Vf exp_neg(Vf x) {
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kQ1));
   }
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  // The low bits of t hold n + 127 in [0, 254]; shifted into the exponent field they are 2^n
-  // (+0 for n = -127).
-  __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23));
-  return {_mm256_mul_ps(p, s)};
+  return {_mm256_mul_ps(p, pow2_from_magic(t))};
 }
 
 // 2^u for u <= 127 (used for 16-bit data): 2^n * q(f), u = n + f, |f| <= 1/2; u below -127
@@ -240,8 +242,7 @@ inline Vf exp2_neg(Vf u) {
     p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kD1));
   }
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
-  __m256 sc = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23));
-  return {_mm256_mul_ps(p, sc)};
+  return {_mm256_mul_ps(p, pow2_from_magic(t))};
 }
 
 #else  // portable 8-lane version of the same operations
@@ -313,6 +314,15 @@ inline float hsum(Vf a) {
 inline Vf apply_bool_mask(Vf z, const uint8_t* m) {
   return vmap([&](int i) { return m[i] ? -kInf : z.v[i]; });
 }
+// Scalar twin of the AVX2 pow2_from_magic.
+inline float pow2_from_magic(float t) {
+  uint32_t bits;
+  std::memcpy(&bits, &t, sizeof(bits));
+  bits <<= 23;
+  float s;
+  std::memcpy(&s, &bits, sizeof(s));
+  return s;
+}
 template <int kDeg>
 inline float exp_neg1(float x) {
   float xc = kExpLo > x ? kExpLo : x;  // keeps NaN
@@ -321,12 +331,7 @@ inline float exp_neg1(float x) {
   float r = kDeg == 5 ? (xc - n * kLn2Hi) - n * kLn2Lo : xc - n * kLn2;
   float p = kDeg == 5 ? ((((kP5 * r + kP4) * r + kP3) * r + kP2) * r + kP1) * r + 1.f
                       : (((kQ4 * r + kQ3) * r + kQ2) * r + kQ1) * r + 1.f;
-  uint32_t bits;
-  std::memcpy(&bits, &t, sizeof(bits));
-  bits <<= 23;
-  float s;
-  std::memcpy(&s, &bits, sizeof(s));
-  return p * s;
+  return p * pow2_from_magic(t);
 }
 template <int kDeg = 5>
 inline Vf exp_neg(Vf x) {
@@ -340,12 +345,7 @@ inline float exp2_neg1(float u) {
   float p = kDeg == 5   ? ((((kF5 * f + kF4) * f + kF3) * f + kF2) * f + kF1) * f + 1.f
             : kDeg == 4 ? (((kE4 * f + kE3) * f + kE2) * f + kE1) * f + 1.f
                         : ((kD3 * f + kD2) * f + kD1) * f + 1.f;
-  uint32_t bits;
-  std::memcpy(&bits, &t, sizeof(bits));
-  bits <<= 23;
-  float sc;
-  std::memcpy(&sc, &bits, sizeof(sc));
-  return p * sc;
+  return p * pow2_from_magic(t);
 }
 template <int kDeg>
 inline Vf exp2_neg(Vf u) {
