@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib
 import os
 from collections.abc import Callable, Iterator
@@ -68,8 +69,12 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.cache
 def _module(name: str):
-    """Import an optional module; returns (module, None) or (None, reason)."""
+    """Import an optional module; returns (module, None) or (None, reason).
+
+    Cached: asked on every dispatch, and an import that failed is not retried in-process.
+    """
     try:
         return importlib.import_module(name), None
     except Exception as e:  # noqa: BLE001 - any import failure is a reason, not a crash

@@ -60,7 +60,7 @@ def _softmax_common(
         input = input.to(dtype)
     _check_float_tensor(fn, "input", input)
     dim = _check_dim(fn, dim, input.dim())
-    return _softmax_ops.softmax_fwd(input, dim, 1.0, log, None, False)
+    return _softmax_ops.softmax(input, dim, 1.0, log, None, False)
 
 
 def softmax(
@@ -138,4 +138,4 @@ def scaled_masked_softmax(
                 f"{fn}: mask of shape {tuple(mask.shape)} is not broadcastable to x's shape "
                 f"{tuple(x.shape)}"
             )
-    return _softmax_ops.softmax_fwd(x, x.dim() - 1, float(scale), False, mask, causal)
+    return _softmax_ops.softmax(x, x.dim() - 1, float(scale), False, mask, causal)

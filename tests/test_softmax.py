@@ -9,9 +9,12 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lmkernels
 import lmkernels.functional as LF
+from lmkernels.ops import softmax as softmax_ops
 from lmkernels.ops._common import row_offsets
 
 # ------------------------------------------------------------------------------ API semantics
@@ -168,6 +171,79 @@ def test_compile_inductor_runs_our_kernel():
     f = torch.compile(lambda x: LF.softmax(x, -1) * 3, fullgraph=True)
     x = torch.randn(8, 300)
     torch.testing.assert_close(f(x), F.softmax(x, -1) * 3)
+
+
+# ------------------------------------------------------- eager fast path vs the registered op
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Counts calls of the registered softmax_fwd op made by the public functions."""
+    calls = []
+    real = softmax_ops.softmax_fwd
+
+    def spy(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(softmax_ops, "softmax_fwd", spy)
+    return calls
+
+
+def test_plain_eager_calls_skip_the_registered_op(op_calls):
+    x = torch.randn(6, 40, requires_grad=True)
+    mask = torch.randn(40, requires_grad=True)
+    y = LF.scaled_masked_softmax(x, mask, 0.5)
+    with torch.no_grad():
+        LF.log_softmax(x, 0)
+    x2, mask2 = x.detach().clone().requires_grad_(), mask.detach().clone().requires_grad_()
+    y2 = softmax_ops.softmax_fwd(x2, 1, 0.5, False, mask2, False)
+    g = torch.randn_like(y)
+    assert len(op_calls) == 1  # only the direct call above
+    # Same kernels, so bitwise the same forward and gradients as through the registered op.
+    assert torch.equal(y, y2)
+    assert all(map(torch.equal, torch.autograd.grad(y, (x, mask), g),
+                   torch.autograd.grad(y2, (x2, mask2), g)))  # fmt: skip
+
+
+def test_modes_and_fake_tensors_see_the_registered_op(op_calls):
+    x = torch.randn(4, 24, requires_grad=True)
+    with _RecordOps() as rec:
+        y = LF.softmax(x, -1)
+        y.sum().backward()
+    assert "lmkernels.softmax_fwd.default" in rec.ops
+    assert "lmkernels.softmax_bwd.default" in rec.ops
+    with FakeTensorMode() as mode:
+        fx = mode.from_tensor(torch.randn(3, 5, 7))
+        fy = LF.softmax(fx, 1)
+    assert type(fy) is not torch.Tensor and fy.shape == (3, 5, 7)
+    assert fy.stride() == (35, 1, 5)  # the reduced dim innermost, as on every backend
+    assert len(op_calls) == 2
+
+
+def test_vmap_goes_through_the_registered_op():
+    x = torch.randn(3, 4, 9)
+    y = torch.func.vmap(lambda t: LF.softmax(t, -1))(x)
+    torch.testing.assert_close(y, F.softmax(x, -1))
+
+
+@pytest.mark.parametrize("eager", [True, False])
+def test_double_backward_is_an_error_not_a_wrong_answer(eager):
+    x = torch.randn(4, 5, requires_grad=True)
+    y = LF.softmax(x, -1) if eager else softmax_ops.softmax_fwd(x, 1, 1.0, False, None, False)
+    (g,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice|no autograd formula"):
+        g.sum().backward()
 
 
 # ---------------------------------------------------------------------------- 64-bit offsets

@@ -26,6 +26,8 @@ def rowwise_empty(like: Tensor, dim: int, dtype: torch.dtype | None = None) -> T
     if like.dim() == 0:
         return torch.empty((), dtype=dtype, device=like.device)
     dim %= like.dim()
+    if dim == like.dim() - 1:  # the common case, without the stride arithmetic
+        return torch.empty_like(like, dtype=dtype, memory_format=torch.contiguous_format)
     order = [d for d in range(like.dim()) if d != dim] + [dim]
     strides = [0] * like.dim()
     step = 1
@@ -41,8 +43,11 @@ def as_rows(t: Tensor, dim: int) -> Tensor:
     A view when ``t`` has the :func:`rowwise_empty` layout (so kernels can write through it),
     otherwise a contiguous copy. ``t`` must not be empty.
     """
-    m = t.movedim(dim, -1) if t.dim() else t.reshape(1)
-    return m.contiguous().view(-1, m.shape[-1])
+    if t.dim() == 0:
+        return t.reshape(1, 1)
+    if dim % t.dim() != t.dim() - 1:
+        t = t.movedim(dim, -1)
+    return t.contiguous().view(-1, t.shape[-1])
 
 
 def row_offsets(shape: torch.Size, strides: tuple[int, ...], device: torch.device) -> Tensor:
@@ -54,3 +59,25 @@ def row_offsets(shape: torch.Size, strides: tuple[int, ...], device: torch.devic
     for size, stride in zip(shape[:-1], strides[:-1], strict=True):
         off = off.unsqueeze(-1) + torch.arange(size, dtype=torch.int64, device=device) * stride
     return off.reshape(-1)
+
+
+def eager_call(*tensors: Tensor | None) -> bool:
+    """Whether a call on ``tensors`` may run its backend directly, skipping the torch.library op.
+
+    The registered op is what torch.compile, jit tracing, fake tensors, torch function and
+    dispatch modes, functorch transforms (vmap, grad) and tensor subclasses must see. A plain
+    eager call on plain tensors runs the same backend function without the op's ~70 µs of
+    Python machinery (and an autograd.Function instead of the op's autograd wrapper).
+    """
+    if (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._are_functorch_transforms_active()
+    ):
+        return False
+    return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)  # Parameter disables __torch_function__: a plain tensor

@@ -10,10 +10,18 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from lmkernels import reference
 from lmkernels.backends import Impl, dispatch
-from lmkernels.ops._common import DTYPE_CODE, FLOAT_DTYPES, as_rows, row_offsets, rowwise_empty
+from lmkernels.ops._common import (
+    DTYPE_CODE,
+    FLOAT_DTYPES,
+    as_rows,
+    eager_call,
+    row_offsets,
+    rowwise_empty,
+)
 
 # ------------------------------------------------------------------------------- launchers
 
@@ -136,12 +144,21 @@ _BWD = {
 # ----------------------------------------------------------------------------- registered ops
 
 
+def _run_fwd(x, dim, scale, log, mask, causal):
+    fn = dispatch("softmax", _FWD, x.device, x, dim, scale, log, mask, causal)
+    return fn(x, dim, scale, log, mask, causal)
+
+
+def _run_bwd(y, dy, dim, scale, log):
+    fn = dispatch("softmax backward", _BWD, y.device, y, dy, dim, scale, log)
+    return fn(y, dy, dim, scale, log)
+
+
 @torch.library.custom_op("lmkernels::softmax_fwd", mutates_args=())
 def softmax_fwd(
     x: Tensor, dim: int, scale: float, log: bool, mask: Tensor | None, causal: bool
 ) -> Tensor:
-    fn = dispatch("softmax", _FWD, x.device, x, dim, scale, log, mask, causal)
-    return fn(x, dim, scale, log, mask, causal)
+    return _run_fwd(x, dim, scale, log, mask, causal)
 
 
 @softmax_fwd.register_fake
@@ -151,8 +168,7 @@ def _(x, dim, scale, log, mask, causal):
 
 @torch.library.custom_op("lmkernels::softmax_bwd", mutates_args=())
 def softmax_bwd(y: Tensor, dy: Tensor, dim: int, scale: float, log: bool) -> Tensor:
-    fn = dispatch("softmax backward", _BWD, y.device, y, dy, dim, scale, log)
-    return fn(y, dy, dim, scale, log)
+    return _run_bwd(y, dy, dim, scale, log)
 
 
 @softmax_bwd.register_fake
@@ -170,14 +186,48 @@ def _setup_context(ctx, inputs, output):
     ctx.mask_shape = None if mask is None else mask.shape
 
 
-def _backward(ctx, dy):
+def _grads(ctx, dy, bwd):
     (y,) = ctx.saved_tensors
     if not ctx.needs_input_grad[4]:
-        return softmax_bwd(y, dy, ctx.dim, ctx.scale, ctx.log), None, None, None, None, None
+        return bwd(y, dy, ctx.dim, ctx.scale, ctx.log), None, None, None, None, None
     # An additive float mask that requires grad: d mask = dz (summed over broadcast dims),
     # where z = scale * x + mask, and dx = scale * dz.
-    dz = softmax_bwd(y, dy, ctx.dim, 1.0, ctx.log)
+    dz = bwd(y, dy, ctx.dim, 1.0, ctx.log)
     return dz * ctx.scale, None, None, None, dz.sum_to_size(ctx.mask_shape), None
 
 
-softmax_fwd.register_autograd(_backward, setup_context=_setup_context)
+softmax_fwd.register_autograd(lambda ctx, dy: _grads(ctx, dy, softmax_bwd),
+                              setup_context=_setup_context)  # fmt: skip
+
+
+class _SoftmaxEager(torch.autograd.Function):
+    """The same forward and backward as the registered op, for plain eager calls."""
+
+    @staticmethod
+    def forward(ctx, x, dim, scale, log, mask, causal):
+        y = _run_fwd(x, dim, scale, log, mask, causal)
+        _setup_context(ctx, (x, dim, scale, log, mask, causal), y)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        return _grads(ctx, dy, _run_bwd)
+
+
+# ------------------------------------------------------------------------------ entry point
+
+
+def softmax(
+    x: Tensor, dim: int, scale: float, log: bool, mask: Tensor | None, causal: bool
+) -> Tensor:
+    """softmax_fwd with autograd; the public functions call this with validated arguments.
+
+    Plain eager calls run the backend directly (see :func:`eager_call`); everything else goes
+    through the registered op.
+    """
+    if not eager_call(x, mask):
+        return softmax_fwd(x, dim, scale, log, mask, causal)
+    if torch.is_grad_enabled() and (x.requires_grad or (mask is not None and mask.requires_grad)):
+        return _SoftmaxEager.apply(x, dim, scale, log, mask, causal)
+    return _run_fwd(x, dim, scale, log, mask, causal)
