@@ -6,15 +6,25 @@ the registered ops in :mod:`lmkernels.ops` on the selected backend.
 
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 
 import torch
 from torch import Tensor
 
+from lmkernels.ops import norm as _norm_ops
 from lmkernels.ops import softmax as _softmax_ops
 
-__all__ = ["softmax", "log_softmax", "scaled_masked_softmax"]
+__all__ = [
+    "softmax",
+    "log_softmax",
+    "scaled_masked_softmax",
+    "layer_norm",
+    "rms_norm",
+    "add_layer_norm",
+    "add_rms_norm",
+]
 
 
 def _check_float_tensor(fn: str, name: str, t: object) -> Tensor:
@@ -139,3 +149,202 @@ def scaled_masked_softmax(
                 f"{tuple(x.shape)}"
             )
     return _softmax_ops.softmax(x, x.dim() - 1, float(scale), False, mask, causal)
+
+
+# ------------------------------------------------------------------------------ normalisation
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _normalized(fn: str, input: Tensor, normalized_shape: object) -> tuple[tuple[int, ...], int]:
+    """normalized_shape as a tuple, checked against input's trailing dims, and its row count."""
+    if isinstance(normalized_shape, numbers.Integral) and not isinstance(normalized_shape, bool):
+        shape = (int(normalized_shape),)
+    elif isinstance(normalized_shape, (tuple, list, torch.Size)) and all(
+        isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in normalized_shape
+    ):
+        shape = tuple(int(d) for d in normalized_shape)
+    else:
+        raise TypeError(
+            f"{fn}: normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}"
+        )
+    if not shape:
+        raise ValueError(f"{fn}: normalized_shape must have at least one element, got []")
+    k = len(shape)
+    if input.dim() < k or tuple(input.shape[input.dim() - k :]) != shape:
+        raise ValueError(
+            f"{fn}: normalized_shape {list(shape)} does not match the trailing dims of input of "
+            f"shape {list(input.shape)} (expected input of shape [*, {', '.join(map(str, shape))}])"
+        )
+    return shape, math.prod(input.shape[: input.dim() - k])
+
+
+def _check_param(fn: str, name: str, p: object, shape: tuple, input: Tensor) -> Tensor | None:
+    if p is None:
+        return None
+    if not isinstance(p, Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor or None, got {type(p).__name__}")
+    if tuple(p.shape) != shape:
+        raise ValueError(
+            f"{fn}: {name} must have shape normalized_shape {list(shape)}, got {list(p.shape)}"
+        )
+    if p.device != input.device:
+        raise ValueError(f"{fn}: {name} is on {p.device} but input is on {input.device}")
+    return p
+
+
+def _check_eps(fn: str, eps: object) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"{fn}: eps must be a Python number, got {type(eps).__name__}")
+    return float(eps)
+
+
+def _layer_norm_params(fn, input, shape, weight, bias):
+    """torch's dtype rule: weight and bias have input's dtype, or (16-bit input) are both fp32."""
+    weight = _check_param(fn, "weight", weight, shape, input)
+    bias = _check_param(fn, "bias", bias, shape, input)
+    given = [(n, p) for n, p in (("weight", weight), ("bias", bias)) if p is not None]
+    dtypes = {p.dtype for _, p in given}
+    ok = dtypes <= {input.dtype} or (input.dtype in _HALF and dtypes == {torch.float32})
+    if not ok:
+        got = ", ".join(f"{n} {p.dtype}" for n, p in given)
+        raise TypeError(
+            f"{fn}: weight and bias must have input's dtype {input.dtype}"
+            + (" or both be torch.float32" if input.dtype in _HALF else "")
+            + f", got {got}"
+        )
+    return weight, bias
+
+
+def _as_acc(p: Tensor | None, acc: torch.dtype) -> Tensor | None:
+    return None if p is None else p.reshape(-1).to(acc)
+
+
+def _rms_eps(eps: object, fn: str, dtype: torch.dtype) -> float:
+    # torch's default: the machine epsilon of the accumulation type (fp32 for 16-bit data)
+    return torch.finfo(_norm_ops.acc_dtype(dtype)).eps if eps is None else _check_eps(fn, eps)
+
+
+def layer_norm(
+    input: Tensor,
+    normalized_shape: int | list[int] | tuple[int, ...] | torch.Size,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    r"""Layer normalisation over the trailing ``normalized_shape`` dims:
+    ``torch.nn.functional.layer_norm``.
+
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias`` with the biased variance, per group of
+    the last ``len(normalized_shape)`` dims. ``weight`` / ``bias`` (shape ``normalized_shape``)
+    have ``input``'s dtype or, for fp16/bf16 input, are both fp32. Statistics and the affine
+    transform are computed in fp32 (fp64 for fp64) and rounded once to ``input``'s dtype.
+    """
+    fn = "lmkernels.functional.layer_norm"
+    _check_float_tensor(fn, "input", input)
+    shape, rows = _normalized(fn, input, normalized_shape)
+    weight, bias = _layer_norm_params(fn, input, shape, weight, bias)
+    eps = _check_eps(fn, eps)
+    acc = _norm_ops.acc_dtype(input.dtype)
+    x = input.reshape(rows, math.prod(shape))
+    y, _ = _norm_ops.norm(x, None, _as_acc(weight, acc), _as_acc(bias, acc), eps, False)
+    return y.view(input.shape)
+
+
+def rms_norm(
+    input: Tensor,
+    normalized_shape: int | list[int] | tuple[int, ...] | torch.Size,
+    weight: Tensor | None = None,
+    eps: float | None = None,
+) -> Tensor:
+    r"""RMS normalisation over the trailing ``normalized_shape`` dims:
+    ``torch.nn.functional.rms_norm``.
+
+    ``y = x / sqrt(mean(x^2) + eps) * weight``, computed in fp32 (fp64 for fp64) and rounded
+    once to ``input``'s dtype (the output dtype, whatever ``weight``'s dtype). ``eps=None``
+    means torch's default, the machine epsilon of fp32 (of fp64 for fp64 input).
+    """
+    fn = "lmkernels.functional.rms_norm"
+    _check_float_tensor(fn, "input", input)
+    shape, rows = _normalized(fn, input, normalized_shape)
+    weight = _check_param(fn, "weight", weight, shape, input)
+    eps = _rms_eps(eps, fn, input.dtype)
+    acc = _norm_ops.acc_dtype(input.dtype)
+    x = input.reshape(rows, math.prod(shape))
+    y, _ = _norm_ops.norm(x, None, _as_acc(weight, acc), None, eps, True)
+    return y.view(input.shape)
+
+
+def _add_norm(fn, x, residual, normalized_shape, weight, bias, eps, residual_in_fp32, rms):
+    _check_float_tensor(fn, "x", x)
+    _check_float_tensor(fn, "residual", residual)
+    if residual.shape != x.shape:
+        raise ValueError(
+            f"{fn}: residual must have x's shape {list(x.shape)}, got {list(residual.shape)}"
+        )
+    if residual.device != x.device:
+        raise ValueError(f"{fn}: residual is on {residual.device} but x is on {x.device}")
+    if not isinstance(residual_in_fp32, bool):
+        raise TypeError(f"{fn}: residual_in_fp32 must be a bool, got {type(residual_in_fp32)}")
+    shape, rows = _normalized(fn, x, normalized_shape)
+    weight = _check_param(fn, "weight", weight, shape, x)
+    bias = _check_param(fn, "bias", bias, shape, x)
+    # The sum's dtype S: torch's promotion of x + residual, at least fp32 if asked.
+    stream = torch.promote_types(x.dtype, residual.dtype)
+    if residual_in_fp32:
+        stream = torch.promote_types(stream, torch.float32)
+    # Kernels take S = T or (T 16-bit, S = fp32); otherwise x is upcast to S (exactly).
+    native = stream == x.dtype or (x.dtype in _HALF and stream == torch.float32)
+    data = x.dtype if native else stream
+    acc = _norm_ops.acc_dtype(data)
+    cols = math.prod(shape)
+    y, h = _norm_ops.norm(
+        x.reshape(rows, cols).to(data), residual.reshape(rows, cols).to(stream),
+        _as_acc(weight, acc), _as_acc(bias, acc), eps, rms,
+    )  # fmt: skip
+    return y.to(x.dtype).view(x.shape), h.view(x.shape)
+
+
+def add_layer_norm(
+    x: Tensor,
+    residual: Tensor,
+    normalized_shape: int | list[int] | tuple[int, ...] | torch.Size,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    residual_in_fp32: bool = False,
+) -> tuple[Tensor, Tensor]:
+    r"""Fused pre-norm residual step: ``h = x + residual; return layer_norm(h), h`` in one pass.
+
+    Args:
+        x, residual: same shape (``[*, *normalized_shape]``) and device, floating point.
+        weight, bias: optional, shape ``normalized_shape``, any floating dtype.
+        residual_in_fp32: keep the residual stream ``h`` in fp32 even for fp16/bf16 ``x``.
+
+    Returns ``(normed, h)``. ``h`` is exactly torch's ``x + residual`` (its promoted dtype, or
+    at least fp32 with ``residual_in_fp32``); ``normed`` is ``layer_norm`` of ``h`` as stored,
+    computed in fp32 (fp64 for fp64) and rounded once to ``x``'s dtype. Gradients flow back
+    through both outputs to ``x``, ``residual``, ``weight`` and ``bias``.
+    """
+    fn = "lmkernels.functional.add_layer_norm"
+    eps = _check_eps(fn, eps)
+    return _add_norm(fn, x, residual, normalized_shape, weight, bias, eps, residual_in_fp32, False)
+
+
+def add_rms_norm(
+    x: Tensor,
+    residual: Tensor,
+    normalized_shape: int | list[int] | tuple[int, ...] | torch.Size,
+    weight: Tensor | None = None,
+    eps: float | None = None,
+    residual_in_fp32: bool = False,
+) -> tuple[Tensor, Tensor]:
+    r"""Fused pre-norm residual step: ``h = x + residual; return rms_norm(h), h`` in one pass.
+
+    As :func:`add_layer_norm`, with ``rms_norm`` (``eps=None``: fp32's machine epsilon, fp64's
+    for fp64 data, as ``torch.nn.functional.rms_norm``).
+    """
+    fn = "lmkernels.functional.add_rms_norm"
+    if isinstance(x, Tensor):
+        eps = _rms_eps(eps, fn, x.dtype)
+    return _add_norm(fn, x, residual, normalized_shape, weight, None, eps, residual_in_fp32, True)

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from lmkernels import functional as F
 
-__all__ = ["Softmax", "LogSoftmax"]
+__all__ = ["Softmax", "LogSoftmax", "LayerNorm", "RMSNorm"]
 
 
 class Softmax(torch.nn.Softmax):
@@ -22,3 +22,19 @@ class LogSoftmax(torch.nn.LogSoftmax):
 
     def forward(self, input: Tensor) -> Tensor:
         return F.log_softmax(input, self.dim, _stacklevel=5)
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    """``torch.nn.LayerNorm`` (same constructor, parameters and state_dict keys) computed by
+    :func:`lmkernels.functional.layer_norm`."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """``torch.nn.RMSNorm`` (same constructor, parameters and state_dict keys) computed by
+    :func:`lmkernels.functional.rms_norm`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)

@@ -51,3 +51,63 @@ def softmax_bwd(y: Tensor, dy: Tensor, dim: int, scale: float, log: bool) -> Ten
     else:
         dx = y32 * (dy32 - (dy32 * y32).sum(dim, keepdim=True))
     return (dx * scale).to(y.dtype)
+
+
+def norm_fwd(
+    x: Tensor,
+    residual: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    rms: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """layer_norm / rms_norm of each row of the 2-D ``x`` (plus ``residual``), as norm.h says.
+
+    Returns ``(y, h, mean, rstd)``: ``h`` = ``x + residual`` rounded to the residual's dtype
+    (empty without a residual), ``mean`` empty for rms; mean/rstd in the accumulation dtype.
+    """
+    acc = _acc_dtype(x.dtype)
+    if residual is None:
+        h, hs = x.new_empty(0), x.to(torch.float64)
+    else:
+        h = (x.to(acc) + residual.to(acc)).to(residual.dtype)
+        hs = h.to(torch.float64)
+    # Statistics and y in fp64 (more accurate than the contract's A, never less): fp32 sums
+    # of rows with a large mean lose the digits of h - mean.
+    if rms:
+        mean = hs.new_empty(0)
+        var = hs.pow(2).mean(-1)
+        xhat = hs
+    else:
+        mean = hs.mean(-1)
+        xhat = hs - mean[:, None]
+        var = xhat.pow(2).mean(-1)
+    rstd = torch.rsqrt(var + eps)
+    y = xhat * rstd[:, None]
+    if weight is not None:
+        y = y * weight.to(torch.float64)
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+    return y.to(x.dtype), h, mean.to(acc), rstd.to(acc)
+
+
+def norm_bwd(
+    dy: Tensor,
+    dh_out: Tensor | None,
+    h: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    rms: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients ``(dh, dw, db)`` of :func:`norm_fwd` from the saved ``h``, ``mean``, ``rstd``."""
+    acc = rstd.dtype
+    hs, dys = h.to(acc), dy.to(acc)
+    xhat = (hs if rms else hs - mean[:, None]) * rstd[:, None]
+    g = dys if weight is None else dys * weight.to(acc)
+    c2 = (g * xhat).mean(-1, keepdim=True)
+    c1 = 0 if rms else g.mean(-1, keepdim=True)
+    dh = rstd[:, None] * (g - c1 - xhat * c2)
+    if dh_out is not None:
+        dh = dh + dh_out.to(acc)
+    return dh.to(h.dtype), (dys * xhat).sum(0), dys.sum(0)

@@ -94,17 +94,24 @@ def _grad_inputs(args) -> list[Tensor]:
 def _run(fn, args, kwargs, grad_out_seed: int | None, gen_device: torch.device,
          go_dtype: torch.dtype):  # fmt: skip
     out = fn(*args, **kwargs)
+    outs = list(out) if isinstance(out, (tuple, list)) else [out]
     grads = []
     if grad_out_seed is not None:
-        g = torch.Generator(device=gen_device).manual_seed(grad_out_seed)
-        # non-unit, non-uniform grad_output; made non-contiguous via a transposed buffer
-        go = torch.randn(out.shape[::-1], generator=g, device=out.device)
-        go = go.permute(tuple(reversed(range(out.dim()))))
-        # rounded to the tested dtype first, so the oracle sees the very same values
-        go = (go * 1.7 + 0.3).to(go_dtype).to(out.dtype)
+        diff, gos = [], []
+        for i, o in enumerate(outs):
+            if not o.requires_grad:
+                continue
+            g = torch.Generator(device=gen_device).manual_seed(grad_out_seed + 1000 * i)
+            # non-unit, non-uniform grad_output; made non-contiguous via a transposed buffer
+            go = torch.randn(o.shape[::-1], generator=g, device=o.device)
+            go = go.permute(tuple(reversed(range(o.dim()))))
+            # rounded to the tested dtype first, so the oracle sees the very same values
+            diff.append(o)
+            gos.append((go * 1.7 + 0.3).to(go_dtype).to(o.dtype))
         ins = _grad_inputs(args)
-        grads = list(torch.autograd.grad(out, ins, go, allow_unused=True)) if ins else []
-    return out, grads
+        if ins and diff:
+            grads = list(torch.autograd.grad(diff, ins, gos, allow_unused=True))
+    return outs, grads
 
 
 def max_err(a: Tensor, oracle: Tensor, what: str) -> float:
@@ -184,18 +191,22 @@ def check_case(case: Case, dtype: torch.dtype, device: torch.device | str = "cpu
     def run(fn, inputs):
         return _run(fn, inputs, kwargs, go_seed, device, dtype)
 
-    out, grads = run(case.ours, [_clone(a) for a in args])
-    ref_out, ref_grads = run(case.torch_fn, [_to64(a) for a in args])
-    base_out, base_grads = run(case.torch_fn, [_clone(a) for a in args])
+    outs, grads = run(case.ours, [_clone(a) for a in args])
+    ref_outs, ref_grads = run(case.torch_fn, [_to64(a) for a in args])
+    base_outs, base_grads = run(case.torch_fn, [_clone(a) for a in args])
 
+    if len(outs) != len(base_outs):
+        raise AssertionError(f"{case.id}: {len(outs)} outputs, torch gives {len(base_outs)}")
     # The coarser of the tested dtype and the output dtype sets the floor (e.g. dtype= casts).
-    coarse = max(dtype, out.dtype, key=lambda d: torch.finfo(d).eps)
-    base_dtype = base_out.dtype
-    if out.dtype != base_dtype:
-        raise AssertionError(f"{case.id}: output dtype {out.dtype}, torch gives {base_dtype}")
-    assert_accurate(out, base_out, ref_out, coarse, f"{case.id} forward [{dtype}]")
-    if case.elementwise:
-        assert_elementwise(out, base_out, ref_out, f"{case.id} forward [{dtype}]")
+    coarse = max(dtype, *(o.dtype for o in outs), key=lambda d: torch.finfo(d).eps)
+    for i, (out, ref_out, base_out) in enumerate(zip(outs, ref_outs, base_outs, strict=True)):
+        what = f"{case.id} forward{f' output {i}' if len(outs) > 1 else ''} [{dtype}]"
+        if out.dtype != base_out.dtype:
+            raise AssertionError(f"{what}: output dtype {out.dtype}, torch gives {base_out.dtype}")
+        floor = max(dtype, out.dtype, key=lambda d: torch.finfo(d).eps)
+        assert_accurate(out, base_out, ref_out, floor, what)
+        if case.elementwise:
+            assert_elementwise(out, base_out, ref_out, what)
     for i, (g, rg, bg) in enumerate(zip(grads, ref_grads, base_grads, strict=True)):
         if (g is None) != (rg is None):
             raise AssertionError(f"{case.id}: gradient {i} is {g} but torch gives {rg}")
@@ -203,7 +214,8 @@ def check_case(case: Case, dtype: torch.dtype, device: torch.device | str = "cpu
             continue
         if g.dtype != bg.dtype:
             raise AssertionError(f"{case.id}: gradient {i} dtype {g.dtype}, torch {bg.dtype}")
-        assert_accurate(g, bg, rg, coarse, f"{case.id} grad[{i}] [{dtype}]")
+        floor = max(coarse, g.dtype, key=lambda d: torch.finfo(d).eps)  # e.g. a bf16 weight
+        assert_accurate(g, bg, rg, floor, f"{case.id} grad[{i}] [{dtype}]")
 
 
 def _bits(t: Tensor) -> Tensor:
@@ -217,9 +229,9 @@ def check_deterministic(case: Case, dtype: torch.dtype, device="cpu", runs: int 
     args, kwargs = case.make(dtype, device, gen)
     first = None
     for _ in range(runs):
-        out, grads = _run(case.ours, [_clone(a) for a in args], kwargs,
-                          1 if case.backward else None, device, dtype)  # fmt: skip
-        flat = [out] + [g for g in grads if g is not None]
+        outs, grads = _run(case.ours, [_clone(a) for a in args], kwargs,
+                           1 if case.backward else None, device, dtype)  # fmt: skip
+        flat = outs + [g for g in grads if g is not None]
         if first is None:
             first = flat
             continue

@@ -1,9 +1,10 @@
 """The conformance suite: every registered case x every backend x every dtype."""
 
+import cases_norm  # noqa: F401  (registers its cases)
 import pytest
 import torch
 
-import cases_softmax  # noqa: F401  (registers its cases)
+import cases_softmax  # noqa: F401
 import lmkernels
 from conftest import device_for
 from lmkernels.backends import BACKENDS, availability

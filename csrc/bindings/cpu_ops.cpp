@@ -13,16 +13,21 @@
 #include <optional>
 #include <string>
 
+#include "lmk/norm.h"
 #include "lmk/softmax.h"
 
 namespace lmk::cpu {
 namespace DEFAULT {
 void softmax_fwd(const SoftmaxFwdParams& p);
 void softmax_bwd(const SoftmaxBwdParams& p);
+void norm_fwd(const NormFwdParams& p);
+void norm_bwd(const NormBwdParams& p);
 }  // namespace DEFAULT
 namespace AVX2 {
 void softmax_fwd(const SoftmaxFwdParams& p);
 void softmax_bwd(const SoftmaxBwdParams& p);
+void norm_fwd(const NormFwdParams& p);
+void norm_bwd(const NormBwdParams& p);
 }  // namespace AVX2
 }  // namespace lmk::cpu
 
@@ -164,6 +169,106 @@ void softmax_bwd(const at::Tensor& y, const at::Tensor& dy, const at::Tensor& dx
   }
 }
 
+// ------------------------------------------------------------------ norm (lmk/norm.h)
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// An optional (cols,) or (rows,) vector of the accumulation type; its pointer or null.
+const void* vec_arg(const std::optional<at::Tensor>& t, const char* name, int64_t len,
+                    at::ScalarType acc, bool required = false) {
+  TORCH_CHECK(t.has_value() || !required, "lmkernels_cpu: ", name, " is required here");
+  if (!t.has_value()) return nullptr;
+  const at::Tensor& v = *t;
+  TORCH_CHECK(v.device().is_cpu(), "lmkernels_cpu: ", name, " must be a CPU tensor");
+  TORCH_CHECK(v.scalar_type() == acc, "lmkernels_cpu: ", name, " must be ", acc, ", got ",
+              v.scalar_type());
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == len && v.is_contiguous(), "lmkernels_cpu: ", name,
+              " must be a contiguous 1-D tensor of length ", len, ", got shape ", v.sizes());
+  return v.data_ptr();
+}
+
+// The residual-stream dtype S of `t` for data dtype x: x's own, or float32 for 16-bit x.
+DType stream_arg(const at::Tensor& t, const at::Tensor& x, const char* name) {
+  LMK_CHECK_CPU_2D(t, "residual stream tensor");
+  TORCH_CHECK(t.sizes() == x.sizes(), "lmkernels_cpu: ", name, " must have shape ", x.sizes(),
+              ", got ", t.sizes());
+  const bool half = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(t.scalar_type() == x.scalar_type() || (half && t.scalar_type() == at::kFloat),
+              "lmkernels_cpu: ", name, " must have dtype ", x.scalar_type(),
+              half ? " or float32" : "", ", got ", t.scalar_type());
+  return data_dtype(t, name);
+}
+
+void norm_fwd(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+              const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+              const at::Tensor& y, const std::optional<at::Tensor>& h,
+              const std::optional<at::Tensor>& mean, const at::Tensor& rstd, double eps, bool rms) {
+  LMK_CHECK_CPU_2D(x, "x");
+  LMK_CHECK_CPU_2D(y, "y");
+  LMK_CHECK_LIKE(y, x, "y", "x");
+  NormFwdParams p;
+  p.dtype = data_dtype(x, "x");
+  p.stream_dtype = p.dtype;
+  p.rows = x.size(0);
+  p.cols = x.size(1);
+  const at::ScalarType acc = acc_type(x.scalar_type());
+  TORCH_CHECK(residual.has_value() == h.has_value(),
+              "lmkernels_cpu: h must be given exactly when residual is");
+  if (residual.has_value()) {
+    p.stream_dtype = stream_arg(*residual, x, "residual");
+    TORCH_CHECK(stream_arg(*h, x, "h") == p.stream_dtype,
+                "lmkernels_cpu: h must have residual's dtype");
+    p.residual = residual->data_ptr();
+    p.h = h->data_ptr();
+  }
+  p.weight = vec_arg(weight, "weight", p.cols, acc);
+  p.bias = vec_arg(bias, "bias", p.cols, acc);
+  p.mean = const_cast<void*>(vec_arg(mean, "mean", p.rows, acc, !rms));
+  p.rstd = const_cast<void*>(vec_arg(rstd, "rstd", p.rows, acc, true));
+  p.x = x.data_ptr();
+  p.y = y.data_ptr();
+  p.eps = eps;
+  p.rms = rms;
+  if (use_avx2()) {
+    cpu::AVX2::norm_fwd(p);
+  } else {
+    cpu::DEFAULT::norm_fwd(p);
+  }
+}
+
+void norm_bwd(const at::Tensor& dy, const std::optional<at::Tensor>& dh_out, const at::Tensor& h,
+              const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& mean,
+              const at::Tensor& rstd, const at::Tensor& dh, const std::optional<at::Tensor>& dw,
+              const std::optional<at::Tensor>& db, bool rms) {
+  LMK_CHECK_CPU_2D(dy, "dy");
+  NormBwdParams p;
+  p.dtype = data_dtype(dy, "dy");
+  p.rows = dy.size(0);
+  p.cols = dy.size(1);
+  const at::ScalarType acc = acc_type(dy.scalar_type());
+  p.stream_dtype = stream_arg(h, dy, "h");
+  TORCH_CHECK(stream_arg(dh, dy, "dh") == p.stream_dtype, "lmkernels_cpu: dh must have h's dtype");
+  if (dh_out.has_value()) {
+    TORCH_CHECK(stream_arg(*dh_out, dy, "dh_out") == p.stream_dtype,
+                "lmkernels_cpu: dh_out must have h's dtype");
+    p.dh_out = dh_out->data_ptr();
+  }
+  p.weight = vec_arg(weight, "weight", p.cols, acc);
+  p.mean = vec_arg(mean, "mean", p.rows, acc, !rms);
+  p.rstd = vec_arg(rstd, "rstd", p.rows, acc, true);
+  p.dw = const_cast<void*>(vec_arg(dw, "dw", p.cols, acc));
+  p.db = const_cast<void*>(vec_arg(db, "db", p.cols, acc));
+  p.dy = dy.data_ptr();
+  p.h = h.data_ptr();
+  p.dh = dh.data_ptr();
+  p.rms = rms;
+  if (use_avx2()) {
+    cpu::AVX2::norm_bwd(p);
+  } else {
+    cpu::DEFAULT::norm_bwd(p);
+  }
+}
+
 }  // namespace
 }  // namespace lmk
 
@@ -172,12 +277,20 @@ TORCH_LIBRARY(lmkernels_cpu, m) {
       "softmax_fwd(Tensor x, Tensor(a!) y, float scale, bool log, Tensor? mask, "
       "Tensor? mask_row_offsets, int mask_col_stride, bool causal, int causal_rows) -> ()");
   m.def("softmax_bwd(Tensor y, Tensor dy, Tensor(a!) dx, float scale, bool log) -> ()");
+  m.def(
+      "norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, Tensor(a!) y, "
+      "Tensor(b!)? h, Tensor(c!)? mean, Tensor(d!) rstd, float eps, bool rms) -> ()");
+  m.def(
+      "norm_bwd(Tensor dy, Tensor? dh_out, Tensor h, Tensor? weight, Tensor? mean, Tensor rstd, "
+      "Tensor(a!) dh, Tensor(b!)? dw, Tensor(c!)? db, bool rms) -> ()");
   m.def("capability() -> str", &lmk::capability);
 }
 
 TORCH_LIBRARY_IMPL(lmkernels_cpu, CPU, m) {
   m.impl("softmax_fwd", &lmk::softmax_fwd);
   m.impl("softmax_bwd", &lmk::softmax_bwd);
+  m.impl("norm_fwd", &lmk::norm_fwd);
+  m.impl("norm_bwd", &lmk::norm_bwd);
 }
 
 // Importable as `lmkernels._C` (an empty module; loading it registers the ops above).

@@ -1,0 +1,386 @@
+// LayerNorm / RMSNorm (with an optional fused residual add) forward and backward on CPU
+// (contract: lmk/norm.h). Compiled twice, like every csrc/cpu file (vec.h: AVX2 or portable).
+//
+// Forward, per row (T data, S stream type, fp32 math; fp64 data runs a scalar double twin):
+//   A. h = x (+ residual, rounded to S and stored); sum h (layer) or sum h^2 (rms)
+//   B. layer only: sum (h - mean)^2 over the row again (two-pass variance: exact enough for
+//      rows with a large mean, which a one-pass sum of squares is not)
+//   C. y = (h - mean) * rstd * w + b, rounded once to T
+// Passes B and C re-read h from L1/L2 (a row of 64K fp32 is 256 KiB), so memory traffic is one
+// read of x (and residual), one write of y (and h). Sums use 4 fp32 vector accumulators per
+// chunk of kChunk columns and add the chunk sums in double.
+//
+// Backward, per row (xhat = (h - mean) * rstd, g = dy * w):
+//   1. c1 = sum g (layer), c2 = sum g * xhat; the row's dy * xhat and dy are added to its
+//      block's dw / db partial rows
+//   2. dh = rstd * (g - c1 / n - xhat * c2 / n) (+ dh_out), stored in S
+// Work is split into blocks of kNormRowsPerBlock rows (one at::parallel_for item each); each
+// block owns one fp32 partial row of dw and of db, and a final column-parallel pass adds the
+// partials in block order. The partition depends only on rows, so dw / db are bitwise
+// identical for any thread count. Traffic: read dy and h once (pass 2 hits cache), write dh,
+// plus 2 * rows / 64 partial rows (~1.5% extra at 4 bytes per element).
+//
+// Special values: NaN/inf in a row propagate to that row only (and into the dw/db columns it
+// touches, as in torch). eps is used as given.
+#include "lmk/norm.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <type_traits>
+
+#if defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
+namespace lmk::cpu::CPU_CAPABILITY {
+namespace {
+
+#include "vec.h"
+
+constexpr int64_t kChunk = 2048;  // columns per fp32 partial sum (then added in double)
+
+// Rows per parallel task so that a task holds >= ~32K elements.
+inline int64_t row_grain(int64_t cols) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1));
+}
+
+// sum over [0, n) of f(j) for 8-column vectors j (f gets the column and the valid-lane count;
+// lanes beyond it must come back as 0), as fp32 vector sums per kChunk added in double.
+template <class F>
+double row_sum(int64_t n, F f) {
+  double total = 0.0;
+  for (int64_t c = 0; c < n; c += kChunk) {
+    const int64_t e = std::min(n, c + kChunk);
+    Vf s0 = vset(0.f), s1 = s0, s2 = s0, s3 = s0;
+    int64_t j = c;
+    for (; j + 4 * kW <= e; j += 4 * kW) {
+      s0 = vadd(s0, f(j, kW));
+      s1 = vadd(s1, f(j + kW, kW));
+      s2 = vadd(s2, f(j + 2 * kW, kW));
+      s3 = vadd(s3, f(j + 3 * kW, kW));
+    }
+    for (; j < e; j += kW) s0 = vadd(s0, f(j, std::min<int64_t>(kW, e - j)));
+    total += hsum(vadd(vadd(s0, s1), vadd(s2, s3)));
+  }
+  return total;
+}
+
+template <class T>
+inline Vf load_k(const T* p, int64_t k) {
+  return k == kW ? load(p) : load_n(p, k, 0.f);
+}
+template <class T>
+inline void store_k(T* p, Vf v, int64_t k) {
+  if (k == kW) {
+    store(p, v);
+  } else {
+    store_n(p, v, k);
+  }
+}
+
+// ------------------------------------------------------------------ forward
+
+template <class T, class S, bool kRes, bool kRms, bool kHasW, bool kHasB>
+void fwd_rows(const NormFwdParams& p, int64_t r0, int64_t r1) {
+  const int64_t n = p.cols;
+  const float* w = static_cast<const float*>(p.weight);
+  const float* b = static_cast<const float*>(p.bias);
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* x = static_cast<const T*>(p.x) + r * n;
+    T* y = static_cast<T*>(p.y) + r * n;
+    // The normalised values h: x itself, or x + residual as stored in S.
+    const S* h;
+    if constexpr (kRes) {
+      const S* res = static_cast<const S*>(p.residual) + r * n;
+      S* hw = static_cast<S*>(p.h) + r * n;
+      for (int64_t j = 0; j < n; j += kW) {
+        const int64_t k = std::min<int64_t>(kW, n - j);
+        store_k(hw + j, vadd(load_k(x + j, k), load_k(res + j, k)), k);
+      }
+      h = hw;
+    } else {
+      h = reinterpret_cast<const S*>(x);
+    }
+    // mean = m + lo exactly enough (m: the nearest float, lo: the rest), so rows whose mean is
+    // large against their spread keep every digit of h - mean: (h - m) is exact there.
+    float m = 0.f, lo = 0.f, rstd;
+    if constexpr (kRms) {
+      const double ss = row_sum(n, [&](int64_t j, int64_t k) {
+        Vf v = load_k(h + j, k);
+        return vmul(v, v);
+      });
+      rstd = static_cast<float>(1.0 / std::sqrt(ss / n + p.eps));
+    } else {
+      // sum (h - h_0): the shift keeps fp32 partial sums small for rows with a large mean
+      const float h0 = static_cast<float>(h[0]);
+      const Vf s0 = vset(h0);
+      const double mean = h0 + row_sum(n, [&](int64_t j, int64_t k) {
+                                 Vf d = vsub(load_k(h + j, k), s0);
+                                 return k == kW ? d : keep_first(d, k, 0.f);
+                               }) / n;
+      m = static_cast<float>(mean);
+      lo = static_cast<float>(mean - m);
+      const Vf vm = vset(m);
+      const double ss = row_sum(n, [&](int64_t j, int64_t k) {
+        Vf d = vsub(load_k(h + j, k), vm);
+        d = k == kW ? d : keep_first(d, k, 0.f);
+        return vmul(d, d);
+      });
+      // sum (h - m)^2 = sum (h - mean)^2 + n lo^2
+      const double var = std::max(0.0, ss / n - double(lo) * lo);
+      rstd = static_cast<float>(1.0 / std::sqrt(var + p.eps));
+      static_cast<float*>(p.mean)[r] = m;
+    }
+    static_cast<float*>(p.rstd)[r] = rstd;
+    // (h - m) * rstd - lo * rstd, not h * rstd - mean * rstd, which loses |mean| / std digits
+    const Vf a = vset(rstd), vm = vset(m), c = vset(-lo * rstd);
+    for (int64_t j = 0; j < n; j += kW) {
+      const int64_t k = std::min<int64_t>(kW, n - j);
+      Vf v = vfma(vsub(load_k(h + j, k), vm), a, c);
+      if constexpr (kHasW && kHasB) {
+        v = vfma(v, load_k(w + j, k), load_k(b + j, k));
+      } else if constexpr (kHasW) {
+        v = vmul(v, load_k(w + j, k));
+      } else if constexpr (kHasB) {
+        v = vadd(v, load_k(b + j, k));
+      }
+      store_k(y + j, v, k);
+    }
+  }
+}
+
+template <class T, class S, bool kRes, bool kRms>
+void fwd_affine(const NormFwdParams& p) {
+  auto run = [&](auto fn) {
+    at::parallel_for(0, p.rows, row_grain(p.cols), [&](int64_t r0, int64_t r1) { fn(p, r0, r1); });
+  };
+  const bool w = p.weight != nullptr, b = p.bias != nullptr;
+  if (w && b) return run(fwd_rows<T, S, kRes, kRms, true, true>);
+  if (w) return run(fwd_rows<T, S, kRes, kRms, true, false>);
+  if (b) return run(fwd_rows<T, S, kRes, kRms, false, true>);
+  return run(fwd_rows<T, S, kRes, kRms, false, false>);
+}
+
+template <class T, class S>
+void fwd_typed(const NormFwdParams& p) {
+  const bool res = p.residual != nullptr;
+  if (res && p.rms) return fwd_affine<T, S, true, true>(p);
+  if (res) return fwd_affine<T, S, true, false>(p);
+  if (p.rms) return fwd_affine<T, T, false, true>(p);
+  return fwd_affine<T, T, false, false>(p);
+}
+
+// fp64: the same algorithm in scalar double.
+void fwd_f64(const NormFwdParams& p) {
+  const int64_t n = p.cols;
+  const double* w = static_cast<const double*>(p.weight);
+  const double* b = static_cast<const double*>(p.bias);
+  at::parallel_for(0, p.rows, row_grain(n), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const double* x = static_cast<const double*>(p.x) + r * n;
+      double* y = static_cast<double*>(p.y) + r * n;
+      const double* h = x;
+      if (p.residual != nullptr) {
+        const double* res = static_cast<const double*>(p.residual) + r * n;
+        double* hw = static_cast<double*>(p.h) + r * n;
+        for (int64_t j = 0; j < n; ++j) hw[j] = x[j] + res[j];
+        h = hw;
+      }
+      double mean = 0.0, ss = 0.0;
+      if (!p.rms) {
+        for (int64_t j = 0; j < n; ++j) mean += h[j];
+        mean /= n;
+        static_cast<double*>(p.mean)[r] = mean;
+      }
+      for (int64_t j = 0; j < n; ++j) ss += (h[j] - mean) * (h[j] - mean);
+      const double rstd = 1.0 / std::sqrt(ss / n + p.eps);
+      static_cast<double*>(p.rstd)[r] = rstd;
+      for (int64_t j = 0; j < n; ++j) {
+        double v = (h[j] - mean) * rstd;
+        if (w != nullptr) v *= w[j];
+        if (b != nullptr) v += b[j];
+        y[j] = v;
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------ backward
+
+// Block [r0, r1) of rows; dwp / dbp: the block's partial rows (null when not needed).
+template <class T, class S, bool kRms, bool kHasW, bool kDh>
+void bwd_block(const NormBwdParams& p, int64_t r0, int64_t r1, float* dwp, float* dbp) {
+  const int64_t n = p.cols;
+  const float* w = static_cast<const float*>(p.weight);
+  if (dwp != nullptr) std::fill(dwp, dwp + n, 0.f);
+  if (dbp != nullptr) std::fill(dbp, dbp + n, 0.f);
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* dy = static_cast<const T*>(p.dy) + r * n;
+    const S* h = static_cast<const S*>(p.h) + r * n;
+    S* dh = static_cast<S*>(p.dh) + r * n;
+    const float rstd = static_cast<const float*>(p.rstd)[r];
+    const float mean = kRms ? 0.f : static_cast<const float*>(p.mean)[r];
+    const Vf a = vset(rstd), m = vset(mean);
+    auto xhat = [&](int64_t j, int64_t k) { return vmul(vsub(load_k(h + j, k), m), a); };
+    auto grad = [&](int64_t j, int64_t k) {
+      Vf g = load_k(dy + j, k);
+      return kHasW ? vmul(g, load_k(w + j, k)) : g;
+    };
+    // Pass 1: c1 (layer), c2, and the block's partial dw / db rows.
+    double c1 = 0.0, c2 = 0.0;
+    for (int64_t cb = 0; cb < n; cb += kChunk) {
+      const int64_t ce = std::min(n, cb + kChunk);
+      Vf s1 = vset(0.f), s2 = s1;
+      for (int64_t j = cb; j < ce; j += kW) {
+        const int64_t k = std::min<int64_t>(kW, ce - j);
+        const Vf xh = xhat(j, k), d = load_k(dy + j, k);
+        const Vf g = kHasW ? vmul(d, load_k(w + j, k)) : d;
+        if (!kRms) s1 = vadd(s1, g);
+        // tails: load_k pads dy (so g) with 0, which zeroes every product below
+        s2 = vfma(g, xh, s2);
+        if (dwp != nullptr) store_k(dwp + j, vfma(d, xh, load_k(dwp + j, k)), k);
+        if (dbp != nullptr) store_k(dbp + j, vadd(d, load_k(dbp + j, k)), k);
+      }
+      c1 += hsum(s1);
+      c2 += hsum(s2);
+    }
+    // Pass 2: dh = rstd * ((g - c1 / n) - xhat * c2 / n)  (+ dh_out). Scaling by rstd last keeps
+    // the cancellation exact (e.g. one column: g - c1 = 0 exactly, as in torch).
+    const Vf k1 = vset(static_cast<float>(c1 / n)), k2 = vset(static_cast<float>(-c2 / n));
+    const S* dho = kDh ? static_cast<const S*>(p.dh_out) + r * n : nullptr;
+    for (int64_t j = 0; j < n; j += kW) {
+      const int64_t k = std::min<int64_t>(kW, n - j);
+      Vf v = vmul(vfma(xhat(j, k), k2, vsub(grad(j, k), k1)), a);
+      if constexpr (kDh) v = vadd(v, load_k(dho + j, k));
+      store_k(dh + j, v, k);
+    }
+  }
+}
+
+// Adds the nb partial rows (stride n) in block order into out, in parallel over columns.
+template <class A>
+void sum_partials(const A* part, int64_t nb, int64_t n, A* out) {
+  at::parallel_for(0, n, 4096, [&](int64_t c0, int64_t c1) {
+    for (int64_t j = c0; j < c1; ++j) out[j] = 0;
+    for (int64_t blk = 0; blk < nb; ++blk) {
+      const A* row = part + blk * n;
+      for (int64_t j = c0; j < c1; ++j) out[j] += row[j];
+    }
+  });
+}
+
+template <class T, class S, bool kRms, bool kHasW, bool kDh>
+void bwd_run(const NormBwdParams& p) {
+  const int64_t n = p.cols, nb = (p.rows + kNormRowsPerBlock - 1) / kNormRowsPerBlock;
+  const bool dw = p.dw != nullptr, db = p.db != nullptr;
+  std::unique_ptr<float[]> part;
+  if (dw || db) part.reset(new float[(dw + db) * nb * n]);
+  float* dwp = dw ? part.get() : nullptr;
+  float* dbp = db ? part.get() + (dw ? nb * n : 0) : nullptr;
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * kNormRowsPerBlock, r1 = std::min(p.rows, r0 + kNormRowsPerBlock);
+      bwd_block<T, S, kRms, kHasW, kDh>(p, r0, r1, dw ? dwp + blk * n : nullptr,
+                                        db ? dbp + blk * n : nullptr);
+    }
+  });
+  if (dw) sum_partials(dwp, nb, n, static_cast<float*>(p.dw));
+  if (db) sum_partials(dbp, nb, n, static_cast<float*>(p.db));
+}
+
+template <class T, class S>
+void bwd_typed(const NormBwdParams& p) {
+  const bool w = p.weight != nullptr, dh = p.dh_out != nullptr;
+  if (p.rms) {
+    if (w) return dh ? bwd_run<T, S, true, true, true>(p) : bwd_run<T, S, true, true, false>(p);
+    return dh ? bwd_run<T, S, true, false, true>(p) : bwd_run<T, S, true, false, false>(p);
+  }
+  if (w) return dh ? bwd_run<T, S, false, true, true>(p) : bwd_run<T, S, false, true, false>(p);
+  return dh ? bwd_run<T, S, false, false, true>(p) : bwd_run<T, S, false, false, false>(p);
+}
+
+void bwd_f64(const NormBwdParams& p) {
+  const int64_t n = p.cols, nb = (p.rows + kNormRowsPerBlock - 1) / kNormRowsPerBlock;
+  const double* w = static_cast<const double*>(p.weight);
+  std::unique_ptr<double[]> part(new double[2 * nb * n]);
+  double *dwp = part.get(), *dbp = part.get() + nb * n;
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      double* pw = dwp + blk * n;
+      double* pb = dbp + blk * n;
+      std::fill(pw, pw + n, 0.0);
+      std::fill(pb, pb + n, 0.0);
+      const int64_t r0 = blk * kNormRowsPerBlock, r1 = std::min(p.rows, r0 + kNormRowsPerBlock);
+      for (int64_t r = r0; r < r1; ++r) {
+        const double* dy = static_cast<const double*>(p.dy) + r * n;
+        const double* h = static_cast<const double*>(p.h) + r * n;
+        double* dh = static_cast<double*>(p.dh) + r * n;
+        const double rstd = static_cast<const double*>(p.rstd)[r];
+        const double mean = p.rms ? 0.0 : static_cast<const double*>(p.mean)[r];
+        double c1 = 0.0, c2 = 0.0;
+        for (int64_t j = 0; j < n; ++j) {
+          const double xh = (h[j] - mean) * rstd, g = w ? dy[j] * w[j] : dy[j];
+          c1 += g;
+          c2 += g * xh;
+          pw[j] += dy[j] * xh;
+          pb[j] += dy[j];
+        }
+        if (p.rms) c1 = 0.0;
+        for (int64_t j = 0; j < n; ++j) {
+          const double xh = (h[j] - mean) * rstd, g = w ? dy[j] * w[j] : dy[j];
+          double v = rstd * (g - c1 / n - xh * c2 / n);
+          if (p.dh_out != nullptr) v += static_cast<const double*>(p.dh_out)[r * n + j];
+          dh[j] = v;
+        }
+      }
+    }
+  });
+  if (p.dw != nullptr) sum_partials(dwp, nb, n, static_cast<double*>(p.dw));
+  if (p.db != nullptr) sum_partials(dbp, nb, n, static_cast<double*>(p.db));
+}
+
+}  // namespace
+
+void norm_fwd(const NormFwdParams& p) {
+  if (p.rows <= 0 || p.cols <= 0) return;
+  const bool s32 = p.stream_dtype == DType::F32;
+  switch (p.dtype) {
+    case DType::F32:
+      return fwd_typed<float, float>(p);
+    case DType::BF16:
+      return s32 ? fwd_typed<BFloat16, float>(p) : fwd_typed<BFloat16, BFloat16>(p);
+    case DType::F16:
+      return s32 ? fwd_typed<Half, float>(p) : fwd_typed<Half, Half>(p);
+    case DType::F64:
+      return fwd_f64(p);
+    case DType::Bool:
+      break;
+  }
+}
+
+void norm_bwd(const NormBwdParams& p) {
+  if (p.rows <= 0 || p.cols <= 0) return;
+  const bool s32 = p.stream_dtype == DType::F32;
+  switch (p.dtype) {
+    case DType::F32:
+      return bwd_typed<float, float>(p);
+    case DType::BF16:
+      return s32 ? bwd_typed<BFloat16, float>(p) : bwd_typed<BFloat16, BFloat16>(p);
+    case DType::F16:
+      return s32 ? bwd_typed<Half, float>(p) : bwd_typed<Half, Half>(p);
+    case DType::F64:
+      return bwd_f64(p);
+    case DType::Bool:
+      break;
+  }
+}
+
+}  // namespace lmk::cpu::CPU_CAPABILITY

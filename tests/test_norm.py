@@ -1,0 +1,212 @@
+"""Normalisation-family semantics beyond the conformance grid: modules and state_dicts, errors,
+torch.library integration (opcheck, compile), thread-count-independent dW/dB, partial use of
+the fused outputs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lmkernels
+import lmkernels.functional as LF
+import lmkernels.nn as LN
+from lmkernels.ops import norm as norm_ops
+
+# --------------------------------------------------------------------------- modules
+
+
+@pytest.mark.parametrize("affine,bias", [(True, True), (True, False), (False, False)])
+def test_layer_norm_module_loads_torch_state_dict(affine, bias):
+    torch.manual_seed(0)
+    ref = torch.nn.LayerNorm((4, 24), eps=1e-4, elementwise_affine=affine, bias=bias)
+    if affine:
+        with torch.no_grad():
+            ref.weight.normal_()
+            if bias:
+                ref.bias.normal_()
+    ours = LN.LayerNorm((4, 24), eps=1e-4, elementwise_affine=affine, bias=bias)
+    assert isinstance(ours, torch.nn.LayerNorm)
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 4, 24, requires_grad=True)
+    y, r = ours(x), ref(x)
+    torch.testing.assert_close(y, r)
+    g = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, [x, *ours.parameters()], g),
+                    torch.autograd.grad(r, [x, *ref.parameters()], g), strict=True):  # fmt: skip
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_rms_norm_module_loads_torch_state_dict(affine):
+    torch.manual_seed(0)
+    ref = torch.nn.RMSNorm(40, eps=None, elementwise_affine=affine, dtype=torch.bfloat16)
+    if affine:
+        with torch.no_grad():
+            ref.weight.normal_()
+    ours = LN.RMSNorm(40, elementwise_affine=affine, dtype=torch.bfloat16)
+    assert isinstance(ours, torch.nn.RMSNorm)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(6, 40, dtype=torch.bfloat16)
+    # bf16: within one bf16 ulp of torch (both round an fp32 result once)
+    torch.testing.assert_close(ours(x), ref(x), rtol=2**-7, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+def _bad_calls():
+    x = torch.randn(4, 8)
+    w = torch.randn(8)
+    return [
+        (lambda: LF.layer_norm(x, (4,)), ValueError, "normalized_shape"),
+        (lambda: LF.layer_norm(x, ()), ValueError, "normalized_shape"),
+        (lambda: LF.layer_norm(x, "8"), TypeError, "normalized_shape"),
+        (lambda: LF.layer_norm(x, (8,), torch.randn(4)), ValueError, "weight"),
+        (lambda: LF.layer_norm(x, (8,), w, torch.randn(9)), ValueError, "bias"),
+        (lambda: LF.layer_norm(x, (8,), w.to("meta")), ValueError, "weight"),
+        (lambda: LF.layer_norm(x, (8,), w.double()), TypeError, "weight"),
+        (lambda: LF.layer_norm(x.bfloat16(), (8,), w, w.bfloat16()), TypeError, "weight"),
+        (lambda: LF.layer_norm(x.long(), (8,)), TypeError, "input"),
+        (lambda: LF.layer_norm(x, (8,), eps="1e-5"), TypeError, "eps"),
+        (lambda: LF.rms_norm(x.int(), (8,)), TypeError, "input"),
+        (lambda: LF.rms_norm(x, (8,), [1.0] * 8), TypeError, "weight"),
+        (lambda: LF.add_rms_norm(x, torch.randn(4, 9), (8,)), ValueError, "residual"),
+        (lambda: LF.add_rms_norm(x, torch.randn(4, 8).long(), (8,)), TypeError, "residual"),
+        (lambda: LF.add_layer_norm(x, x, (8,), residual_in_fp32=1), TypeError, "residual_in_fp32"),
+        (lambda: LF.add_layer_norm(x, x.to("meta"), (8,)), ValueError, "residual"),
+    ]
+
+
+@pytest.mark.parametrize("i", range(len(_bad_calls())))
+def test_bad_input_raises_naming_the_argument(i):
+    call, exc, word = _bad_calls()[i]
+    with pytest.raises(exc, match=word):
+        call()
+
+
+def test_eps_is_not_validated_beyond_torch():
+    # torch accepts eps <= 0 (a zero-variance row then gives inf/NaN): so do we
+    x = torch.randn(3, 8)
+    x[0] = 1.0
+    torch.testing.assert_close(LF.layer_norm(x, (8,), eps=0.0), F.layer_norm(x, (8,), eps=0.0),
+                               equal_nan=True)  # fmt: skip
+
+
+# ------------------------------------------------------------------ torch.library integration
+
+
+def _opcheck_args():
+    x = torch.randn(70, 24, requires_grad=True)
+    r = torch.randn(70, 24, requires_grad=True)
+    w = torch.randn(24, requires_grad=True)
+    b = torch.randn(24, requires_grad=True)
+    return [
+        (x, None, w, b, 1e-5, False),
+        (x, r, w, None, 1e-6, True),
+        (x.detach().bfloat16().requires_grad_(), r.detach().float().requires_grad_(), w, b,
+         1e-5, False),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("i", range(3))
+def test_opcheck(backend, i):
+    reason = lmkernels.backends.availability(backend, "cpu")
+    if reason is not None:
+        pytest.skip(f"backend {backend} unavailable here: {reason}")
+    args = _opcheck_args()[i]
+    with lmkernels.use_backend(backend):
+        torch.library.opcheck(torch.ops.lmkernels.norm_fwd.default, args)
+        y, h, mean, rstd = norm_ops.norm_fwd(*[a.detach() if torch.is_tensor(a) else a
+                                               for a in args])  # fmt: skip
+        x, res, w, b, eps, rms = args
+        hh = x.detach() if res is None else h
+        dh_out = None if res is None else torch.randn_like(h)
+        bwd_args = (
+            torch.randn_like(y),
+            dh_out,
+            hh,
+            w.detach(),
+            mean,
+            rstd,
+            rms,
+            True,
+            b is not None,
+        )
+        torch.library.opcheck(torch.ops.lmkernels.norm_bwd.default, bwd_args)
+
+
+def test_compile_fullgraph_no_graph_break():
+    torch._dynamo.reset()
+
+    def f(x, r, w, b):
+        n, h = LF.add_layer_norm(x, r, (32,), w, b)
+        return LF.rms_norm(n, (32,), w) * 2 + h
+
+    x, r = torch.randn(5, 32, requires_grad=True), torch.randn(5, 32, requires_grad=True)
+    w, b = torch.randn(32, requires_grad=True), torch.randn(32, requires_grad=True)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(x, r, w, b)
+    ref = f(x, r, w, b)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    for a, c in zip(torch.autograd.grad(out, (x, r, w, b), g),
+                    torch.autograd.grad(ref, (x, r, w, b), g), strict=True):  # fmt: skip
+        torch.testing.assert_close(a, c)
+    assert torch._dynamo.explain(f)(x, r, w, b).graph_break_count == 0
+
+
+def test_compile_inductor_runs_our_kernel():
+    torch._dynamo.reset()
+    f = torch.compile(lambda x, w: LF.rms_norm(x, (300,), w) + 1, fullgraph=True)
+    x, w = torch.randn(8, 300), torch.randn(300)
+    torch.testing.assert_close(f(x, w), F.rms_norm(x, (300,), w) + 1)
+
+
+# ------------------------------------------------------------------------- determinism
+
+
+def test_cpu_param_grads_do_not_depend_on_thread_count():
+    """dW/dB partial sums follow fixed 64-row blocks (norm.h), so 1 and 2 threads agree."""
+    if lmkernels.backends.availability("cpu", "cpu") is not None:
+        pytest.skip("cpu backend unavailable")
+    torch.manual_seed(0)
+    x = torch.randn(1000, 96, requires_grad=True)
+    w, b = torch.randn(96, requires_grad=True), torch.randn(96, requires_grad=True)
+    g = torch.randn(1000, 96)
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with lmkernels.use_backend("cpu"):
+                y = LF.layer_norm(x, (96,), w, b)
+                grads.append(torch.autograd.grad(y, (x, w, b), g))
+    finally:
+        torch.set_num_threads(threads)
+    for a, c in zip(*grads, strict=True):
+        assert torch.equal(a, c)
+
+
+# -------------------------------------------------------------- partial use of fused outputs
+
+
+@pytest.mark.parametrize("use", ["normed", "sum"])
+def test_gradient_through_one_output_of_the_fused_op(use):
+    x, r = torch.randn(6, 20, requires_grad=True), torch.randn(6, 20, requires_grad=True)
+    w = torch.randn(20, requires_grad=True)
+
+    def pick(n, h):
+        return n if use == "normed" else h
+
+    out = pick(*LF.add_rms_norm(x, r, 20, w, eps=1e-6))
+    h = x + r
+    ref = pick(F.rms_norm(h, (20,), w, 1e-6), h)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, r, w), g, allow_unused=True)
+    exp = torch.autograd.grad(ref, (x, r, w), g, allow_unused=True)
+    for a, c in zip(got, exp, strict=True):
+        if c is None:
+            assert a is None or torch.count_nonzero(a) == 0
+        else:
+            torch.testing.assert_close(a, c)
