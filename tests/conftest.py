@@ -22,3 +22,13 @@ def device_for(backend: str) -> str:
     if backend in ("cuda",) or (backend == "triton" and torch.cuda.is_available()):
         return "cuda"
     return "cpu"
+
+
+def free_ram_gib() -> float:
+    """MemAvailable in GiB (0 when unknown): tests of > 2^31-element tensors check it first."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) / 2**20
+    except OSError:
+        return 0.0

@@ -44,6 +44,40 @@ def test_softmax_byte_model_matches_hand_counts():
     assert _bench("causal_softmax").bytes((1024, 4096), F32, "fwd") == 2 * 1024 * 4096 * 4
 
 
+def test_norm_byte_models_match_hand_counts():
+    n = 4096 * 1024
+    for name in ("layer_norm", "rms_norm"):
+        b = _bench(name).bytes
+        assert b((4096, 1024), F32, "fwd") == 2 * n * 4  # read x, write y
+        assert b((4096, 1024), BF16, "bwd") == 3 * n * 2  # read x, dy; write dx
+        assert b((4096, 1024), F32, "fwdbwd") == 5 * n * 4
+    for name in ("add_layer_norm", "add_rms_norm"):
+        b = _bench(name).bytes
+        assert b((4096, 1024), F32, "fwd") == 4 * n * 4  # read x, r; write y, h
+        assert b((4096, 1024), BF16, "bwd") == 4 * n * 2  # read h, dy, dh; write dx
+        assert b((1024, 4096), F32, "fwdbwd") == 8 * n * 4
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+def test_tuple_output_bench_checks_every_output_and_gradient(mode):
+    """add_rms_norm returns (normed, h): both outputs and every input gradient are checked."""
+    b = _bench("add_rms_norm")
+    inputs = b.make_inputs((16, 64), F32, CPU)
+    want = runner.oracle(b, inputs)
+    assert len(want.out) == 2 and len(want.grads) == 3
+    providers = {p.name: p for p in b.providers(CPU)}
+    _, err = runner.build_thunk(providers["torch"], providers["torch"].fn, inputs, mode, want)
+    assert err < 1e-5
+
+    # a provider that gets the residual sum wrong is caught
+    def wrong(x, r, w):
+        y, h = providers["torch"].fn(x, r, w)
+        return y, h * 1.01
+
+    _, err = runner.build_thunk(spec.Provider("wrong", wrong), wrong, inputs, mode, want)
+    assert err > 5e-3
+
+
 def test_default_sweep_shapes():
     shapes = _bench("softmax").shapes
     for s in [(4096, 1024), (1024, 4096), (16, 262144)]:

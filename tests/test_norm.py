@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import lmkernels
 import lmkernels.functional as LF
 import lmkernels.nn as LN
+from conftest import free_ram_gib
 from lmkernels.ops import norm as norm_ops
 
 # --------------------------------------------------------------------------- modules
@@ -210,3 +211,37 @@ def test_gradient_through_one_output_of_the_fused_op(use):
             assert a is None or torch.count_nonzero(a) == 0
         else:
             torch.testing.assert_close(a, c)
+
+
+# ---------------------------------------------------------------------------- 64-bit offsets
+
+
+def test_cpu_kernels_past_2_31_elements():
+    """rms_norm forward and backward over 2^31 + 4096 bf16 elements (rows past 2^31)."""
+    if lmkernels.backends.availability("cpu", "cpu") is not None:
+        pytest.skip("cpu backend unavailable")
+    if free_ram_gib() < 12:
+        pytest.skip(f"needs ~9 GiB free RAM, {free_ram_gib():.1f} GiB available")
+    cols = 4096
+    rows = 2**31 // cols + 1
+    x = torch.zeros(rows, cols, dtype=torch.bfloat16)
+    probe = torch.randn(3, cols).to(torch.bfloat16)
+    x[0], x[-2], x[-1] = probe
+    with lmkernels.use_backend("cpu"):
+        y = LF.rms_norm(x, (cols,), eps=1e-6)
+    ref = F.rms_norm(probe.float(), (cols,), eps=1e-6)
+    torch.testing.assert_close(y[[0, -2, -1]], ref.to(torch.bfloat16))
+    assert torch.count_nonzero(y[rows // 2]) == 0
+    del y
+    # backward with dy = x (zero rows have xhat = 0): dh and dw come from the probe rows only
+    rstd = torch.full((rows,), 1e3, dtype=torch.float32)  # = 1 / sqrt(0 + 1e-6) for zero rows
+    rstd[[0, -2, -1]] = torch.rsqrt(probe.float().pow(2).mean(-1) + 1e-6)
+    dh = torch.empty_like(x)
+    w = torch.ones(cols)
+    dw = torch.empty(cols)
+    torch.ops.lmkernels_cpu.norm_bwd(x, None, x, w, None, rstd, dh, dw, None, True)
+    p = probe.double()
+    xhat = p * rstd[[0, -2, -1]].double()[:, None]
+    want_dh = rstd[[0, -2, -1]].double()[:, None] * (p - xhat * (p * xhat).mean(-1, keepdim=True))
+    torch.testing.assert_close(dh[[0, -2, -1]], want_dh.to(torch.bfloat16))
+    torch.testing.assert_close(dw.double(), (p * xhat).sum(0), rtol=1e-5, atol=1e-5)

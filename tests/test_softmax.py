@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import lmkernels
 import lmkernels.functional as LF
+from conftest import free_ram_gib
 from lmkernels.ops import softmax as softmax_ops
 from lmkernels.ops._common import row_offsets
 
@@ -257,19 +258,10 @@ def test_row_offsets_are_int64_past_2_31():
     assert int(off[3 * 60000 + 2]) == 60000 * 40000
 
 
-def _free_ram_gib() -> float:
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) / 2**20
-    except OSError:
-        return 0.0
-
-
 def test_cpu_kernel_past_2_31_elements():
     """softmax over 2^31 + 4096 bf16 elements: the last rows live past 2^31 (64-bit offsets)."""
-    if _free_ram_gib() < 12:
-        pytest.skip(f"needs ~9 GiB free RAM, {_free_ram_gib():.1f} GiB available")
+    if free_ram_gib() < 12:
+        pytest.skip(f"needs ~9 GiB free RAM, {free_ram_gib():.1f} GiB available")
     cols = 4096
     rows = 2**31 // cols + 1
     x = torch.zeros(rows, cols, dtype=torch.bfloat16)

@@ -73,6 +73,24 @@ double row_sum(int64_t n, F f) {
   return total;
 }
 
+// Software prefetch of the next row while this one is in its (cache-bound) last pass, so the
+// memory traffic of row r + 1 overlaps the arithmetic of row r: call at(j) once per 8-column
+// step j of that pass; it touches the next row's streams at the same relative position.
+struct NextRow {
+  const char* read[2] = {nullptr, nullptr};  // read streams (x, residual / dy, h)
+  char* write = nullptr;                     // one write stream (y / dh)
+  int64_t rsize[2] = {0, 0}, wsize = 0;      // element sizes
+  inline void at(int64_t j) const {
+    if (read[0] == nullptr) return;
+    __builtin_prefetch(read[0] + j * rsize[0]);
+    if (read[1] != nullptr) __builtin_prefetch(read[1] + j * rsize[1]);
+    if (write != nullptr) __builtin_prefetch(write + j * wsize, 1);
+  }
+};
+
+// Rows up to this many bytes prefetch their successor (both then fit in L2 comfortably).
+constexpr int64_t kPrefetchRowBytes = 64 * 1024;
+
 template <class T>
 inline Vf load_k(const T* p, int64_t k) {
   return k == kW ? load(p) : load_n(p, k, 0.f);
@@ -93,9 +111,21 @@ void fwd_rows(const NormFwdParams& p, int64_t r0, int64_t r1) {
   const int64_t n = p.cols;
   const float* w = static_cast<const float*>(p.weight);
   const float* b = static_cast<const float*>(p.bias);
+  const bool prefetch = n * static_cast<int64_t>(sizeof(S)) <= kPrefetchRowBytes;
   for (int64_t r = r0; r < r1; ++r) {
     const T* x = static_cast<const T*>(p.x) + r * n;
     T* y = static_cast<T*>(p.y) + r * n;
+    NextRow next;
+    if (prefetch && r + 1 < r1) {
+      next.read[0] = reinterpret_cast<const char*>(x + n);
+      next.rsize[0] = sizeof(T);
+      if constexpr (kRes) {
+        next.read[1] = static_cast<const char*>(p.residual) + (r + 1) * n * sizeof(S);
+        next.rsize[1] = sizeof(S);
+      }
+      next.write = reinterpret_cast<char*>(y + n);
+      next.wsize = sizeof(T);
+    }
     // The normalised values h: x itself, or x + residual as stored in S.
     const S* h;
     if constexpr (kRes) {
@@ -144,6 +174,7 @@ void fwd_rows(const NormFwdParams& p, int64_t r0, int64_t r1) {
     const Vf a = vset(rstd), vm = vset(m), c = vset(-lo * rstd);
     for (int64_t j = 0; j < n; j += kW) {
       const int64_t k = std::min<int64_t>(kW, n - j);
+      next.at(j);
       Vf v = vfma(vsub(load_k(h + j, k), vm), a, c);
       if constexpr (kHasW && kHasB) {
         v = vfma(v, load_k(w + j, k), load_k(b + j, k));
@@ -222,10 +253,20 @@ void bwd_block(const NormBwdParams& p, int64_t r0, int64_t r1, float* dwp, float
   const float* w = static_cast<const float*>(p.weight);
   if (dwp != nullptr) std::fill(dwp, dwp + n, 0.f);
   if (dbp != nullptr) std::fill(dbp, dbp + n, 0.f);
+  const bool prefetch = n * static_cast<int64_t>(sizeof(S)) <= kPrefetchRowBytes;
   for (int64_t r = r0; r < r1; ++r) {
     const T* dy = static_cast<const T*>(p.dy) + r * n;
     const S* h = static_cast<const S*>(p.h) + r * n;
     S* dh = static_cast<S*>(p.dh) + r * n;
+    NextRow next;
+    if (prefetch && r + 1 < r1) {
+      next.read[0] = reinterpret_cast<const char*>(dy + n);
+      next.read[1] = reinterpret_cast<const char*>(h + n);
+      next.rsize[0] = sizeof(T);
+      next.rsize[1] = sizeof(S);
+      next.write = reinterpret_cast<char*>(dh + n);
+      next.wsize = sizeof(S);
+    }
     const float rstd = static_cast<const float*>(p.rstd)[r];
     const float mean = kRms ? 0.f : static_cast<const float*>(p.mean)[r];
     const Vf a = vset(rstd), m = vset(mean);
@@ -258,6 +299,7 @@ void bwd_block(const NormBwdParams& p, int64_t r0, int64_t r1, float* dwp, float
     const S* dho = kDh ? static_cast<const S*>(p.dh_out) + r * n : nullptr;
     for (int64_t j = 0; j < n; j += kW) {
       const int64_t k = std::min<int64_t>(kW, n - j);
+      next.at(j);
       Vf v = vmul(vfma(xhat(j, k), k2, vsub(grad(j, k), k1)), a);
       if constexpr (kDh) v = vadd(v, load_k(dho + j, k));
       store_k(dh + j, v, k);

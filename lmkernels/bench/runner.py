@@ -103,8 +103,17 @@ def _rel_err(got: Tensor, want: Tensor) -> float:
 
 @dataclass
 class Oracle:
-    out: Tensor
+    out: tuple[Tensor, ...]
     grads: tuple[Tensor, ...]
+
+
+def _outs(y) -> tuple[Tensor, ...]:
+    """A provider's result as a tuple (ops like add_rms_norm return several tensors)."""
+    return tuple(y) if isinstance(y, (tuple, list)) else (y,)
+
+
+def _errs(got, want: tuple[Tensor, ...]) -> float:
+    return max(_rel_err(g, w) for g, w in zip(_outs(got), want, strict=True))
 
 
 def oracle(bench: Bench, inputs: Inputs) -> Oracle:
@@ -117,9 +126,10 @@ def oracle(bench: Bench, inputs: Inputs) -> Oracle:
                 leaves.append(a32)
             a = a32
         args.append(a)
-    out = bench.reference(*args)
-    grads = torch.autograd.grad(out, leaves, inputs.grad_out.to(torch.float32))
-    return Oracle(out.detach(), tuple(g.detach() for g in grads))
+    outs = _outs(bench.reference(*args))
+    gos = [g.to(torch.float32) for g in _outs(inputs.grad_out)]
+    grads = torch.autograd.grad(outs, leaves, gos)
+    return Oracle(tuple(o.detach() for o in outs), tuple(g.detach() for g in grads))
 
 
 def _under(backend: str | None, f: Callable[[], object]) -> Callable[[], object]:
@@ -143,18 +153,18 @@ def build_thunk(
         args = tuple(a.detach() if isinstance(a, Tensor) else a for a in inputs.args)
         call_args = p.prepare(args) if p.prepare else args
         thunk = _under(p.backend, lambda: fn(*call_args))
-        return thunk, _rel_err(thunk(), want.out)
+        return thunk, _errs(thunk(), want.out)
 
     call_args = p.prepare(inputs.args) if p.prepare else inputs.args
 
-    def forward() -> tuple[Tensor, Tensor]:
-        y = fn(*call_args)
-        return y, inputs.grad_out.reshape(y.shape)
+    def forward() -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        y = _outs(fn(*call_args))
+        gos = _outs(inputs.grad_out)
+        return y, tuple(g.reshape(o.shape) for g, o in zip(gos, y, strict=True))
 
     y, dy = _under(p.backend, forward)()
     grads = _under(p.backend, lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True))()
-    pairs = [(y, want.out), *zip(grads, want.grads, strict=True)]
-    err = max(_rel_err(got, ref) for got, ref in pairs)
+    err = max(_errs(y, want.out), _errs(grads, want.grads))
     if mode == "bwd":
         thunk = lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True)  # noqa: E731
     else:

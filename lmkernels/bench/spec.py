@@ -17,8 +17,9 @@ roofline), the fp32 oracle, and the providers (implementations) to compare::
     )
 
 Every provider's ``fn`` takes the same positional arguments (``Inputs.args``) and returns one
-tensor; the tensors in ``args`` that require grad are the ones differentiated in the ``bwd``
-and ``fwdbwd`` modes.
+tensor, or a tuple of them (then ``Inputs.grad_out`` is a tuple of the same length); the
+tensors in ``args`` that require grad are the ones differentiated in the ``bwd`` and
+``fwdbwd`` modes.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class Inputs:
     """
 
     args: tuple
-    grad_out: Tensor
+    grad_out: Tensor | tuple[Tensor, ...]
 
 
 @dataclass(frozen=True)
