@@ -12,6 +12,8 @@
 #include <string>
 #include <vector>
 
+#include "lmk/norm.h"
+#include "lmk/norm_cuda.h"
 #include "lmk/softmax.h"
 #include "lmk/softmax_cuda.h"
 
@@ -36,7 +38,7 @@ void check_pointer(const char* op, const char* arg, uint64_t p) {
   if (p == 0) value_error(op, arg, "null data pointer for a non-empty tensor");
 }
 
-// Data dtype of a softmax kernel: F32, F16 or BF16.
+// Data dtype of a kernel: F32, F16 or BF16.
 lmk::DType data_dtype(const char* op, int64_t code) {
   switch (code) {
     case static_cast<int64_t>(lmk::DType::F32):
@@ -131,6 +133,97 @@ void softmax_bwd(uint64_t y, uint64_t dy, uint64_t dx, int64_t dtype, int64_t ro
   check_cuda(lmk::softmax_bwd_cuda(p, as_stream(stream)), op);
 }
 
+// Residual-stream dtype S of a norm kernel: the data dtype T, or F32 when T is 16-bit.
+lmk::DType stream_dtype_of(const char* op, lmk::DType data, int64_t code) {
+  const bool sixteen = data == lmk::DType::F16 || data == lmk::DType::BF16;
+  if (code == static_cast<int64_t>(data) ||
+      (sixteen && code == static_cast<int64_t>(lmk::DType::F32))) {
+    return static_cast<lmk::DType>(code);
+  }
+  value_error(op, "stream_dtype",
+              "expected the data dtype (" + std::to_string(static_cast<int64_t>(data)) + ")" +
+                  (sixteen ? std::string(" or F32 (0)") : std::string()) + ", got " +
+                  std::to_string(code));
+}
+
+void norm_fwd(uint64_t x, uint64_t residual, uint64_t weight, uint64_t bias, uint64_t y, uint64_t h,
+              uint64_t mean, uint64_t rstd, int64_t dtype, int64_t stream_dtype, int64_t rows,
+              int64_t cols, double eps, bool rms, uint64_t stream) {
+  const char* op = "norm_fwd";
+  lmk::NormFwdParams p;
+  p.dtype = data_dtype(op, dtype);
+  p.stream_dtype = stream_dtype_of(op, p.dtype, stream_dtype);
+  check_nonnegative(op, "rows", rows);
+  check_nonnegative(op, "cols", cols);
+  if ((residual == 0) != (h == 0)) {
+    value_error(op, "h",
+                residual == 0 ? "given without a residual (expected 0)"
+                              : "null data pointer: h is required with a residual");
+  }
+  if (rms && mean != 0) value_error(op, "mean", "must be 0 (absent) for rms_norm");
+  if (rows == 0 || cols == 0) return;  // nothing to launch
+  check_pointer(op, "x", x);
+  check_pointer(op, "y", y);
+  check_pointer(op, "rstd", rstd);
+  if (!rms) check_pointer(op, "mean", mean);
+
+  p.x = reinterpret_cast<const void*>(x);
+  p.residual = reinterpret_cast<const void*>(residual);
+  p.weight = reinterpret_cast<const void*>(weight);
+  p.bias = reinterpret_cast<const void*>(bias);
+  p.y = reinterpret_cast<void*>(y);
+  p.h = reinterpret_cast<void*>(h);
+  p.mean = reinterpret_cast<void*>(mean);
+  p.rstd = reinterpret_cast<void*>(rstd);
+  p.rows = rows;
+  p.cols = cols;
+  p.eps = eps;
+  p.rms = rms;
+  check_cuda(lmk::norm_fwd_cuda(p, as_stream(stream)), op);
+}
+
+void norm_bwd(uint64_t dy, uint64_t dh_out, uint64_t h, uint64_t weight, uint64_t mean,
+              uint64_t rstd, uint64_t dh, uint64_t dw, uint64_t db, uint64_t workspace,
+              int64_t dtype, int64_t stream_dtype, int64_t rows, int64_t cols, bool rms,
+              uint64_t stream) {
+  const char* op = "norm_bwd";
+  lmk::NormBwdParams p;
+  p.dtype = data_dtype(op, dtype);
+  p.stream_dtype = stream_dtype_of(op, p.dtype, stream_dtype);
+  check_nonnegative(op, "rows", rows);
+  check_nonnegative(op, "cols", cols);
+  if (rms && mean != 0) value_error(op, "mean", "must be 0 (absent) for rms_norm");
+  const bool want_params = dw != 0 || db != 0;
+  // cols == 0: nothing to compute; rows == 0: only dw/db (zeros) when they are wanted
+  if (cols == 0 || (rows == 0 && !want_params)) return;
+  if (rows > 0) {
+    check_pointer(op, "dy", dy);
+    check_pointer(op, "h", h);
+    check_pointer(op, "rstd", rstd);
+    check_pointer(op, "dh", dh);
+    if (!rms) check_pointer(op, "mean", mean);
+    if (want_params && workspace == 0) {
+      value_error(op, "workspace",
+                  "null data pointer: 2 * ceil(rows / " + std::to_string(lmk::kNormRowsPerBlock) +
+                      ") * cols fp32 elements are needed for dw/db");
+    }
+  }
+
+  p.dy = reinterpret_cast<const void*>(dy);
+  p.dh_out = reinterpret_cast<const void*>(dh_out);
+  p.h = reinterpret_cast<const void*>(h);
+  p.weight = reinterpret_cast<const void*>(weight);
+  p.mean = reinterpret_cast<const void*>(mean);
+  p.rstd = reinterpret_cast<const void*>(rstd);
+  p.dh = reinterpret_cast<void*>(dh);
+  p.dw = reinterpret_cast<void*>(dw);
+  p.db = reinterpret_cast<void*>(db);
+  p.rows = rows;
+  p.cols = cols;
+  p.rms = rms;
+  check_cuda(lmk::norm_bwd_cuda(p, reinterpret_cast<float*>(workspace), as_stream(stream)), op);
+}
+
 // What this module was built for. Never raises and never needs a GPU.
 py::dict build_info() {
   std::vector<std::string> archs;
@@ -151,7 +244,7 @@ py::dict build_info() {
   d["driver_version"] = driver;  // 0: no driver
   d["cudart"] = "static";
   d["dtypes"] = std::vector<std::string>{"F32", "F16", "BF16"};
-  d["ops"] = std::vector<std::string>{"softmax_fwd", "softmax_bwd"};
+  d["ops"] = std::vector<std::string>{"softmax_fwd", "softmax_bwd", "norm_fwd", "norm_bwd"};
   return d;
 }
 
@@ -175,6 +268,23 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("rows"), py::arg("cols"), py::arg("scale"), py::arg("log"), py::arg("stream"),
         "dx = scale * y * (dy - sum(dy * y))  or, for log,  dx = scale * (dy - exp(y) * sum(dy)),\n"
         "per row of contiguous [rows, cols] device tensors. Asynchronous on `stream`.");
+  m.def("norm_fwd", &norm_fwd, py::arg("x"), py::arg("residual"), py::arg("weight"),
+        py::arg("bias"), py::arg("y"), py::arg("h"), py::arg("mean"), py::arg("rstd"),
+        py::arg("dtype"), py::arg("stream_dtype"), py::arg("rows"), py::arg("cols"), py::arg("eps"),
+        py::arg("rms"), py::arg("stream"),
+        "layer_norm (rms: rms_norm) of each row of contiguous [rows, cols] device tensors, with\n"
+        "an optional fused residual add (csrc/include/lmk/norm.h): h = x + residual rounded to\n"
+        "stream_dtype, y = (h - mean) * rstd * weight + bias rounded to dtype.\n"
+        "x, y: dtype (F32=0, F16=1, BF16=2); residual, h: stream_dtype (the dtype, or F32 for\n"
+        "16-bit data); weight, bias (cols), mean, rstd (rows): fp32. residual/h (together),\n"
+        "weight, bias: 0 when absent; mean: 0 for rms. Asynchronous on `stream`.");
+  m.def("norm_bwd", &norm_bwd, py::arg("dy"), py::arg("dh_out"), py::arg("h"), py::arg("weight"),
+        py::arg("mean"), py::arg("rstd"), py::arg("dh"), py::arg("dw"), py::arg("db"),
+        py::arg("workspace"), py::arg("dtype"), py::arg("stream_dtype"), py::arg("rows"),
+        py::arg("cols"), py::arg("rms"), py::arg("stream"),
+        "Gradients of norm_fwd from the saved h, mean, rstd: dh (stream_dtype, + dh_out when\n"
+        "given), and the fp32 dw, db (0: not wanted), reduced deterministically through the fp32\n"
+        "workspace of 2 * ceil(rows / 64) * cols elements. dy: dtype. Asynchronous on `stream`.");
   m.def("build_info", &build_info,
         "dict: archs (machine code), ptx_arch, cuda_version (CUDART_VERSION), driver_version\n"
         "(0 = no driver), cudart, dtypes, ops.");

@@ -52,8 +52,9 @@ inline int64_t row_grain(int64_t cols) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1));
 }
 
-// sum over [0, n) of f(j) for 8-column vectors j (f gets the column and the valid-lane count;
-// lanes beyond it must come back as 0), as fp32 vector sums per kChunk added in double.
+// Sum over the row [0, n) of what f adds: f(acc, j, k) returns acc plus the contribution of the
+// 8 columns at j, of which k are valid (lanes beyond must add 0). fp32 vector accumulators per
+// chunk of kChunk columns, chunk sums added in double.
 template <class F>
 double row_sum(int64_t n, F f) {
   double total = 0.0;
@@ -62,12 +63,12 @@ double row_sum(int64_t n, F f) {
     Vf s0 = vset(0.f), s1 = s0, s2 = s0, s3 = s0;
     int64_t j = c;
     for (; j + 4 * kW <= e; j += 4 * kW) {
-      s0 = vadd(s0, f(j, kW));
-      s1 = vadd(s1, f(j + kW, kW));
-      s2 = vadd(s2, f(j + 2 * kW, kW));
-      s3 = vadd(s3, f(j + 3 * kW, kW));
+      s0 = f(s0, j, kW);
+      s1 = f(s1, j + kW, kW);
+      s2 = f(s2, j + 2 * kW, kW);
+      s3 = f(s3, j + 3 * kW, kW);
     }
-    for (; j < e; j += kW) s0 = vadd(s0, f(j, std::min<int64_t>(kW, e - j)));
+    for (; j < e; j += kW) s0 = f(s0, j, std::min<int64_t>(kW, e - j));
     total += hsum(vadd(vadd(s0, s1), vadd(s2, s3)));
   }
   return total;
@@ -143,29 +144,30 @@ void fwd_rows(const NormFwdParams& p, int64_t r0, int64_t r1) {
     // large against their spread keep every digit of h - mean: (h - m) is exact there.
     float m = 0.f, lo = 0.f, rstd;
     if constexpr (kRms) {
-      const double ss = row_sum(n, [&](int64_t j, int64_t k) {
+      const double ss = row_sum(n, [&](Vf acc, int64_t j, int64_t k) {
         Vf v = load_k(h + j, k);
-        return vmul(v, v);
+        return vfma(v, v, acc);
       });
       rstd = static_cast<float>(1.0 / std::sqrt(ss / n + p.eps));
     } else {
       // sum (h - h_0): the shift keeps fp32 partial sums small for rows with a large mean
       const float h0 = static_cast<float>(h[0]);
       const Vf s0 = vset(h0);
-      const double mean = h0 + row_sum(n, [&](int64_t j, int64_t k) {
+      const double mean = h0 + row_sum(n, [&](Vf acc, int64_t j, int64_t k) {
                                  Vf d = vsub(load_k(h + j, k), s0);
-                                 return k == kW ? d : keep_first(d, k, 0.f);
+                                 return vadd(acc, k == kW ? d : keep_first(d, k, 0.f));
                                }) / n;
       m = static_cast<float>(mean);
       lo = static_cast<float>(mean - m);
       const Vf vm = vset(m);
-      const double ss = row_sum(n, [&](int64_t j, int64_t k) {
+      const double ss = row_sum(n, [&](Vf acc, int64_t j, int64_t k) {
         Vf d = vsub(load_k(h + j, k), vm);
         d = k == kW ? d : keep_first(d, k, 0.f);
-        return vmul(d, d);
+        return vfma(d, d, acc);
       });
       // sum (h - m)^2 = sum (h - mean)^2 + n lo^2
-      const double var = std::max(0.0, ss / n - double(lo) * lo);
+      double var = ss / n - double(lo) * lo;
+      if (var < 0.0) var = 0.0;  // rounding; NaN (a NaN or inf in the row) stays NaN
       rstd = static_cast<float>(1.0 / std::sqrt(var + p.eps));
       static_cast<float*>(p.mean)[r] = m;
     }
