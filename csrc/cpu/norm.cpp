@@ -68,7 +68,8 @@ double row_sum(int64_t n, F f) {
       s2 = f(s2, j + 2 * kW, kW);
       s3 = f(s3, j + 3 * kW, kW);
     }
-    for (; j < e; j += kW) s0 = f(s0, j, std::min<int64_t>(kW, e - j));
+    for (; j + kW <= e; j += kW) s0 = f(s0, j, kW);
+    if (j < e) s1 = f(s1, j, e - j);
     total += hsum(vadd(vadd(s0, s1), vadd(s2, s3)));
   }
   return total;
@@ -77,15 +78,15 @@ double row_sum(int64_t n, F f) {
 // Software prefetch of the next row while this one is in its (cache-bound) last pass, so the
 // memory traffic of row r + 1 overlaps the arithmetic of row r: call at(j) once per 8-column
 // step j of that pass; it touches the next row's streams at the same relative position.
+// Without a next row (or for long rows) the pointers are the current row's: harmless hits.
 struct NextRow {
-  const char* read[2] = {nullptr, nullptr};  // read streams (x, residual / dy, h)
-  char* write = nullptr;                     // one write stream (y / dh)
-  int64_t rsize[2] = {0, 0}, wsize = 0;      // element sizes
+  const char* read[2];      // read streams (x, residual / dy, h)
+  char* write;              // one write stream (y / dh)
+  int64_t rsize[2], wsize;  // element sizes
   inline void at(int64_t j) const {
-    if (read[0] == nullptr) return;
     __builtin_prefetch(read[0] + j * rsize[0]);
-    if (read[1] != nullptr) __builtin_prefetch(read[1] + j * rsize[1]);
-    if (write != nullptr) __builtin_prefetch(write + j * wsize, 1);
+    __builtin_prefetch(read[1] + j * rsize[1]);
+    __builtin_prefetch(write + j * wsize, 1);
   }
 };
 
@@ -105,6 +106,15 @@ inline void store_k(T* p, Vf v, int64_t k) {
   }
 }
 
+// Calls f(j, k) for the 8-column steps j of [0, n): k = kW for every full step, then once with
+// the tail's count (the full-step loop then holds no tail code).
+template <class F>
+inline void for_cols(int64_t n, F f) {
+  int64_t j = 0;
+  for (; j + kW <= n; j += kW) f(j, kW);
+  if (j < n) f(j, n - j);
+}
+
 // ------------------------------------------------------------------ forward
 
 template <class T, class S, bool kRes, bool kRms, bool kHasW, bool kHasB>
@@ -116,26 +126,19 @@ void fwd_rows(const NormFwdParams& p, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     const T* x = static_cast<const T*>(p.x) + r * n;
     T* y = static_cast<T*>(p.y) + r * n;
-    NextRow next;
-    if (prefetch && r + 1 < r1) {
-      next.read[0] = reinterpret_cast<const char*>(x + n);
-      next.rsize[0] = sizeof(T);
-      if constexpr (kRes) {
-        next.read[1] = static_cast<const char*>(p.residual) + (r + 1) * n * sizeof(S);
-        next.rsize[1] = sizeof(S);
-      }
-      next.write = reinterpret_cast<char*>(y + n);
-      next.wsize = sizeof(T);
-    }
+    const int64_t ahead = prefetch && r + 1 < r1 ? n : 0;  // elements to the prefetched row
+    const char* xn = reinterpret_cast<const char*>(x + ahead);
+    const char* rn = kRes ? static_cast<const char*>(p.residual) + (r * n + ahead) * sizeof(S) : xn;
+    const NextRow next{
+        {xn, rn}, reinterpret_cast<char*>(y + ahead), {sizeof(T), sizeof(S)}, sizeof(T)};
     // The normalised values h: x itself, or x + residual as stored in S.
     const S* h;
     if constexpr (kRes) {
       const S* res = static_cast<const S*>(p.residual) + r * n;
       S* hw = static_cast<S*>(p.h) + r * n;
-      for (int64_t j = 0; j < n; j += kW) {
-        const int64_t k = std::min<int64_t>(kW, n - j);
+      for_cols(n, [&](int64_t j, int64_t k) {
         store_k(hw + j, vadd(load_k(x + j, k), load_k(res + j, k)), k);
-      }
+      });
       h = hw;
     } else {
       h = reinterpret_cast<const S*>(x);
@@ -174,8 +177,7 @@ void fwd_rows(const NormFwdParams& p, int64_t r0, int64_t r1) {
     static_cast<float*>(p.rstd)[r] = rstd;
     // (h - m) * rstd - lo * rstd, not h * rstd - mean * rstd, which loses |mean| / std digits
     const Vf a = vset(rstd), vm = vset(m), c = vset(-lo * rstd);
-    for (int64_t j = 0; j < n; j += kW) {
-      const int64_t k = std::min<int64_t>(kW, n - j);
+    for_cols(n, [&](int64_t j, int64_t k) {
       next.at(j);
       Vf v = vfma(vsub(load_k(h + j, k), vm), a, c);
       if constexpr (kHasW && kHasB) {
@@ -186,7 +188,7 @@ void fwd_rows(const NormFwdParams& p, int64_t r0, int64_t r1) {
         v = vadd(v, load_k(b + j, k));
       }
       store_k(y + j, v, k);
-    }
+    });
   }
 }
 
@@ -248,50 +250,46 @@ void fwd_f64(const NormFwdParams& p) {
 
 // ------------------------------------------------------------------ backward
 
-// Block [r0, r1) of rows; dwp / dbp: the block's partial rows (null when not needed).
-template <class T, class S, bool kRms, bool kHasW, bool kDh>
-void bwd_block(const NormBwdParams& p, int64_t r0, int64_t r1, float* dwp, float* dbp) {
+// Block [r0, r1) of rows; w: the weight (ones when there is none); kParams: accumulate the
+// block's dw / db partial rows dwp / dbp (both, even if only one is asked for).
+template <class T, class S, bool kRms, bool kParams, bool kDh>
+void bwd_block(const NormBwdParams& p, const float* w, int64_t r0, int64_t r1, float* dwp,
+               float* dbp) {
   const int64_t n = p.cols;
-  const float* w = static_cast<const float*>(p.weight);
-  if (dwp != nullptr) std::fill(dwp, dwp + n, 0.f);
-  if (dbp != nullptr) std::fill(dbp, dbp + n, 0.f);
+  if constexpr (kParams) {
+    std::fill(dwp, dwp + n, 0.f);
+    std::fill(dbp, dbp + n, 0.f);
+  }
   const bool prefetch = n * static_cast<int64_t>(sizeof(S)) <= kPrefetchRowBytes;
   for (int64_t r = r0; r < r1; ++r) {
     const T* dy = static_cast<const T*>(p.dy) + r * n;
     const S* h = static_cast<const S*>(p.h) + r * n;
     S* dh = static_cast<S*>(p.dh) + r * n;
-    NextRow next;
-    if (prefetch && r + 1 < r1) {
-      next.read[0] = reinterpret_cast<const char*>(dy + n);
-      next.read[1] = reinterpret_cast<const char*>(h + n);
-      next.rsize[0] = sizeof(T);
-      next.rsize[1] = sizeof(S);
-      next.write = reinterpret_cast<char*>(dh + n);
-      next.wsize = sizeof(S);
-    }
+    const int64_t ahead = prefetch && r + 1 < r1 ? n : 0;  // elements to the prefetched row
+    const NextRow next{
+        {reinterpret_cast<const char*>(dy + ahead), reinterpret_cast<const char*>(h + ahead)},
+        reinterpret_cast<char*>(dh + ahead),
+        {sizeof(T), sizeof(S)},
+        sizeof(S)};
     const float rstd = static_cast<const float*>(p.rstd)[r];
     const float mean = kRms ? 0.f : static_cast<const float*>(p.mean)[r];
     const Vf a = vset(rstd), m = vset(mean);
     auto xhat = [&](int64_t j, int64_t k) { return vmul(vsub(load_k(h + j, k), m), a); };
-    auto grad = [&](int64_t j, int64_t k) {
-      Vf g = load_k(dy + j, k);
-      return kHasW ? vmul(g, load_k(w + j, k)) : g;
-    };
-    // Pass 1: c1 (layer), c2, and the block's partial dw / db rows.
+    // Pass 1: c1 (layer), c2, and the block's partial dw / db rows. Tails: load_k pads dy (so
+    // g) with 0, which zeroes every product.
     double c1 = 0.0, c2 = 0.0;
     for (int64_t cb = 0; cb < n; cb += kChunk) {
-      const int64_t ce = std::min(n, cb + kChunk);
       Vf s1 = vset(0.f), s2 = s1;
-      for (int64_t j = cb; j < ce; j += kW) {
-        const int64_t k = std::min<int64_t>(kW, ce - j);
-        const Vf xh = xhat(j, k), d = load_k(dy + j, k);
-        const Vf g = kHasW ? vmul(d, load_k(w + j, k)) : d;
-        if (!kRms) s1 = vadd(s1, g);
-        // tails: load_k pads dy (so g) with 0, which zeroes every product below
+      for_cols(std::min(kChunk, n - cb), [&](int64_t jj, int64_t k) {
+        const int64_t j = cb + jj;
+        const Vf xh = xhat(j, k), d = load_k(dy + j, k), g = vmul(d, load_k(w + j, k));
+        if constexpr (!kRms) s1 = vadd(s1, g);
         s2 = vfma(g, xh, s2);
-        if (dwp != nullptr) store_k(dwp + j, vfma(d, xh, load_k(dwp + j, k)), k);
-        if (dbp != nullptr) store_k(dbp + j, vadd(d, load_k(dbp + j, k)), k);
-      }
+        if constexpr (kParams) {
+          store_k(dwp + j, vfma(d, xh, load_k(dwp + j, k)), k);
+          store_k(dbp + j, vadd(d, load_k(dbp + j, k)), k);
+        }
+      });
       c1 += hsum(s1);
       c2 += hsum(s2);
     }
@@ -299,13 +297,13 @@ void bwd_block(const NormBwdParams& p, int64_t r0, int64_t r1, float* dwp, float
     // the cancellation exact (e.g. one column: g - c1 = 0 exactly, as in torch).
     const Vf k1 = vset(static_cast<float>(c1 / n)), k2 = vset(static_cast<float>(-c2 / n));
     const S* dho = kDh ? static_cast<const S*>(p.dh_out) + r * n : nullptr;
-    for (int64_t j = 0; j < n; j += kW) {
-      const int64_t k = std::min<int64_t>(kW, n - j);
+    for_cols(n, [&](int64_t j, int64_t k) {
       next.at(j);
-      Vf v = vmul(vfma(xhat(j, k), k2, vsub(grad(j, k), k1)), a);
+      const Vf g = vmul(load_k(dy + j, k), load_k(w + j, k));
+      Vf v = vmul(vfma(xhat(j, k), k2, vsub(g, k1)), a);
       if constexpr (kDh) v = vadd(v, load_k(dho + j, k));
       store_k(dh + j, v, k);
-    }
+    });
   }
 }
 
@@ -321,33 +319,40 @@ void sum_partials(const A* part, int64_t nb, int64_t n, A* out) {
   });
 }
 
-template <class T, class S, bool kRms, bool kHasW, bool kDh>
+template <class T, class S, bool kRms, bool kParams, bool kDh>
 void bwd_run(const NormBwdParams& p) {
   const int64_t n = p.cols, nb = (p.rows + kNormRowsPerBlock - 1) / kNormRowsPerBlock;
-  const bool dw = p.dw != nullptr, db = p.db != nullptr;
-  std::unique_ptr<float[]> part;
-  if (dw || db) part.reset(new float[(dw + db) * nb * n]);
-  float* dwp = dw ? part.get() : nullptr;
-  float* dbp = db ? part.get() + (dw ? nb * n : 0) : nullptr;
+  std::unique_ptr<float[]> ones, part;
+  const float* w = static_cast<const float*>(p.weight);
+  if (w == nullptr) {
+    ones.reset(new float[n]);
+    std::fill(ones.get(), ones.get() + n, 1.f);
+    w = ones.get();
+  }
+  if constexpr (kParams) part.reset(new float[2 * nb * n]);
+  float* dwp = part.get();
+  float* dbp = kParams ? dwp + nb * n : nullptr;
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t r0 = blk * kNormRowsPerBlock, r1 = std::min(p.rows, r0 + kNormRowsPerBlock);
-      bwd_block<T, S, kRms, kHasW, kDh>(p, r0, r1, dw ? dwp + blk * n : nullptr,
-                                        db ? dbp + blk * n : nullptr);
+      bwd_block<T, S, kRms, kParams, kDh>(p, w, r0, r1, kParams ? dwp + blk * n : nullptr,
+                                          kParams ? dbp + blk * n : nullptr);
     }
   });
-  if (dw) sum_partials(dwp, nb, n, static_cast<float*>(p.dw));
-  if (db) sum_partials(dbp, nb, n, static_cast<float*>(p.db));
+  if (p.dw != nullptr) sum_partials(dwp, nb, n, static_cast<float*>(p.dw));
+  if (p.db != nullptr) sum_partials(dbp, nb, n, static_cast<float*>(p.db));
 }
 
 template <class T, class S>
 void bwd_typed(const NormBwdParams& p) {
-  const bool w = p.weight != nullptr, dh = p.dh_out != nullptr;
+  const bool params = p.dw != nullptr || p.db != nullptr, dh = p.dh_out != nullptr;
   if (p.rms) {
-    if (w) return dh ? bwd_run<T, S, true, true, true>(p) : bwd_run<T, S, true, true, false>(p);
+    if (params)
+      return dh ? bwd_run<T, S, true, true, true>(p) : bwd_run<T, S, true, true, false>(p);
     return dh ? bwd_run<T, S, true, false, true>(p) : bwd_run<T, S, true, false, false>(p);
   }
-  if (w) return dh ? bwd_run<T, S, false, true, true>(p) : bwd_run<T, S, false, true, false>(p);
+  if (params)
+    return dh ? bwd_run<T, S, false, true, true>(p) : bwd_run<T, S, false, true, false>(p);
   return dh ? bwd_run<T, S, false, false, true>(p) : bwd_run<T, S, false, false, false>(p);
 }
 
