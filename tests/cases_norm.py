@@ -85,6 +85,21 @@ _LN += [
     _ln("rank3", (2, 7, 48)),
     _ln("multi_dim_shape", (3, 4, 6, 5), n_dims=2),
     _ln("weight_only", (5, 77), bias=False),
+    Case(
+        "layer_norm",
+        "strided_params",
+        lambda dt, dev, gen: (
+            (
+                _t((5, 40), dt, dev, gen),
+                (40,),
+                _t((80,), dt, dev, gen)[::2].detach().requires_grad_(),
+                _t((40, 2), dt, dev, gen)[:, 1].detach().requires_grad_(),
+            ),
+            {},
+        ),
+        LF.layer_norm,
+        F.layer_norm,
+    ),  # fmt: skip
     _ln("bias_only", (5, 77), weight=False),
     _ln("no_affine", (5, 77), weight=False, bias=False),
     _ln("fp32_params", (5, 300), param_dtype=torch.float32, dtypes=HALF),
@@ -143,7 +158,7 @@ def torch_add_norm(x, residual, normalized_shape, weight=None, bias=None, eps=No
 
 
 def _add(name, shape, rms, weight=True, bias=True, fp32_stream=False, res_dtype=None,
-         param_dtype=None, transform=None, large=False, dtypes=None):  # fmt: skip
+         param_dtype=None, transform=None, large=False, dtypes=None, tags=()):  # fmt: skip
     def make(dtype, device, gen):
         x = _t(shape, dtype, device, gen, 1.0)
         if transform is not None:
@@ -170,7 +185,7 @@ def _add(name, shape, rms, weight=True, bias=True, fp32_stream=False, res_dtype=
     # cannot reproduce; where torch and we round a value next to a tie differently, a single
     # element may sit one ulp beyond the element-wise bound. The max-error rule still applies.
     return Case(op, name, make, LF.add_rms_norm if rms else LF.add_layer_norm, ref,
-                small=not large, elementwise=False, **kw)  # fmt: skip
+                small=not large, elementwise=False, tags=tags, **kw)  # fmt: skip
 
 
 _ADD = []
@@ -190,7 +205,15 @@ for rms in (False, True):
             res_dtype=torch.float16,
             dtypes=(torch.bfloat16,),
         ),  # fmt: skip
-        _add("fp64_residual", (5, 64), rms, res_dtype=torch.float64, dtypes=(torch.float32,)),
+        # fp32 x + fp64 residual: the data is upcast to fp64 (tag: the op computes in fp64)
+        _add(
+            "fp64_residual",
+            (5, 64),
+            rms,
+            res_dtype=torch.float64,
+            dtypes=(torch.float32,),
+            tags=("computes_fp64",),
+        ),  # fmt: skip
         _add("transposed_x", (40, 9), rms, transform=lambda t: t.t()),
         _add("poisoned_tail", (5, 77), rms, transform=poison_tail),
         _add("long_row", (2, 65536), rms, large=True),

@@ -245,3 +245,16 @@ def test_cpu_kernels_past_2_31_elements():
     want_dh = rstd[[0, -2, -1]].double()[:, None] * (p - xhat * (p * xhat).mean(-1, keepdim=True))
     torch.testing.assert_close(dh[[0, -2, -1]], want_dh.to(torch.bfloat16))
     torch.testing.assert_close(dw.double(), (p * xhat).sum(0), rtol=1e-5, atol=1e-5)
+
+
+def test_gpu_backends_refuse_fp64_with_a_reason():
+    for backend in ("triton", "cuda"):
+        device = "cuda" if backend == "cuda" or torch.cuda.is_available() else "cpu"
+        if lmkernels.backends.availability(backend, device) is not None:
+            continue
+        x = torch.randn(4, 8, dtype=torch.float64, device=device)
+        with (
+            lmkernels.use_backend(backend),
+            pytest.raises(lmkernels.backends.BackendUnavailable, match="float64"),
+        ):
+            LF.layer_norm(x, (8,))

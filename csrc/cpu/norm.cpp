@@ -76,8 +76,8 @@ double row_sum(int64_t n, F f) {
 }
 
 // Software prefetch of the next row while this one is in its (cache-bound) last pass, so the
-// memory traffic of row r + 1 overlaps the arithmetic of row r: call at(j) once per 8-column
-// step j of that pass; it touches the next row's streams at the same relative position.
+// memory traffic of row r + 1 overlaps the arithmetic of row r: at(j), called once per 16
+// columns j of that pass, touches the next row's streams at the same relative position.
 // Without a next row (or for long rows) the pointers are the current row's: harmless hits.
 struct NextRow {
   const char* read[2];      // read streams (x, residual / dy, h)
@@ -92,6 +92,15 @@ struct NextRow {
 
 // Rows up to this many bytes prefetch their successor (both then fit in L2 comfortably).
 constexpr int64_t kPrefetchRowBytes = 64 * 1024;
+
+// Whether a (rows, n) output of elem-byte elements is written with non-temporal stores: it is
+// at least 16 MiB (it would not stay cached for the next op anyway, and skipping the
+// read-for-ownership saves a third of the traffic), and every row starts 32-byte aligned and
+// holds whole 16-element groups.
+inline bool stream_rows(const void* out, int64_t rows, int64_t n, int64_t elem) {
+  return kHasStream && reinterpret_cast<uintptr_t>(out) % 32 == 0 && n % 16 == 0 &&
+         (n * elem) % 32 == 0 && rows * n * elem >= (int64_t{16} << 20);
+}
 
 template <class T>
 inline Vf load_k(const T* p, int64_t k) {
@@ -115,6 +124,19 @@ inline void for_cols(int64_t n, F f) {
   if (j < n) f(j, n - j);
 }
 
+// for_cols that also calls next.at(j) once per 16 columns (one cache line of fp32).
+template <class F>
+inline void for_cols_prefetch(int64_t n, const NextRow& next, F f) {
+  int64_t j = 0;
+  for (; j + 2 * kW <= n; j += 2 * kW) {
+    next.at(j);
+    f(j, kW);
+    f(j + kW, kW);
+  }
+  for (; j + kW <= n; j += kW) f(j, kW);
+  if (j < n) f(j, n - j);
+}
+
 // ------------------------------------------------------------------ forward
 
 template <class T, class S, bool kRes, bool kRms, bool kHasW, bool kHasB>
@@ -123,6 +145,7 @@ void fwd_rows(const NormFwdParams& p, int64_t r0, int64_t r1) {
   const float* w = static_cast<const float*>(p.weight);
   const float* b = static_cast<const float*>(p.bias);
   const bool prefetch = n * static_cast<int64_t>(sizeof(S)) <= kPrefetchRowBytes;
+  const bool stream = stream_rows(p.y, p.rows, n, sizeof(T));
   for (int64_t r = r0; r < r1; ++r) {
     const T* x = static_cast<const T*>(p.x) + r * n;
     T* y = static_cast<T*>(p.y) + r * n;
@@ -177,8 +200,7 @@ void fwd_rows(const NormFwdParams& p, int64_t r0, int64_t r1) {
     static_cast<float*>(p.rstd)[r] = rstd;
     // (h - m) * rstd - lo * rstd, not h * rstd - mean * rstd, which loses |mean| / std digits
     const Vf a = vset(rstd), vm = vset(m), c = vset(-lo * rstd);
-    for_cols(n, [&](int64_t j, int64_t k) {
-      next.at(j);
+    auto out = [&](int64_t j, int64_t k) {
       Vf v = vfma(vsub(load_k(h + j, k), vm), a, c);
       if constexpr (kHasW && kHasB) {
         v = vfma(v, load_k(w + j, k), load_k(b + j, k));
@@ -187,9 +209,18 @@ void fwd_rows(const NormFwdParams& p, int64_t r0, int64_t r1) {
       } else if constexpr (kHasB) {
         v = vadd(v, load_k(b + j, k));
       }
-      store_k(y + j, v, k);
-    });
+      return v;
+    };
+    if (stream) {  // whole rows of 16-element, 32-byte aligned groups
+      for (int64_t j = 0; j < n; j += 2 * kW) {
+        next.at(j);
+        stream2(y + j, out(j, kW), out(j + kW, kW));
+      }
+    } else {
+      for_cols_prefetch(n, next, [&](int64_t j, int64_t k) { store_k(y + j, out(j, k), k); });
+    }
   }
+  if (stream) store_fence();
 }
 
 template <class T, class S, bool kRes, bool kRms>
@@ -297,8 +328,7 @@ void bwd_block(const NormBwdParams& p, const float* w, int64_t r0, int64_t r1, f
     // the cancellation exact (e.g. one column: g - c1 = 0 exactly, as in torch).
     const Vf k1 = vset(static_cast<float>(c1 / n)), k2 = vset(static_cast<float>(-c2 / n));
     const S* dho = kDh ? static_cast<const S*>(p.dh_out) + r * n : nullptr;
-    for_cols(n, [&](int64_t j, int64_t k) {
-      next.at(j);
+    for_cols_prefetch(n, next, [&](int64_t j, int64_t k) {
       const Vf g = vmul(load_k(dy + j, k), load_k(w + j, k));
       Vf v = vmul(vfma(xhat(j, k), k2, vsub(g, k1)), a);
       if constexpr (kDh) v = vadd(v, load_k(dho + j, k));

@@ -88,11 +88,21 @@ inline void store_pair(BFloat16* p, Vf a, Vf b) {
   __m256i r = _mm256_packus_epi32(bf16_bits(a.v), bf16_bits(b.v));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), r);
 }
-// Non-temporal stores of 16 floats at a 32-byte aligned p, and the fence that orders them.
+// Non-temporal stores of 16 elements (natural order) at a 32-byte aligned p, and the fence
+// that orders them. For outputs much larger than the cache they skip the read-for-ownership.
 constexpr bool kHasStream = true;
 inline void stream2(float* p, Vf a, Vf b) {
   _mm256_stream_ps(p, a.v);
   _mm256_stream_ps(p + kW, b.v);
+}
+inline void stream2(BFloat16* p, Vf a, Vf b) {
+  __m256i r = _mm256_packus_epi32(bf16_bits(a.v), bf16_bits(b.v));
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm256_permute4x64_epi64(r, 0xD8));
+}
+inline void stream2(Half* p, Vf a, Vf b) {
+  const __m128i lo = _mm256_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT);
+  const __m128i hi = _mm256_cvtps_ph(b.v, _MM_FROUND_TO_NEAREST_INT);
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm256_set_m128i(hi, lo));
 }
 inline void store_fence() { _mm_sfence(); }
 // Optimisation barrier that makes gcc keep a loop accumulator in a register.
@@ -162,7 +172,10 @@ inline void store_pair(T* p, Vf a, Vf b) {
 }
 inline void keep_in_register(Vf&) {}
 constexpr bool kHasStream = false;
-inline void stream2(float* p, Vf a, Vf b) { store2(p, a, b); }
+template <class T>
+inline void stream2(T* p, Vf a, Vf b) {
+  store2(p, a, b);
+}
 inline void store_fence() {}
 inline float hsum(Vf a) {
   float s01 = (a.v[0] + a.v[4]) + (a.v[2] + a.v[6]);

@@ -27,6 +27,10 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _contig(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()
+
+
 def _empty(like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     return torch.empty(0, dtype=dtype or like.dtype, device=like.device)
 
@@ -144,7 +148,7 @@ def _run_fwd(x, residual, weight, bias, eps, rms):
     if x.numel():
         fn = dispatch("norm", _FWD, x.device, x, residual, weight, bias, eps, rms)
         res = None if residual is None else residual.contiguous()
-        fn(x.contiguous(), res, weight, bias, y, None if res is None else h,
+        fn(x.contiguous(), res, _contig(weight), _contig(bias), y, None if res is None else h,
            None if rms else mean, rstd, float(eps), rms)  # fmt: skip
     return y, h, mean, rstd
 
@@ -165,8 +169,8 @@ def _run_bwd(dy, dh_out, h, weight, mean, rstd, rms, need_dw, need_db):
         db.zero_()
     elif h.numel():
         fn = dispatch("norm backward", _BWD, h.device, dy, dh_out, h, weight, mean, rstd, rms)
-        fn(dy.contiguous(), None if dh_out is None else dh_out.contiguous(), h.contiguous(),
-           weight, None if rms else mean, rstd, dh, dw if need_dw else None,
+        fn(dy.contiguous(), _contig(dh_out), h.contiguous(),
+           _contig(weight), None if rms else mean, rstd, dh, dw if need_dw else None,
            db if need_db else None, rms)  # fmt: skip
     return dh, dw, db
 

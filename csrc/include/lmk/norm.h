@@ -35,31 +35,31 @@
 namespace lmk {
 
 struct NormFwdParams {
-  const void* x = nullptr;         // (rows, cols) T
-  const void* residual = nullptr;  // (rows, cols) S, or null
-  const void* weight = nullptr;    // (cols) A, or null
-  const void* bias = nullptr;      // (cols) A, or null
-  void* y = nullptr;               // (rows, cols) T
-  void* h = nullptr;               // (rows, cols) S; non-null exactly when residual is
-  void* mean = nullptr;            // (rows) A; null for rms
-  void* rstd = nullptr;            // (rows) A
-  DType dtype = DType::F32;        // T
-  DType stream_dtype = DType::F32; // S
+  const void* x = nullptr;          // (rows, cols) T
+  const void* residual = nullptr;   // (rows, cols) S, or null
+  const void* weight = nullptr;     // (cols) A, or null
+  const void* bias = nullptr;       // (cols) A, or null
+  void* y = nullptr;                // (rows, cols) T
+  void* h = nullptr;                // (rows, cols) S; non-null exactly when residual is
+  void* mean = nullptr;             // (rows) A; null for rms
+  void* rstd = nullptr;             // (rows) A
+  DType dtype = DType::F32;         // T
+  DType stream_dtype = DType::F32;  // S
   int64_t rows = 0, cols = 0;
   double eps = 1e-5;
   bool rms = false;
 };
 
 struct NormBwdParams {
-  const void* dy = nullptr;      // (rows, cols) T
-  const void* dh_out = nullptr;  // (rows, cols) S, or null
-  const void* h = nullptr;       // (rows, cols) S: the normalised input (x itself w/o residual)
-  const void* weight = nullptr;  // (cols) A, or null
-  const void* mean = nullptr;    // (rows) A; null for rms
-  const void* rstd = nullptr;    // (rows) A
-  void* dh = nullptr;            // (rows, cols) S
-  void* dw = nullptr;            // (cols) A, or null (not needed)
-  void* db = nullptr;            // (cols) A, or null (not needed)
+  const void* dy = nullptr;         // (rows, cols) T
+  const void* dh_out = nullptr;     // (rows, cols) S, or null
+  const void* h = nullptr;          // (rows, cols) S: the normalised input (x itself w/o residual)
+  const void* weight = nullptr;     // (cols) A, or null
+  const void* mean = nullptr;       // (rows) A; null for rms
+  const void* rstd = nullptr;       // (rows) A
+  void* dh = nullptr;               // (rows, cols) S
+  void* dw = nullptr;               // (cols) A, or null (not needed)
+  void* db = nullptr;               // (cols) A, or null (not needed)
   DType dtype = DType::F32;         // T (of dy)
   DType stream_dtype = DType::F32;  // S (of dh_out, h, dh)
   int64_t rows = 0, cols = 0;
