@@ -260,7 +260,13 @@ void fwd_rows(const NormFwdParams& p, int64_t r0, int64_t r1) {
         stream2(y + j, out(j, kW), out(j + kW, kW));
       }
     } else {
-      for_cols_prefetch(n, next, [&](int64_t j, int64_t k) { store_k(y + j, out(j, k), k); });
+      int64_t j = 0;  // pairs of vectors: one pack (and lane permute) per 16 bf16 outputs
+      for (; j + 2 * kW <= n; j += 2 * kW) {
+        next.at(j);
+        store2(y + j, out(j, kW), out(j + kW, kW));
+      }
+      for (; j < n; j += kW)
+        store_k(y + j, out(j, std::min<int64_t>(kW, n - j)), std::min<int64_t>(kW, n - j));
     }
   }
   if (stream) store_fence();
