@@ -258,3 +258,23 @@ def test_gpu_backends_refuse_fp64_with_a_reason():
             pytest.raises(lmkernels.backends.BackendUnavailable, match="float64"),
         ):
             LF.layer_norm(x, (8,))
+
+
+@pytest.mark.parametrize("dtype,rows", [(torch.float32, 4096), (torch.bfloat16, 8192)])
+def test_cpu_outputs_of_16_mib_take_the_streaming_store_path(dtype, rows):
+    """y and dh of >= 16 MiB are written with non-temporal stores: same values as below that."""
+    if lmkernels.backends.availability("cpu", "cpu") is not None:
+        pytest.skip("cpu backend unavailable")
+    torch.manual_seed(0)
+    x = torch.randn(rows, 1024).to(dtype).requires_grad_()
+    w, b = torch.randn(1024, dtype=dtype), torch.randn(1024, dtype=dtype)
+    g = torch.randn(rows, 1024).to(dtype)
+    with lmkernels.use_backend("cpu"):
+        y = LF.layer_norm(x, (1024,), w, b)
+        (dx,) = torch.autograd.grad(y, x, g)
+        # the same rows in 16 calls of 1 MiB outputs (regular stores)
+        parts = [p.detach().requires_grad_() for p in x.chunk(16)]
+        ys = [LF.layer_norm(p, (1024,), w, b) for p in parts]
+        pairs = zip(ys, parts, g.chunk(16), strict=True)
+        dxs = [torch.autograd.grad(yp, p, gp)[0] for yp, p, gp in pairs]
+    assert torch.equal(y, torch.cat(ys)) and torch.equal(dx, torch.cat(dxs))

@@ -18,7 +18,8 @@
 // block owns one fp32 partial row of dw and of db, and a final column-parallel pass adds the
 // partials in block order. The partition depends only on rows, so dw / db are bitwise
 // identical for any thread count. Traffic: read dy and h once (pass 2 hits cache), write dh,
-// plus 2 * rows / 64 partial rows (~1.5% extra at 4 bytes per element).
+// plus 2 * rows / 64 partial rows (~1.5% extra at 4 bytes per element). Outputs (y, dh) of
+// 16 MiB or more are written with non-temporal stores (no read-for-ownership).
 //
 // Special values: NaN/inf in a row propagate to that row only (and into the dw/db columns it
 // touches, as in torch). eps is used as given.
@@ -341,6 +342,7 @@ void bwd_block(const NormBwdParams& p, const float* w, int64_t r0, int64_t r1, f
     std::fill(dbp, dbp + n, 0.f);
   }
   const bool prefetch = n * static_cast<int64_t>(sizeof(S)) <= kPrefetchRowBytes;
+  const bool stream = stream_rows(p.dh, p.rows, n, sizeof(S));
   for (int64_t r = r0; r < r1; ++r) {
     const T* dy = static_cast<const T*>(p.dy) + r * n;
     const S* h = static_cast<const S*>(p.h) + r * n;
@@ -377,13 +379,22 @@ void bwd_block(const NormBwdParams& p, const float* w, int64_t r0, int64_t r1, f
     // the cancellation exact (e.g. one column: g - c1 = 0 exactly, as in torch).
     const Vf k1 = vset(static_cast<float>(c1 / n)), k2 = vset(static_cast<float>(-c2 / n));
     const S* dho = kDh ? static_cast<const S*>(p.dh_out) + r * n : nullptr;
-    for_cols_prefetch(n, next, [&](int64_t j, int64_t k) {
+    auto out = [&](int64_t j, int64_t k) {
       const Vf g = vmul(load_k(dy + j, k), load_k(w + j, k));
       Vf v = vmul(vfma(xhat(j, k), k2, vsub(g, k1)), a);
       if constexpr (kDh) v = vadd(v, load_k(dho + j, k));
-      store_k(dh + j, v, k);
-    });
+      return v;
+    };
+    if (stream) {  // whole rows of 16-element, 32-byte aligned groups
+      for (int64_t j = 0; j < n; j += 2 * kW) {
+        next.at(j);
+        stream2(dh + j, out(j, kW), out(j + kW, kW));
+      }
+    } else {
+      for_cols_prefetch(n, next, [&](int64_t j, int64_t k) { store_k(dh + j, out(j, k), k); });
+    }
   }
+  if (stream) store_fence();
 }
 
 // Adds the nb partial rows (stride n) in block order into out, in parallel over columns.
