@@ -75,13 +75,13 @@
 # 16-byte divisibility); those specialised variants only remove instructions.
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
 from lmkernels.ops.norm import ROWS_PER_BLOCK
+from lmkernels.triton_kernels._common import RowConfig
+from lmkernels.triton_kernels._common import cast_out as _round_to
 
 # Longest rows served by the single-tile kernels; longer rows go to the looped kernels, which
 # stream LOOPED_BLOCK elements per iteration (and, in the backward, per program). The limits
@@ -97,18 +97,6 @@ MIN_BLOCK = 32
 PARAM_GRAD_BLOCK = 128
 PARAM_GRAD_WARPS = 1
 UNROLL = 8
-
-
-@triton.jit
-def _round_to(v, OUT: tl.constexpr):
-    # fp32 -> OUT, rounding to nearest even. For bf16 the rounding is done in integer
-    # arithmetic: the interpreter's fp32 -> bf16 cast truncates, and this makes the code it runs
-    # round exactly as the GPU's cvt.rn does (NaN stays NaN, overflow gives inf).
-    if OUT == tl.bfloat16:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        v = tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
-    return v.to(OUT)
 
 
 @triton.jit
@@ -472,14 +460,7 @@ def _norm_param_grad_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class NormConfig:
-    block: int  # single tile: next power of two >= cols; looped: chunk length
-    num_warps: int
-    looped: bool
-
-    def __str__(self) -> str:
-        return f"{'loop' if self.looped else 'tile'}{self.block}w{self.num_warps}"
+NormConfig = RowConfig
 
 
 def _warps_for(block: int) -> int:

@@ -36,12 +36,14 @@
 # 16-byte divisibility); those specialised variants only remove instructions.
 from __future__ import annotations
 
-from dataclasses import dataclass
 from itertools import product
 
 import torch
 import triton
 import triton.language as tl
+
+from lmkernels.triton_kernels._common import RowConfig
+from lmkernels.triton_kernels._common import cast_out as _cast_out
 
 # Longest row served by the single-tile kernels; longer rows go to the looped kernels, which
 # stream LOOPED_BLOCK elements per iteration. Both limits come from the AOT report: a 16384
@@ -83,19 +85,6 @@ def _load_z(
             mf = tl.load(m_row + m_offs, mask=valid, other=0.0).to(ACC)
             z = z + mf
     return tl.where(valid, z, -float("inf"))
-
-
-@triton.jit
-def _cast_out(y, OUT: tl.constexpr):
-    # Convert fp32/fp64 results to the output dtype, rounding to nearest even. For bf16 the
-    # rounding is done in integer arithmetic (4 ops, free in a memory-bound kernel): the
-    # interpreter's fp32 -> bf16 cast truncates, and this makes the code it runs round exactly
-    # as the GPU's cvt.rn does.
-    if OUT == tl.bfloat16:
-        bits = y.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        y = tl.where(y != y, y, bits.to(tl.float32, bitcast=True))
-    return y.to(OUT)
 
 
 @triton.jit
@@ -281,14 +270,7 @@ def _softmax_bwd_looped_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SoftmaxConfig:
-    block: int  # single tile: next power of two >= cols; looped: chunk length
-    num_warps: int
-    looped: bool
-
-    def __str__(self) -> str:
-        return f"{'loop' if self.looped else 'tile'}{self.block}w{self.num_warps}"
+SoftmaxConfig = RowConfig
 
 
 def _warps_for(block: int) -> int:
