@@ -144,3 +144,15 @@ def format_report(rows: list[dict]) -> str:
             f"{str(r['spill_stores']) + '/' + str(r['spill_loads']):>11} {r['smem']:>7}"
         )
     return "\n".join(lines)
+
+
+def aligned_variants(specs: list[dict]) -> list[dict]:
+    """``specs`` marked as the variants the JIT builds for the common case: 16-byte-aligned
+    pointers and ``cols`` a multiple of 16 (vectorised loads). Modifies and returns them."""
+    for spec in specs:
+        sig = spec["signature"]
+        spec["divisible_by_16"] = tuple(
+            k for k, v in sig.items() if v.startswith("*") or k == "cols"
+        )
+        spec["config"] += " aligned"
+    return specs

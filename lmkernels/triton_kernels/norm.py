@@ -80,6 +80,7 @@ import triton
 import triton.language as tl
 
 from lmkernels.ops.norm import ROWS_PER_BLOCK
+from lmkernels.triton_kernels import aot
 from lmkernels.triton_kernels._common import RowConfig
 from lmkernels.triton_kernels._common import cast_out as _round_to
 
@@ -721,11 +722,4 @@ def aot_specs(aligned: bool = False) -> list[dict]:
             f"blk{PARAM_GRAD_BLOCK}w{PARAM_GRAD_WARPS}x{UNROLL}",
         )
     )  # fmt: skip
-    if aligned:
-        for spec in specs:
-            sig = spec["signature"]
-            spec["divisible_by_16"] = tuple(
-                k for k, v in sig.items() if v.startswith("*") or k == "cols"
-            )
-            spec["config"] += " aligned"
-    return specs
+    return aot.aligned_variants(specs) if aligned else specs

@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lmkernels.triton_kernels import aot
 from lmkernels.triton_kernels._common import RowConfig
 from lmkernels.triton_kernels._common import cast_out as _cast_out
 
@@ -456,11 +457,4 @@ def aot_specs(aligned: bool = False) -> list[dict]:
                 specs.append(_fwd_spec(t, cfg, mask_ty, False, causal))
             specs.append(_fwd_spec(t, cfg, None, True, False))  # log: never with mask/causal
             specs += [_bwd_spec(t, cfg, log) for log in (False, True)]
-    if aligned:
-        for spec in specs:
-            sig = spec["signature"]
-            spec["divisible_by_16"] = tuple(
-                k for k, v in sig.items() if v.startswith("*") or k == "cols"
-            )
-            spec["config"] += " aligned"
-    return specs
+    return aot.aligned_variants(specs) if aligned else specs
