@@ -217,7 +217,21 @@ def _layer_norm_params(fn, input, shape, weight, bias):
 
 
 def _as_acc(p: Tensor | None, acc: torch.dtype) -> Tensor | None:
-    return None if p is None else p.reshape(-1).to(acc)
+    # (each skipped torch call saves microseconds of dispatch on the eager path)
+    if p is None:
+        return None
+    if p.dim() != 1:
+        p = p.reshape(-1)
+    return p if p.dtype == acc else p.to(acc)
+
+
+def _as_rows(input: Tensor, rows: int, cols: int) -> Tensor:
+    """input as (rows, cols): itself when it already is, else a view (or copy) reshaped."""
+    return input if input.dim() == 2 and input.shape[1] == cols else input.reshape(rows, cols)
+
+
+def _like_input(y: Tensor, input: Tensor) -> Tensor:
+    return y if y.shape == input.shape else y.view(input.shape)
 
 
 def _rms_eps(eps: object, fn: str, dtype: torch.dtype) -> float:
@@ -246,9 +260,9 @@ def layer_norm(
     weight, bias = _layer_norm_params(fn, input, shape, weight, bias)
     eps = _check_eps(fn, eps)
     acc = _norm_ops.acc_dtype(input.dtype)
-    x = input.reshape(rows, math.prod(shape))
+    x = _as_rows(input, rows, math.prod(shape))
     y, _ = _norm_ops.norm(x, None, _as_acc(weight, acc), _as_acc(bias, acc), eps, False)
-    return y.view(input.shape)
+    return _like_input(y, input)
 
 
 def rms_norm(
@@ -270,9 +284,9 @@ def rms_norm(
     weight = _check_param(fn, "weight", weight, shape, input)
     eps = _rms_eps(eps, fn, input.dtype)
     acc = _norm_ops.acc_dtype(input.dtype)
-    x = input.reshape(rows, math.prod(shape))
+    x = _as_rows(input, rows, math.prod(shape))
     y, _ = _norm_ops.norm(x, None, _as_acc(weight, acc), None, eps, True)
-    return y.view(input.shape)
+    return _like_input(y, input)
 
 
 def _add_norm(fn, x, residual, normalized_shape, weight, bias, eps, residual_in_fp32, rms):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -240,11 +242,13 @@ def test_lmkernels_providers_report_why_a_backend_is_skipped():
 
 def test_quick_cli_run_writes_json_markdown_and_plots(tmp_path, capsys):
     # One tiny shape; torch.compile included but for the fwd mode only (one compile).
+    # (--malloc default: the glibc setting would outlive the run in this test process)
     args = ["--ops", "softmax", "--shapes", "8x256", "--dtypes", "fp32,bf16", "--reps", "3",
-            "--out", str(tmp_path), "--quick"]  # fmt: skip
+            "--out", str(tmp_path), "--quick", "--malloc", "default"]  # fmt: skip
     assert main([*args, "--modes", "fwd"]) == 0
     doc = json.loads((tmp_path / "results.json").read_text())
     m = doc["machine"]
+    assert m["malloc"] == "default"
     assert m["cpu_count"] >= 1 and m["torch"] == torch.__version__ and "cpu_model" in m
     skipped = {s["provider"]: s["reason"] for s in doc["skipped_providers"]}
     assert "lmkernels-cuda" in skipped and "liger-kernel" in skipped
@@ -277,6 +281,38 @@ def test_quick_cli_run_writes_json_markdown_and_plots(tmp_path, capsys):
     lines, worse = report.compare(doc, new)
     assert worse == (2 if "lmkernels-cpu" not in skipped else 0)
     assert main(["compare", str(tmp_path / "results.json"), str(tmp_path / "results.json")]) == 0
+
+
+_RSS_DROP = """
+import os, sys, torch
+from lmkernels.bench import timing
+if sys.argv[1] == "keep":
+    print(timing.keep_freed_memory())
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+t = torch.ones(16 << 20)  # 64 MiB, touched
+before = rss()
+del t
+print((before - rss()) >> 20)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc and /proc are Linux's")
+@pytest.mark.parametrize("mode", ["keep", "default"])
+def test_keep_freed_memory_keeps_freed_outputs_resident(mode):
+    # glibc's defaults give a freed 64 MiB block back to the OS (its reuse then page-faults
+    # again); after keep_freed_memory it stays resident for the next allocation.
+    out = subprocess.run([sys.executable, "-c", _RSS_DROP, mode], capture_output=True,
+                         text=True, check=True).stdout.split()  # fmt: skip
+    dropped_mib = int(out[-1])
+    if mode == "keep":
+        if out[0] == "None":
+            pytest.skip("the C library is not glibc: keep_freed_memory does nothing")
+        assert "M_MMAP_MAX=0" in " ".join(out[:-1])
+        assert dropped_mib < 8, dropped_mib
+    else:
+        assert dropped_mib >= 56, dropped_mib  # the effect exists, so the keep case can fail
 
 
 def test_cli_rejects_unknown_names(tmp_path):

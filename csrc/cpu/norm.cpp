@@ -76,29 +76,46 @@ double row_sum(int64_t n, F f) {
   return total;
 }
 
-// Sums of d(j, k) and of its square over the row in one pass (lanes beyond k must be 0), with
-// the chunking of row_sum.
-template <class F>
-void row_sum2(int64_t n, F d_at, double& sum, double& sum_sq) {
+// Sums of d and of its square over the row in one pass, with the chunking of row_sum: pair(j,
+// d0, d1) gives d at the 16 columns from j (in any order: only sums are taken), d_at(j, k) at
+// the k < 16 columns of a chunk's tail (lanes beyond k must be 0).
+template <class P, class F>
+void row_sum2(int64_t n, P pair, F d_at, double& sum, double& sum_sq) {
   sum = sum_sq = 0.0;
   for (int64_t c = 0; c < n; c += kChunk) {
     const int64_t e = std::min(n, c + kChunk);
-    Vf a0 = vset(0.f), a1 = a0, q0 = a0, q1 = a0;
+    // 4 independent accumulators of each kind: the adds and FMAs have 3-4 cycles of latency
+    Vf a0 = vset(0.f), a1 = a0, a2 = a0, a3 = a0, q0 = a0, q1 = a0, q2 = a0, q3 = a0;
     int64_t j = c;
-    for (; j + 2 * kW <= e; j += 2 * kW) {
-      const Vf d0 = d_at(j, kW), d1 = d_at(j + kW, kW);
+    for (; j + 4 * kW <= e; j += 4 * kW) {
+      Vf d0, d1, d2, d3;
+      pair(j, d0, d1);
+      pair(j + 2 * kW, d2, d3);
+      a0 = vadd(a0, d0);
+      a1 = vadd(a1, d1);
+      a2 = vadd(a2, d2);
+      a3 = vadd(a3, d3);
+      q0 = vfma(d0, d0, q0);
+      q1 = vfma(d1, d1, q1);
+      q2 = vfma(d2, d2, q2);
+      q3 = vfma(d3, d3, q3);
+    }
+    if (j + 2 * kW <= e) {
+      Vf d0, d1;
+      pair(j, d0, d1);
       a0 = vadd(a0, d0);
       a1 = vadd(a1, d1);
       q0 = vfma(d0, d0, q0);
       q1 = vfma(d1, d1, q1);
+      j += 2 * kW;
     }
     for (; j < e; j += kW) {
       const Vf d = d_at(j, std::min<int64_t>(kW, e - j));
-      a0 = vadd(a0, d);
-      q0 = vfma(d, d, q0);
+      a2 = vadd(a2, d);
+      q2 = vfma(d, d, q2);
     }
-    sum += hsum(vadd(a0, a1));
-    sum_sq += hsum(vadd(q0, q1));
+    sum += hsum(vadd(vadd(a0, a1), vadd(a2, a3)));
+    sum_sq += hsum(vadd(vadd(q0, q1), vadd(q2, q3)));
   }
 }
 
@@ -166,11 +183,12 @@ inline void for_cols_prefetch(int64_t n, const NextRow& next, F f) {
 
 // ------------------------------------------------------------------ forward
 
+// Rows [r0, r1). w, b: the weight and bias (or null), in the pair order of T where kPair (h and
+// y then move as pairs of 16 elements: load_pair / store_pair).
 template <class T, class S, bool kRes, bool kRms, bool kHasW, bool kHasB>
-void fwd_rows(const NormFwdParams& p, int64_t r0, int64_t r1) {
+void fwd_rows(const NormFwdParams& p, const float* w, const float* b, int64_t r0, int64_t r1) {
+  constexpr bool kPair = std::is_same_v<S, T>;
   const int64_t n = p.cols;
-  const float* w = static_cast<const float*>(p.weight);
-  const float* b = static_cast<const float*>(p.bias);
   const bool prefetch = n * static_cast<int64_t>(sizeof(S)) <= kPrefetchRowBytes;
   const bool stream = stream_rows(p.y, p.rows, n, sizeof(T));
   for (int64_t r = r0; r < r1; ++r) {
@@ -216,7 +234,12 @@ void fwd_rows(const NormFwdParams& p, int64_t r0, int64_t r1) {
         // (1 + (mean - h_0)^2 / var) relative; accepted while (mean - h_0)^2 <= 16 var (error
         // ~1e-6, far below a 16-bit ulp), else (h_0 an outlier) the two passes below.
         double s1, s2;
-        row_sum2(n, d_at, s1, s2);
+        auto pair = [&](int64_t j, Vf& d0, Vf& d1) {
+          load_pair(h + j, d0, d1);
+          d0 = vsub(d0, s0);
+          d1 = vsub(d1, s0);
+        };
+        row_sum2(n, pair, d_at, s1, s2);
         const double dm = s1 / n;
         mean = h0 + dm;
         const double v = s2 / n - dm * dm;
@@ -244,8 +267,8 @@ void fwd_rows(const NormFwdParams& p, int64_t r0, int64_t r1) {
     static_cast<float*>(p.rstd)[r] = rstd;
     // (h - m) * rstd - lo * rstd, not h * rstd - mean * rstd, which loses |mean| / std digits
     const Vf a = vset(rstd), vm = vset(m), c = vset(-lo * rstd);
-    auto out = [&](int64_t j, int64_t k) {
-      Vf v = vfma(vsub(load_k(h + j, k), vm), a, c);
+    auto out = [&](Vf v, int64_t j, int64_t k) {  // v: h at columns j.. (w / b order)
+      v = vfma(vsub(v, vm), a, c);
       if constexpr (kHasW && kHasB) {
         v = vfma(v, load_k(w + j, k), load_k(b + j, k));
       } else if constexpr (kHasW) {
@@ -255,19 +278,41 @@ void fwd_rows(const NormFwdParams& p, int64_t r0, int64_t r1) {
       }
       return v;
     };
-    if (stream) {  // whole rows of 16-element, 32-byte aligned groups
-      for (int64_t j = 0; j < n; j += 2 * kW) {
-        next.at(j);
-        stream2(y + j, out(j, kW), out(j + kW, kW));
-      }
-    } else {
-      int64_t j = 0;  // pairs of vectors: one pack (and lane permute) per 16 bf16 outputs
+    // Pairs of vectors: one pack (and for natural-order bf16 one lane permute) per 16 outputs.
+    auto pass_c = [&](auto put) {
+      int64_t j = 0;
       for (; j + 2 * kW <= n; j += 2 * kW) {
         next.at(j);
-        store2(y + j, out(j, kW), out(j + kW, kW));
+        Vf v0, v1;
+        if constexpr (kPair) {
+          load_pair(h + j, v0, v1);
+        } else {
+          v0 = load(h + j);
+          v1 = load(h + j + kW);
+        }
+        put(y + j, out(v0, j, kW), out(v1, j + kW, kW));
       }
-      for (; j < n; j += kW)
-        store_k(y + j, out(j, std::min<int64_t>(kW, n - j)), std::min<int64_t>(kW, n - j));
+      for (; j < n; j += kW) {
+        const int64_t k = std::min<int64_t>(kW, n - j);
+        store_k(y + j, out(load_k(h + j, k), j, k), k);
+      }
+    };
+    if (stream) {  // whole rows of 16-element, 32-byte aligned groups
+      pass_c([](T* q, Vf v0, Vf v1) {
+        if constexpr (kPair) {
+          stream_pair(q, v0, v1);
+        } else {
+          stream2(q, v0, v1);
+        }
+      });
+    } else {
+      pass_c([](T* q, Vf v0, Vf v1) {
+        if constexpr (kPair) {
+          store_pair(q, v0, v1);
+        } else {
+          store2(q, v0, v1);
+        }
+      });
     }
   }
   if (stream) store_fence();
@@ -275,10 +320,18 @@ void fwd_rows(const NormFwdParams& p, int64_t r0, int64_t r1) {
 
 template <class T, class S, bool kRes, bool kRms>
 void fwd_affine(const NormFwdParams& p) {
+  const int64_t n = p.cols;
+  const float* w = static_cast<const float*>(p.weight);
+  const float* b = static_cast<const float*>(p.bias);
+  std::unique_ptr<float[]> reordered;  // w and b in the pair order of T (see fwd_rows)
+  if constexpr (std::is_same_v<S, T> && kPairPermuted<T>) {
+    reordered.reset(new float[2 * n]);
+    if (w != nullptr) w = (pair_order(w, reordered.get(), n), reordered.get());
+    if (b != nullptr) b = (pair_order(b, reordered.get() + n, n), reordered.get() + n);
+  }
   auto run = [&](auto fn) {
-    at::parallel_for(0, p.rows, row_grain(p.cols), [&](int64_t r0, int64_t r1) { fn(p, r0, r1); });
+    at::parallel_for(0, p.rows, row_grain(n), [&](int64_t r0, int64_t r1) { fn(p, w, b, r0, r1); });
   };
-  const bool w = p.weight != nullptr, b = p.bias != nullptr;
   if (w && b) return run(fwd_rows<T, S, kRes, kRms, true, true>);
   if (w) return run(fwd_rows<T, S, kRes, kRms, true, false>);
   if (b) return run(fwd_rows<T, S, kRes, kRms, false, true>);

@@ -54,6 +54,7 @@
 #include <limits>
 #include <memory>
 #include <numeric>
+#include <type_traits>
 
 #if defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>

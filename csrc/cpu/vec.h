@@ -5,7 +5,8 @@
 // Data of type float / c10::Half / c10::BFloat16 is widened to fp32 on load and rounded to
 // nearest even on store.
 // The including file includes <immintrin.h> (AVX2 build), <c10/util/BFloat16.h>,
-// <c10/util/Half.h>, <cmath>, <cstdint>, <cstring> and <limits> first (at global scope).
+// <c10/util/Half.h>, <cmath>, <cstdint>, <cstring>, <limits> and <type_traits> first (at global
+// scope).
 #pragma once
 
 using c10::BFloat16;
@@ -88,6 +89,22 @@ inline void store_pair(BFloat16* p, Vf a, Vf b) {
   __m256i r = _mm256_packus_epi32(bf16_bits(a.v), bf16_bits(b.v));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), r);
 }
+// Whether the pair order of T differs from the natural one; pair_order then rewrites an fp32
+// row (a weight) into it, so that one pair load of it lines up with a pair of T.
+template <class T>
+constexpr bool kPairPermuted = std::is_same_v<T, BFloat16>;
+inline void pair_order(const float* src, float* dst, int64_t n) {
+  int64_t j = 0;
+  for (; j + 2 * kW <= n; j += 2 * kW) {
+    for (int i = 0; i < 4; ++i) {
+      dst[j + i] = src[j + i];
+      dst[j + 4 + i] = src[j + 8 + i];
+      dst[j + 8 + i] = src[j + 4 + i];
+      dst[j + 12 + i] = src[j + 12 + i];
+    }
+  }
+  for (; j < n; ++j) dst[j] = src[j];
+}
 // Non-temporal stores of 16 elements (natural order) at a 32-byte aligned p, and the fence
 // that orders them. For outputs much larger than the cache they skip the read-for-ownership.
 constexpr bool kHasStream = true;
@@ -103,6 +120,15 @@ inline void stream2(Half* p, Vf a, Vf b) {
   const __m128i lo = _mm256_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT);
   const __m128i hi = _mm256_cvtps_ph(b.v, _MM_FROUND_TO_NEAREST_INT);
   _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm256_set_m128i(hi, lo));
+}
+// The same in pair order (see load_pair).
+inline void stream_pair(BFloat16* p, Vf a, Vf b) {
+  __m256i r = _mm256_packus_epi32(bf16_bits(a.v), bf16_bits(b.v));
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), r);
+}
+template <class T>
+inline void stream_pair(T* p, Vf a, Vf b) {
+  stream2(p, a, b);
 }
 inline void store_fence() { _mm_sfence(); }
 // Optimisation barrier that makes gcc keep a loop accumulator in a register.
@@ -170,10 +196,19 @@ template <class T>
 inline void store_pair(T* p, Vf a, Vf b) {
   store2(p, a, b);
 }
+template <class T>
+constexpr bool kPairPermuted = false;
+inline void pair_order(const float* src, float* dst, int64_t n) {
+  std::memcpy(dst, src, n * sizeof(float));
+}
 inline void keep_in_register(Vf&) {}
 constexpr bool kHasStream = false;
 template <class T>
 inline void stream2(T* p, Vf a, Vf b) {
+  store2(p, a, b);
+}
+template <class T>
+inline void stream_pair(T* p, Vf a, Vf b) {
   store2(p, a, b);
 }
 inline void store_fence() {}

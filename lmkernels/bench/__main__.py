@@ -2,7 +2,8 @@
 
     python -m lmkernels.bench [--ops PATTERNS] [--modes fwd,bwd,fwdbwd] [--dtypes fp32,bf16,...]
                               [--providers PATTERNS] [--shapes 4096x1024,...] [--quick]
-                              [--reps N] [--out DIR] [--device cpu|cuda] [--no-plots]
+                              [--reps N] [--out DIR] [--device cpu|cuda]
+                              [--malloc keep|default] [--no-plots]
                               [--quiet] [--list]
     python -m lmkernels.bench compare OLD.json NEW.json [--threshold 0.1]
 
@@ -58,6 +59,11 @@ def run_parser() -> argparse.ArgumentParser:
     ap.add_argument("--reps", type=int, help="timed repetitions per provider (CPU)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"default {DEFAULT_OUT}")
     ap.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
+    ap.add_argument(
+        "--malloc", choices=("keep", "default"), default="keep",
+        help="CPU: keep freed memory in the process (default; see lmkernels.bench.timing) or "
+        "leave glibc's defaults (outputs then page-fault on most calls)",
+    )  # fmt: skip
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--list", action="store_true", help="list benches and providers, then exit")
@@ -112,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         shapes=a.shapes,
         quick=a.quick,
         reps=a.reps,
+        malloc=a.malloc,
         device=device,
     )
     doc = runner.run(benches, cfg, progress=not a.quiet)

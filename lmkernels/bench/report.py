@@ -66,6 +66,8 @@ def markdown(doc: dict) -> str:
         + (" (dirty)" if m.get("git_dirty") else ""),
         f"- repetitions {doc['config']['reps']}{' (quick)' if doc['config']['quick'] else ''}",
     ]
+    if m.get("malloc"):
+        lines.append(f"- allocator: {m['malloc']}")
     load = m.get("loadavg_start")
     if load is not None and m["device"] == "cpu":
         busy = load > 0.5 * (m["cpu_count"] or 1)

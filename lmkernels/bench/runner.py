@@ -34,6 +34,7 @@ class Config:
     shapes: Sequence[tuple[int, ...]] | None = None
     quick: bool = False
     reps: int | None = None
+    malloc: str = "keep"  # CPU: "keep" (timing.keep_freed_memory) or "default"
     device: torch.device = field(
         default_factory=lambda: torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
@@ -274,6 +275,9 @@ def run(benches: Sequence[Bench], cfg: Config, progress: bool = True, stream=Non
     started = time.time()
     load_start = _loadavg()
     device = cfg.device
+    malloc = "default"
+    if device.type == "cpu" and cfg.malloc == "keep":
+        malloc = timing.keep_freed_memory() or "default (not glibc)"
     peak_gbps, roof = None, {"kind": "copy", "what": "dst.copy_(src) of the same bytes"}
     if device.type == "cuda":
         peak_gbps, key = roofline.gpu_peak_gbps(device)
@@ -317,6 +321,7 @@ def run(benches: Sequence[Bench], cfg: Config, progress: bool = True, stream=Non
         "elapsed_s": round(time.time() - started, 1),
         "machine": {
             **roofline.machine_info(device),
+            "malloc": malloc,
             "loadavg_start": load_start,
             "loadavg_end": _loadavg(),
         },

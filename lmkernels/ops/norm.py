@@ -28,7 +28,7 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _contig(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.contiguous()
+    return t if t is None or t.is_contiguous() else t.contiguous()
 
 
 def _empty(like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -147,8 +147,8 @@ def _run_fwd(x, residual, weight, bias, eps, rms):
     y, h, mean, rstd = _fwd_outputs(x, residual, rms)
     if x.numel():
         fn = dispatch("norm", _FWD, x.device, x, residual, weight, bias, eps, rms)
-        res = None if residual is None else residual.contiguous()
-        fn(x.contiguous(), res, _contig(weight), _contig(bias), y, None if res is None else h,
+        res = _contig(residual)
+        fn(_contig(x), res, _contig(weight), _contig(bias), y, None if res is None else h,
            None if rms else mean, rstd, float(eps), rms)  # fmt: skip
     return y, h, mean, rstd
 
@@ -169,7 +169,7 @@ def _run_bwd(dy, dh_out, h, weight, mean, rstd, rms, need_dw, need_db):
         db.zero_()
     elif h.numel():
         fn = dispatch("norm backward", _BWD, h.device, dy, dh_out, h, weight, mean, rstd, rms)
-        fn(dy.contiguous(), _contig(dh_out), h.contiguous(),
+        fn(_contig(dy), _contig(dh_out), _contig(h),
            _contig(weight), None if rms else mean, rstd, dh, dw if need_dw else None,
            db if need_db else None, rms)  # fmt: skip
     return dh, dw, db
