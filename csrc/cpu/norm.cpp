@@ -384,8 +384,70 @@ void fwd_f64(const NormFwdParams& p) {
 
 // ------------------------------------------------------------------ backward
 
+// One row of a backward block: its streams and statistics.
+template <class T, class S>
+struct BwdRow {
+  const T* dy;
+  const S* h;
+  S* dh;
+  float mean, rstd;
+};
+
+// One row's share of pass 1 at the k columns from j: s1 += g (layer), s2 += g * xhat, and
+// (kParams) dw += dy * xhat, db += dy. Tails: load_k pads dy (so g) with 0, which zeroes every
+// product.
+template <bool kRms, bool kParams, class T, class S>
+inline void bwd_step(const T* dy, const S* h, Vf m, Vf a, Vf w, int64_t k, Vf& s1, Vf& s2, Vf& dw,
+                     Vf& db) {
+  const Vf xh = vmul(vsub(load_k(h, k), m), a);
+  const Vf d = load_k(dy, k), g = vmul(d, w);
+  if constexpr (!kRms) s1 = vadd(s1, g);
+  s2 = vfma(g, xh, s2);
+  if constexpr (kParams) {
+    dw = vfma(d, xh, dw);
+    db = vadd(d, db);
+  }
+}
+
+// Pass 1 over one row q0 or (kTwo) two rows q0, q1 at once: c1[i] = sum g (layer) and c2[i] =
+// sum g * xhat of row i, and (kParams) the rows' shares added to the block's partial dw / db
+// rows, q0's then q1's: the same additions in the same order as two one-row calls (bitwise the
+// same partials), with one load and store of the partials per two rows.
+template <bool kTwo, bool kRms, bool kParams, class T, class S>
+void bwd_sums(const BwdRow<T, S>& q0, const BwdRow<T, S>& q1, const float* w, int64_t n, float* dwp,
+              float* dbp, double* c1, double* c2) {
+  // (locals, not the rows' fields: the compiler then keeps them in registers across the stores)
+  const T *const dy0 = q0.dy, *const dy1 = q1.dy;
+  const S *const h0 = q0.h, *const h1 = q1.h;
+  const Vf a0 = vset(q0.rstd), m0 = vset(q0.mean), a1 = vset(q1.rstd), m1 = vset(q1.mean);
+  c1[0] = c2[0] = c1[1] = c2[1] = 0.0;
+  for (int64_t cb = 0; cb < n; cb += kChunk) {
+    Vf s1a = vset(0.f), s2a = s1a, s1b = s1a, s2b = s1a;
+    for_cols(std::min(kChunk, n - cb), [&](int64_t jj, int64_t k) {
+      const int64_t j = cb + jj;
+      const Vf wv = load_k(w + j, k);
+      Vf dw = wv, db = wv;  // (unused without kParams)
+      if constexpr (kParams) {
+        dw = load_k(dwp + j, k);
+        db = load_k(dbp + j, k);
+      }
+      bwd_step<kRms, kParams>(dy0 + j, h0 + j, m0, a0, wv, k, s1a, s2a, dw, db);
+      if constexpr (kTwo) bwd_step<kRms, kParams>(dy1 + j, h1 + j, m1, a1, wv, k, s1b, s2b, dw, db);
+      if constexpr (kParams) {
+        store_k(dwp + j, dw, k);
+        store_k(dbp + j, db, k);
+      }
+    });
+    c1[0] += hsum(s1a);
+    c2[0] += hsum(s2a);
+    c1[1] += hsum(s1b);
+    c2[1] += hsum(s2b);
+  }
+}
+
 // Block [r0, r1) of rows; w: the weight (ones when there is none); kParams: accumulate the
-// block's dw / db partial rows dwp / dbp (both, even if only one is asked for).
+// block's dw / db partial rows dwp / dbp (both, even if only one is asked for). Rows go in
+// pairs through pass 1 (bwd_sums), then each through pass 2.
 template <class T, class S, bool kRms, bool kParams, bool kDh>
 void bwd_block(const NormBwdParams& p, const float* w, int64_t r0, int64_t r1, float* dwp,
                float* dbp) {
@@ -396,56 +458,54 @@ void bwd_block(const NormBwdParams& p, const float* w, int64_t r0, int64_t r1, f
   }
   const bool prefetch = n * static_cast<int64_t>(sizeof(S)) <= kPrefetchRowBytes;
   const bool stream = stream_rows(p.dh, p.rows, n, sizeof(S));
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* dy = static_cast<const T*>(p.dy) + r * n;
-    const S* h = static_cast<const S*>(p.h) + r * n;
-    S* dh = static_cast<S*>(p.dh) + r * n;
-    const int64_t ahead = prefetch && r + 1 < r1 ? n : 0;  // elements to the prefetched row
+  auto row = [&](int64_t r) {
+    return BwdRow<T, S>{static_cast<const T*>(p.dy) + r * n, static_cast<const S*>(p.h) + r * n,
+                        static_cast<S*>(p.dh) + r * n,
+                        kRms ? 0.f : static_cast<const float*>(p.mean)[r],
+                        static_cast<const float*>(p.rstd)[r]};
+  };
+  // Pass 2 of row r: dh = rstd * ((g - c1 / n) - xhat * c2 / n)  (+ dh_out), prefetching the
+  // row `ahead` elements further. Scaling by rstd last keeps the cancellation exact (e.g. one
+  // column: g - c1 = 0 exactly, as in torch).
+  auto pass2 = [&](const BwdRow<T, S>& q, int64_t r, double c1, double c2, int64_t ahead) {
     const NextRow next{
-        {reinterpret_cast<const char*>(dy + ahead), reinterpret_cast<const char*>(h + ahead)},
-        reinterpret_cast<char*>(dh + ahead),
+        {reinterpret_cast<const char*>(q.dy + ahead), reinterpret_cast<const char*>(q.h + ahead)},
+        reinterpret_cast<char*>(q.dh + ahead),
         {sizeof(T), sizeof(S)},
         sizeof(S)};
-    const float rstd = static_cast<const float*>(p.rstd)[r];
-    const float mean = kRms ? 0.f : static_cast<const float*>(p.mean)[r];
-    const Vf a = vset(rstd), m = vset(mean);
-    auto xhat = [&](int64_t j, int64_t k) { return vmul(vsub(load_k(h + j, k), m), a); };
-    // Pass 1: c1 (layer), c2, and the block's partial dw / db rows. Tails: load_k pads dy (so
-    // g) with 0, which zeroes every product.
-    double c1 = 0.0, c2 = 0.0;
-    for (int64_t cb = 0; cb < n; cb += kChunk) {
-      Vf s1 = vset(0.f), s2 = s1;
-      for_cols(std::min(kChunk, n - cb), [&](int64_t jj, int64_t k) {
-        const int64_t j = cb + jj;
-        const Vf xh = xhat(j, k), d = load_k(dy + j, k), g = vmul(d, load_k(w + j, k));
-        if constexpr (!kRms) s1 = vadd(s1, g);
-        s2 = vfma(g, xh, s2);
-        if constexpr (kParams) {
-          store_k(dwp + j, vfma(d, xh, load_k(dwp + j, k)), k);
-          store_k(dbp + j, vadd(d, load_k(dbp + j, k)), k);
-        }
-      });
-      c1 += hsum(s1);
-      c2 += hsum(s2);
-    }
-    // Pass 2: dh = rstd * ((g - c1 / n) - xhat * c2 / n)  (+ dh_out). Scaling by rstd last keeps
-    // the cancellation exact (e.g. one column: g - c1 = 0 exactly, as in torch).
+    const Vf a = vset(q.rstd), m = vset(q.mean);
     const Vf k1 = vset(static_cast<float>(c1 / n)), k2 = vset(static_cast<float>(-c2 / n));
     const S* dho = kDh ? static_cast<const S*>(p.dh_out) + r * n : nullptr;
     auto out = [&](int64_t j, int64_t k) {
-      const Vf g = vmul(load_k(dy + j, k), load_k(w + j, k));
-      Vf v = vmul(vfma(xhat(j, k), k2, vsub(g, k1)), a);
+      const Vf g = vmul(load_k(q.dy + j, k), load_k(w + j, k));
+      const Vf xh = vmul(vsub(load_k(q.h + j, k), m), a);
+      Vf v = vmul(vfma(xh, k2, vsub(g, k1)), a);
       if constexpr (kDh) v = vadd(v, load_k(dho + j, k));
       return v;
     };
     if (stream) {  // whole rows of 16-element, 32-byte aligned groups
       for (int64_t j = 0; j < n; j += 2 * kW) {
         next.at(j);
-        stream2(dh + j, out(j, kW), out(j + kW, kW));
+        stream2(q.dh + j, out(j, kW), out(j + kW, kW));
       }
     } else {
-      for_cols_prefetch(n, next, [&](int64_t j, int64_t k) { store_k(dh + j, out(j, k), k); });
+      for_cols_prefetch(n, next, [&](int64_t j, int64_t k) { store_k(q.dh + j, out(j, k), k); });
     }
+  };
+  int64_t r = r0;
+  for (; r + 1 < r1; r += 2) {
+    const BwdRow<T, S> q[2] = {row(r), row(r + 1)};
+    double c1[2], c2[2];
+    bwd_sums<true, kRms, kParams>(q[0], q[1], w, n, dwp, dbp, c1, c2);
+    // each pass 2 prefetches the row of the next pair at its position
+    pass2(q[0], r, c1[0], c2[0], prefetch && r + 2 < r1 ? 2 * n : 0);
+    pass2(q[1], r + 1, c1[1], c2[1], prefetch && r + 3 < r1 ? 2 * n : 0);
+  }
+  if (r < r1) {
+    const BwdRow<T, S> q = row(r);
+    double c1[2], c2[2];
+    bwd_sums<false, kRms, kParams>(q, q, w, n, dwp, dbp, c1, c2);
+    pass2(q, r, c1[0], c2[0], 0);
   }
   if (stream) store_fence();
 }
