@@ -216,13 +216,15 @@ def _layer_norm_params(fn, input, shape, weight, bias):
     return weight, bias
 
 
-def _as_acc(p: Tensor | None, acc: torch.dtype) -> Tensor | None:
-    # (each skipped torch call saves microseconds of dispatch on the eager path)
+def _as_param(p: Tensor | None, data: torch.dtype) -> Tensor | None:
+    """weight / bias as the op takes them: 1-D, of the data's or the accumulation dtype (each
+    skipped torch call saves microseconds of dispatch on the eager path)."""
     if p is None:
         return None
     if p.dim() != 1:
         p = p.reshape(-1)
-    return p if p.dtype == acc else p.to(acc)
+    acc = _norm_ops.acc_dtype(data)
+    return p if p.dtype == data or p.dtype == acc else p.to(acc)
 
 
 def _as_rows(input: Tensor, rows: int, cols: int) -> Tensor:
@@ -259,9 +261,8 @@ def layer_norm(
     shape, rows = _normalized(fn, input, normalized_shape)
     weight, bias = _layer_norm_params(fn, input, shape, weight, bias)
     eps = _check_eps(fn, eps)
-    acc = _norm_ops.acc_dtype(input.dtype)
     x = _as_rows(input, rows, math.prod(shape))
-    y, _ = _norm_ops.norm(x, None, _as_acc(weight, acc), _as_acc(bias, acc), eps, False)
+    y, _ = _norm_ops.norm(x, None, _as_param(weight, x.dtype), _as_param(bias, x.dtype), eps, False)
     return _like_input(y, input)
 
 
@@ -283,9 +284,8 @@ def rms_norm(
     shape, rows = _normalized(fn, input, normalized_shape)
     weight = _check_param(fn, "weight", weight, shape, input)
     eps = _rms_eps(eps, fn, input.dtype)
-    acc = _norm_ops.acc_dtype(input.dtype)
     x = _as_rows(input, rows, math.prod(shape))
-    y, _ = _norm_ops.norm(x, None, _as_acc(weight, acc), None, eps, True)
+    y, _ = _norm_ops.norm(x, None, _as_param(weight, x.dtype), None, eps, True)
     return _like_input(y, input)
 
 
@@ -310,11 +310,10 @@ def _add_norm(fn, x, residual, normalized_shape, weight, bias, eps, residual_in_
     # Kernels take S = T or (T 16-bit, S = fp32); otherwise x is upcast to S (exactly).
     native = stream == x.dtype or (x.dtype in _HALF and stream == torch.float32)
     data = x.dtype if native else stream
-    acc = _norm_ops.acc_dtype(data)
     cols = math.prod(shape)
     y, h = _norm_ops.norm(
         x.reshape(rows, cols).to(data), residual.reshape(rows, cols).to(stream),
-        _as_acc(weight, acc), _as_acc(bias, acc), eps, rms,
+        _as_param(weight, data), _as_param(bias, data), eps, rms,
     )  # fmt: skip
     return y.to(x.dtype).view(x.shape), h.view(x.shape)
 

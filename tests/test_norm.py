@@ -106,11 +106,14 @@ def _opcheck_args():
         (x, r, w, None, 1e-6, True),
         (x.detach().bfloat16().requires_grad_(), r.detach().float().requires_grad_(), w, b,
          1e-5, False),
+        # weight and bias of the data's 16-bit dtype (the cpu op widens them itself)
+        (x.detach().bfloat16().requires_grad_(), None, w.detach().bfloat16().requires_grad_(),
+         b.detach().bfloat16().requires_grad_(), 1e-5, False),
     ]  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
-@pytest.mark.parametrize("i", range(3))
+@pytest.mark.parametrize("i", range(4))
 def test_opcheck(backend, i):
     reason = lmkernels.backends.availability(backend, "cpu")
     if reason is not None:
@@ -135,6 +138,43 @@ def test_opcheck(backend, i):
             b is not None,
         )
         torch.library.opcheck(torch.ops.lmkernels.norm_bwd.default, bwd_args)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_params_are_their_fp32_widening(backend, dtype):
+    # The ops take weight / bias in the data's 16-bit dtype as well as in fp32 (no conversion
+    # call on the eager path): the same bits either way, forward and backward.
+    reason = lmkernels.backends.availability(backend, "cpu")
+    if reason is not None:
+        pytest.skip(f"backend {backend} unavailable here: {reason}")
+    torch.manual_seed(0)
+    x, dy = torch.randn(37, 40).to(dtype), torch.randn(37, 40).to(dtype)
+    w, b = torch.randn(40).to(dtype), torch.randn(40).to(dtype)
+    with lmkernels.use_backend(backend):
+        for rms in (False, True):
+            bias = None if rms else b
+            got = norm_ops.norm_fwd(x, None, w, bias, 1e-5, rms)
+            want = norm_ops.norm_fwd(x, None, w.float(), None if rms else b.float(), 1e-5, rms)
+            assert all(torch.equal(g, e) for g, e in zip(got, want, strict=True))
+            _, _, mean, rstd = got
+            got = norm_ops.norm_bwd(dy, None, x, w, mean, rstd, rms, True, not rms)
+            want = norm_ops.norm_bwd(dy, None, x, w.float(), mean, rstd, rms, True, not rms)
+            assert all(torch.equal(g, e) for g, e in zip(got, want, strict=True))
+
+
+def test_cpu_op_names_a_param_of_the_wrong_dtype():
+    if lmkernels.backends.availability("cpu", "cpu") is not None:
+        pytest.skip("cpu backend unavailable")
+    x = torch.randn(4, 8).bfloat16()
+    y, mean, rstd = torch.empty_like(x), torch.empty(4), torch.empty(4)
+    for name, w, b in (("weight", torch.ones(8).half(), None), ("bias", None, torch.ones(8).half()),
+                       ("weight", torch.ones(8, dtype=torch.float64), None)):  # fmt: skip
+        with pytest.raises(RuntimeError, match=f"{name} must be Float or x's dtype BFloat16"):
+            torch.ops.lmkernels_cpu.norm_fwd(x, None, w, b, y, None, mean, rstd, 1e-5, False)
+    with pytest.raises(RuntimeError, match="weight must be Float, got BFloat16"):
+        torch.ops.lmkernels_cpu.norm_fwd(x.float(), None, torch.ones(8).bfloat16(), None,
+                                         y.float(), None, mean, rstd, 1e-5, False)  # fmt: skip
 
 
 def test_compile_fullgraph_no_graph_break():

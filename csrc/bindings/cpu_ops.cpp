@@ -8,8 +8,11 @@
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <Python.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <memory>
 #include <optional>
 #include <string>
 
@@ -187,6 +190,33 @@ const void* vec_arg(const std::optional<at::Tensor>& t, const char* name, int64_
   return v.data_ptr();
 }
 
+// weight / bias: an optional contiguous (cols,) vector of the accumulation type, or (16-bit
+// data) of the data's dtype, which is widened here into `owned` (exact), so the kernels always
+// read fp32 and Python makes no conversion call. Returns the fp32 (or fp64) pointer or null.
+const void* param_arg(const std::optional<at::Tensor>& t, const char* name, int64_t len,
+                      const at::Tensor& x, std::unique_ptr<float[]>& owned) {
+  const at::ScalarType acc = acc_type(x.scalar_type());
+  if (!t.has_value() || t->scalar_type() == acc) return vec_arg(t, name, len, acc);
+  const at::Tensor& v = *t;
+  const at::ScalarType xt = x.scalar_type();
+  const bool half = xt == at::kHalf || xt == at::kBFloat16;
+  TORCH_CHECK(half && v.scalar_type() == xt, "lmkernels_cpu: ", name, " must be ", acc,
+              half ? " or x's dtype " : "", half ? c10::toString(xt) : "", ", got ",
+              v.scalar_type());
+  TORCH_CHECK(v.device().is_cpu(), "lmkernels_cpu: ", name, " must be a CPU tensor");
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == len && v.is_contiguous(), "lmkernels_cpu: ", name,
+              " must be a contiguous 1-D tensor of length ", len, ", got shape ", v.sizes());
+  owned.reset(new float[len]);
+  if (xt == at::kHalf) {
+    const auto* src = static_cast<const c10::Half*>(v.data_ptr());
+    for (int64_t i = 0; i < len; ++i) owned[i] = static_cast<float>(src[i]);
+  } else {
+    const auto* src = static_cast<const c10::BFloat16*>(v.data_ptr());
+    for (int64_t i = 0; i < len; ++i) owned[i] = static_cast<float>(src[i]);
+  }
+  return owned.get();
+}
+
 // The residual-stream dtype S of `t` for data dtype x: x's own, or float32 for 16-bit x.
 DType stream_arg(const at::Tensor& t, const at::Tensor& x, const char* name) {
   LMK_CHECK_CPU_2D(t, "residual stream tensor");
@@ -221,8 +251,9 @@ void norm_fwd(const at::Tensor& x, const std::optional<at::Tensor>& residual,
     p.residual = residual->data_ptr();
     p.h = h->data_ptr();
   }
-  p.weight = vec_arg(weight, "weight", p.cols, acc);
-  p.bias = vec_arg(bias, "bias", p.cols, acc);
+  std::unique_ptr<float[]> w32, b32;
+  p.weight = param_arg(weight, "weight", p.cols, x, w32);
+  p.bias = param_arg(bias, "bias", p.cols, x, b32);
   p.mean = const_cast<void*>(vec_arg(mean, "mean", p.rows, acc, !rms));
   p.rstd = const_cast<void*>(vec_arg(rstd, "rstd", p.rows, acc, true));
   p.x = x.data_ptr();
@@ -253,7 +284,8 @@ void norm_bwd(const at::Tensor& dy, const std::optional<at::Tensor>& dh_out, con
                 "lmkernels_cpu: dh_out must have h's dtype");
     p.dh_out = dh_out->data_ptr();
   }
-  p.weight = vec_arg(weight, "weight", p.cols, acc);
+  std::unique_ptr<float[]> w32;
+  p.weight = param_arg(weight, "weight", p.cols, dy, w32);
   p.mean = vec_arg(mean, "mean", p.rows, acc, !rms);
   p.rstd = vec_arg(rstd, "rstd", p.rows, acc, true);
   p.dw = const_cast<void*>(vec_arg(dw, "dw", p.cols, acc));

@@ -41,6 +41,28 @@ def _empty(like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
 #                                                                    may be None (see norm.h)
 #   bwd(dy, dh_out, h, weight, mean, rstd, dh, dw, db, rms)         dh_out/weight/mean/dw/db
 #                                                                    may be None
+# weight / bias have the accumulation dtype or x's (dy's) dtype. The cpu op widens 16-bit ones
+# itself (no conversion call on the eager path); the other launchers are wrapped in _acc_fwd /
+# _acc_bwd, which convert them first.
+
+
+def _acc(p: Tensor | None, like: Tensor) -> Tensor | None:
+    acc = acc_dtype(like.dtype)
+    return p if p is None or p.dtype == acc else p.to(acc)
+
+
+def _acc_fwd(launch):
+    def run(x, residual, weight, bias, *rest):
+        launch(x, residual, _acc(weight, x), _acc(bias, x), *rest)
+
+    return run
+
+
+def _acc_bwd(launch):
+    def run(dy, dh_out, h, weight, *rest):
+        launch(dy, dh_out, h, _acc(weight, dy), *rest)
+
+    return run
 
 
 def _cpu_fwd(x, residual, weight, bias, y, h, mean, rstd, eps, rms):
@@ -117,16 +139,16 @@ def _supports(t: Tensor, *_) -> str | None:
 
 _GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FWD = {
-    "reference": Impl(_reference_fwd),
+    "reference": Impl(_acc_fwd(_reference_fwd)),
     "cpu": Impl(_cpu_fwd),
-    "triton": Impl(_triton_fwd, _supports),
-    "cuda": Impl(_cuda_fwd, _supports),
+    "triton": Impl(_acc_fwd(_triton_fwd), _supports),
+    "cuda": Impl(_acc_fwd(_cuda_fwd), _supports),
 }
 _BWD = {
-    "reference": Impl(_reference_bwd),
+    "reference": Impl(_acc_bwd(_reference_bwd)),
     "cpu": Impl(_cpu_bwd),
-    "triton": Impl(_triton_bwd, _supports),
-    "cuda": Impl(_cuda_bwd, _supports),
+    "triton": Impl(_acc_bwd(_triton_bwd), _supports),
+    "cuda": Impl(_acc_bwd(_cuda_bwd), _supports),
 }
 assert set(DTYPE_CODE) >= set(FLOAT_DTYPES)
 
@@ -272,8 +294,9 @@ def norm(
     """``(y, h)`` of norm_fwd with autograd (h is empty without a residual).
 
     ``x``: (rows, cols) of dtype T; ``residual``: (rows, cols) of the stream dtype S (norm.h);
-    ``weight`` / ``bias``: (cols,) of the accumulation dtype. The public functions call this
-    with validated arguments. Plain eager calls run the backend directly (see
+    ``weight`` / ``bias``: (cols,) of the accumulation dtype or of T (their gradients are
+    computed in the accumulation dtype; autograd rounds them to T). The public functions call
+    this with validated arguments. Plain eager calls run the backend directly (see
     :func:`lmkernels.ops._common.eager_call`); everything else goes through the registered op.
     """
     if not eager_call(x, residual, weight, bias):

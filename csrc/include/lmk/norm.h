@@ -6,7 +6,8 @@
 //   T  the data type of x, y, dy (f32, f16, bf16, f64)
 //   S  the residual-stream type of residual, h and dh: T, or f32 when T is 16-bit
 //   A  the accumulation type (f64 for f64 data, else f32) of weight, bias, mean, rstd, dw, db.
-// The Python layer converts weight and bias to A before the call (a vector of cols elements).
+// Launchers hand the kernels weight and bias in A (a vector of cols elements): the CPU binding
+// widens 16-bit ones itself, the Python launchers of the other backends convert them.
 //
 // forward, per row r:
 //   h_j    = x_j + residual_j, rounded to S and stored to h     (with a residual; else h = x)
