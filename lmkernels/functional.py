@@ -13,6 +13,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from lmkernels.ops import embedding as _embedding_ops
 from lmkernels.ops import norm as _norm_ops
 from lmkernels.ops import softmax as _softmax_ops
 
@@ -24,6 +25,7 @@ __all__ = [
     "rms_norm",
     "add_layer_norm",
     "add_rms_norm",
+    "embedding",
 ]
 
 
@@ -361,3 +363,66 @@ def add_rms_norm(
     if isinstance(x, Tensor):
         eps = _rms_eps(eps, fn, x.dtype)
     return _add_norm(fn, x, residual, normalized_shape, weight, None, eps, residual_in_fp32, True)
+
+
+# ------------------------------------------------------------------------------ embedding
+
+
+def embedding(
+    input: Tensor,
+    weight: Tensor,
+    padding_idx: int | None = None,
+    max_norm: float | None = None,
+    norm_type: float = 2.0,
+    scale_grad_by_freq: bool = False,
+    sparse: bool = False,
+) -> Tensor:
+    r"""Row lookup ``weight[input]``: ``torch.nn.functional.embedding``.
+
+    ``input``: int32 or int64 indices of any shape; the result has shape
+    ``(*input.shape, embedding_dim)`` and ``weight``'s dtype. An index outside
+    ``[0, num_embeddings)`` raises ``IndexError`` naming it (nothing is written). The gradient of
+    ``weight`` is deterministic: each row's contributions are added in fp32 (fp64 for fp64) in
+    index order; ``padding_idx`` (negative counts from the end) gets none, and
+    ``scale_grad_by_freq`` divides a row's gradient by its count in ``input``. ``max_norm``
+    renormalises the looked-up rows of ``weight`` in place first, with torch's own
+    ``torch.embedding_renorm_`` (so exactly as torch does). ``sparse=True`` (a sparse gradient)
+    is served by ``torch.nn.functional.embedding`` itself: no kernel here produces sparse
+    gradients.
+    """
+    fn = "lmkernels.functional.embedding"
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{fn}: input must be a torch.Tensor, got {type(input).__name__}")
+    if input.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{fn}: input must hold int32 or int64 indices, got dtype {input.dtype}")
+    _check_float_tensor(fn, "weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(
+            f"{fn}: weight must be 2-D (num_embeddings, embedding_dim), got shape "
+            f"{list(weight.shape)}"
+        )
+    if input.device != weight.device:
+        raise ValueError(f"{fn}: input is on {input.device} but weight is on {weight.device}")
+    rows = weight.shape[0]
+    if padding_idx is None:
+        pad = -1
+    else:
+        if isinstance(padding_idx, bool) or not isinstance(padding_idx, numbers.Integral):
+            raise TypeError(f"{fn}: padding_idx must be an int or None, got {padding_idx!r}")
+        if not -rows <= padding_idx < rows:
+            raise ValueError(
+                f"{fn}: padding_idx must be within num_embeddings {rows} (in [{-rows}, {rows})), "
+                f"got {padding_idx}"
+            )
+        pad = int(padding_idx) % rows
+    if not isinstance(scale_grad_by_freq, bool):
+        raise TypeError(f"{fn}: scale_grad_by_freq must be a bool, got {scale_grad_by_freq!r}")
+    if sparse:
+        return torch.nn.functional.embedding(
+            input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse
+        )
+    if max_norm is not None:
+        with torch.no_grad():
+            torch.embedding_renorm_(weight, input.contiguous(), max_norm, norm_type)
+    out = _embedding_ops.embedding(weight, input.reshape(-1), pad, scale_grad_by_freq)
+    return out.view(*input.shape, weight.shape[1])

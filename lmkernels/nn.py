@@ -7,7 +7,7 @@ from torch import Tensor
 
 from lmkernels import functional as F
 
-__all__ = ["Softmax", "LogSoftmax", "LayerNorm", "RMSNorm"]
+__all__ = ["Softmax", "LogSoftmax", "LayerNorm", "RMSNorm", "Embedding"]
 
 
 class Softmax(torch.nn.Softmax):
@@ -38,3 +38,12 @@ class RMSNorm(torch.nn.RMSNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+
+class Embedding(torch.nn.Embedding):
+    """``torch.nn.Embedding`` (same constructor, ``from_pretrained``, parameters and state_dict
+    keys) computed by :func:`lmkernels.functional.embedding`."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.embedding(input, self.weight, self.padding_idx, self.max_norm, self.norm_type,
+                           self.scale_grad_by_freq, self.sparse)  # fmt: skip

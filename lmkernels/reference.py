@@ -111,3 +111,39 @@ def norm_bwd(
     if dh_out is not None:
         dh = dh + dh_out.to(acc)
     return dh.to(h.dtype), (dys * xhat).sum(0), dys.sum(0)
+
+
+def check_indices(idx: Tensor, num_embeddings: int) -> None:
+    """IndexError naming the first index outside [0, num_embeddings) (embedding.h's check)."""
+    bad = ((idx < 0) | (idx >= num_embeddings)).nonzero()
+    if bad.numel():
+        t = int(bad[0, 0])
+        raise IndexError(
+            f"index {int(idx[t])} (at position {t} of the flattened input) is out of range for "
+            f"an embedding of {num_embeddings} rows"
+        )
+
+
+def embedding_fwd(weight: Tensor, idx: Tensor) -> Tensor:
+    """``weight[idx]`` for 1-D ``idx`` (checked first)."""
+    check_indices(idx, weight.shape[0])
+    return weight.index_select(0, idx.long())
+
+
+def embedding_bwd(
+    dy: Tensor, idx: Tensor, num_embeddings: int, padding_idx: int, scale_grad_by_freq: bool
+) -> Tensor:
+    """The gradient of :func:`embedding_fwd` for its table: the ``dy`` rows of each index summed
+    in fp32 (fp64 for fp64) in index order, divided by the index's count with
+    ``scale_grad_by_freq``, zero for ``padding_idx`` (>= 0) and for rows never looked up."""
+    check_indices(idx, num_embeddings)
+    idx = idx.long()
+    acc = _acc_dtype(dy.dtype)
+    dw = torch.zeros(num_embeddings, dy.shape[1], dtype=acc, device=dy.device)
+    dw.index_add_(0, idx, dy.to(acc))
+    if scale_grad_by_freq:
+        counts = torch.bincount(idx, minlength=num_embeddings).clamp_(min=1)
+        dw /= counts.unsqueeze(1).to(acc)
+    if padding_idx >= 0:
+        dw[padding_idx] = 0
+    return dw.to(dy.dtype)

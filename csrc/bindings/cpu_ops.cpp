@@ -16,17 +16,22 @@
 #include <optional>
 #include <string>
 
+#include "lmk/embedding.h"
 #include "lmk/norm.h"
 #include "lmk/softmax.h"
 
 namespace lmk::cpu {
 namespace DEFAULT {
+int64_t embedding_fwd(const EmbeddingFwdParams& p);
+void embedding_bwd(const EmbeddingBwdParams& p);
 void softmax_fwd(const SoftmaxFwdParams& p);
 void softmax_bwd(const SoftmaxBwdParams& p);
 void norm_fwd(const NormFwdParams& p);
 void norm_bwd(const NormBwdParams& p);
 }  // namespace DEFAULT
 namespace AVX2 {
+int64_t embedding_fwd(const EmbeddingFwdParams& p);
+void embedding_bwd(const EmbeddingBwdParams& p);
 void softmax_fwd(const SoftmaxFwdParams& p);
 void softmax_bwd(const SoftmaxBwdParams& p);
 void norm_fwd(const NormFwdParams& p);
@@ -301,10 +306,87 @@ void norm_bwd(const at::Tensor& dy, const std::optional<at::Tensor>& dh_out, con
   }
 }
 
+// ------------------------------------------------------------------ embedding (lmk/embedding.h)
+
+// idx: a contiguous 1-D int32 / int64 tensor; returns whether it is int64.
+bool index_arg(const at::Tensor& idx) {
+  TORCH_CHECK(idx.device().is_cpu(), "lmkernels_cpu: idx must be a CPU tensor");
+  TORCH_CHECK(idx.scalar_type() == at::kLong || idx.scalar_type() == at::kInt,
+              "lmkernels_cpu: idx must be int64 or int32, got ", idx.scalar_type());
+  TORCH_CHECK(idx.dim() == 1 && idx.is_contiguous(), "lmkernels_cpu: idx must be contiguous 1-D");
+  return idx.scalar_type() == at::kLong;
+}
+
+int64_t index_at(const at::Tensor& idx, int64_t t) {
+  return idx.scalar_type() == at::kLong ? idx.data_ptr<int64_t>()[t] : idx.data_ptr<int32_t>()[t];
+}
+
+void embedding_fwd(const at::Tensor& weight, const at::Tensor& idx, const at::Tensor& out) {
+  TORCH_CHECK(weight.device().is_cpu(), "lmkernels_cpu: weight must be a CPU tensor");
+  TORCH_CHECK(weight.dim() == 2 && (weight.size(1) <= 1 || weight.stride(1) == 1),
+              "lmkernels_cpu: weight must be 2-D with contiguous rows");
+  LMK_CHECK_CPU_2D(out, "out");
+  TORCH_CHECK(out.scalar_type() == weight.scalar_type(),
+              "lmkernels_cpu: out must have weight's dtype");
+  EmbeddingFwdParams p;
+  p.dtype = data_dtype(weight, "weight");
+  p.idx64 = index_arg(idx);
+  p.n = idx.size(0);
+  p.dim = weight.size(1);
+  p.num_embeddings = weight.size(0);
+  p.weight_stride = weight.stride(0);
+  TORCH_CHECK(out.size(0) == p.n && out.size(1) == p.dim, "lmkernels_cpu: out must have shape (",
+              p.n, ", ", p.dim, "), got ", out.sizes());
+  p.weight = weight.data_ptr();
+  p.idx = idx.data_ptr();
+  p.out = out.data_ptr();
+  const int64_t bad = use_avx2() ? cpu::AVX2::embedding_fwd(p) : cpu::DEFAULT::embedding_fwd(p);
+  TORCH_CHECK_INDEX(bad < 0, "index ", bad < 0 ? 0 : index_at(idx, bad), " (at position ", bad,
+                    " of the flattened input) is out of range for an embedding of ",
+                    p.num_embeddings, " rows");
+}
+
+void embedding_bwd(const at::Tensor& dy, const at::Tensor& idx, const at::Tensor& dw,
+                   int64_t padding_idx, bool scale_grad_by_freq) {
+  LMK_CHECK_CPU_2D(dy, "dy");
+  LMK_CHECK_CPU_2D(dw, "dw");
+  TORCH_CHECK(dw.scalar_type() == dy.scalar_type(), "lmkernels_cpu: dw must have dy's dtype");
+  EmbeddingBwdParams p;
+  p.dtype = data_dtype(dy, "dy");
+  p.idx64 = index_arg(idx);
+  p.n = idx.size(0);
+  p.dim = dy.size(1);
+  p.num_embeddings = dw.size(0);
+  TORCH_CHECK(dy.size(0) == p.n, "lmkernels_cpu: dy must have one row per index");
+  TORCH_CHECK(dw.size(1) == p.dim, "lmkernels_cpu: dw must have dy's columns");
+  TORCH_CHECK(padding_idx >= -1 && padding_idx < p.num_embeddings,
+              "lmkernels_cpu: padding_idx must be -1 or a row of dw, got ", padding_idx);
+  // The forward checked the indices; a backward called on its own checks them again here.
+  for (int64_t t = 0; t < p.n; ++t) {
+    const int64_t v = index_at(idx, t);
+    TORCH_CHECK_INDEX(v >= 0 && v < p.num_embeddings, "index ", v, " (at position ", t,
+                      ") is out of range for an embedding of ", p.num_embeddings, " rows");
+  }
+  p.dy = dy.data_ptr();
+  p.idx = idx.data_ptr();
+  p.dw = dw.data_ptr();
+  p.padding_idx = padding_idx;
+  p.scale_grad_by_freq = scale_grad_by_freq;
+  if (use_avx2()) {
+    cpu::AVX2::embedding_bwd(p);
+  } else {
+    cpu::DEFAULT::embedding_bwd(p);
+  }
+}
+
 }  // namespace
 }  // namespace lmk
 
 TORCH_LIBRARY(lmkernels_cpu, m) {
+  m.def("embedding_fwd(Tensor weight, Tensor idx, Tensor(a!) out) -> ()");
+  m.def(
+      "embedding_bwd(Tensor dy, Tensor idx, Tensor(a!) dw, int padding_idx, "
+      "bool scale_grad_by_freq) -> ()");
   m.def(
       "softmax_fwd(Tensor x, Tensor(a!) y, float scale, bool log, Tensor? mask, "
       "Tensor? mask_row_offsets, int mask_col_stride, bool causal, int causal_rows) -> ()");
@@ -319,6 +401,8 @@ TORCH_LIBRARY(lmkernels_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(lmkernels_cpu, CPU, m) {
+  m.impl("embedding_fwd", &lmk::embedding_fwd);
+  m.impl("embedding_bwd", &lmk::embedding_bwd);
   m.impl("softmax_fwd", &lmk::softmax_fwd);
   m.impl("softmax_bwd", &lmk::softmax_bwd);
   m.impl("norm_fwd", &lmk::norm_fwd);

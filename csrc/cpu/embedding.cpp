@@ -1,0 +1,159 @@
+// Embedding lookup and its deterministic weight gradient on CPU (contract: lmk/embedding.h).
+// Compiled twice, like every csrc/cpu file (vec.h: AVX2 or portable).
+//
+// Forward: check every index (one pass over idx), then copy rows, parallel over tokens.
+// Backward: a counting sort of the tokens by row (CSR: start[v] .. start[v + 1] lists the
+// tokens of row v in increasing t), then rows in parallel: each row's tokens are added in
+// that order in fp32 (fp64 for fp64), scaled, rounded once and stored; runs of rows that get
+// no gradient are zeroed with one memset each. Every dw row is written exactly once, so the
+// traffic is one write of dw plus one read of dy; the order of additions depends only on idx.
+#include "lmk/embedding.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#if defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
+namespace lmk::cpu::CPU_CAPABILITY {
+namespace {
+
+#include "vec.h"
+
+template <class I>
+int64_t first_bad(const I* idx, int64_t n, int64_t rows) {
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t v = static_cast<int64_t>(idx[t]);
+    if (v < 0 || v >= rows) return t;
+  }
+  return -1;
+}
+
+template <class I>
+int64_t fwd_typed(const EmbeddingFwdParams& p) {
+  const I* idx = static_cast<const I*>(p.idx);
+  const int64_t bad = first_bad(idx, p.n, p.num_embeddings);
+  if (bad >= 0) return bad;
+  const int64_t row_bytes = p.dim * dtype_size(p.dtype);
+  const int64_t stride_bytes = p.weight_stride * dtype_size(p.dtype);
+  const char* w = static_cast<const char*>(p.weight);
+  char* out = static_cast<char*>(p.out);
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(row_bytes, 1));
+  at::parallel_for(0, p.n, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      std::memcpy(out + t * row_bytes, w + static_cast<int64_t>(idx[t]) * stride_bytes, row_bytes);
+    }
+  });
+  return -1;
+}
+
+// dst = scale * (the sum of the dy rows of tokens order[s0 .. s1), added in that order), in fp32
+// vectors (fp64 scalars for fp64), rounded once to T.
+template <class T>
+void sum_rows(const T* dy, const int64_t* order, int64_t s0, int64_t s1, int64_t d, double scale,
+              T* dst) {
+  if constexpr (std::is_same_v<T, double>) {
+    for (int64_t j = 0; j < d; ++j) {
+      double acc = dy[order[s0] * d + j];
+      for (int64_t s = s0 + 1; s < s1; ++s) acc += dy[order[s] * d + j];
+      dst[j] = scale == 1.0 ? acc : acc * scale;
+    }
+  } else {
+    const Vf vs = vset(static_cast<float>(scale));
+    for (int64_t j = 0; j < d; j += kW) {
+      const int64_t k = std::min<int64_t>(kW, d - j);
+      auto ld = [&](int64_t t) {
+        const T* src = dy + t * d + j;
+        return k == kW ? load(src) : load_n(src, k, 0.f);
+      };
+      Vf acc = ld(order[s0]);
+      for (int64_t s = s0 + 1; s < s1; ++s) acc = vadd(acc, ld(order[s]));
+      if (scale != 1.0) acc = vmul(acc, vs);
+      if (k == kW) {
+        store(dst + j, acc);
+      } else {
+        store_n(dst + j, acc, k);
+      }
+    }
+  }
+}
+
+template <class T, class I>
+void bwd_typed(const EmbeddingBwdParams& p) {
+  const int64_t rows = p.num_embeddings, n = p.n, d = p.dim;
+  const I* idx = static_cast<const I*>(p.idx);
+  // CSR of the tokens per row, stable in t
+  std::vector<int64_t> start(rows + 1, 0), order(n);
+  for (int64_t t = 0; t < n; ++t) ++start[static_cast<int64_t>(idx[t]) + 1];
+  for (int64_t v = 0; v < rows; ++v) start[v + 1] += start[v];
+  {
+    std::vector<int64_t> next(start.begin(), start.end() - 1);
+    for (int64_t t = 0; t < n; ++t) order[next[static_cast<int64_t>(idx[t])]++] = t;
+  }
+  const T* dy = static_cast<const T*>(p.dy);
+  T* dw = static_cast<T*>(p.dw);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t v0, int64_t v1) {
+    int64_t zeros_from = v0;  // start of the pending run of rows without gradient
+    auto flush = [&](int64_t v) {
+      if (v > zeros_from) {
+        std::memset(dw + zeros_from * d, 0, static_cast<size_t>((v - zeros_from) * d) * sizeof(T));
+      }
+    };
+    for (int64_t v = v0; v < v1; ++v) {
+      const int64_t s0 = start[v], s1 = start[v + 1];
+      if (s0 == s1 || v == p.padding_idx) continue;
+      flush(v);
+      zeros_from = v + 1;
+      // (1 / count rounded to fp32 for fp32 math, as torch scales)
+      double scale = p.scale_grad_by_freq ? 1.0 / static_cast<double>(s1 - s0) : 1.0;
+      if constexpr (!std::is_same_v<T, double>) scale = static_cast<float>(scale);
+      sum_rows(dy, order.data(), s0, s1, d, scale, dw + v * d);
+    }
+    flush(v1);
+  });
+}
+
+template <class I>
+void bwd_index(const EmbeddingBwdParams& p) {
+  switch (p.dtype) {
+    case DType::F32:
+      return bwd_typed<float, I>(p);
+    case DType::F16:
+      return bwd_typed<Half, I>(p);
+    case DType::BF16:
+      return bwd_typed<BFloat16, I>(p);
+    case DType::F64:
+      return bwd_typed<double, I>(p);
+    case DType::Bool:
+      break;
+  }
+}
+
+}  // namespace
+
+int64_t embedding_fwd(const EmbeddingFwdParams& p) {
+  if (p.n <= 0) return -1;
+  return p.idx64 ? fwd_typed<int64_t>(p) : fwd_typed<int32_t>(p);
+}
+
+void embedding_bwd(const EmbeddingBwdParams& p) {
+  if (p.num_embeddings <= 0 || p.dim <= 0) return;
+  if (p.idx64) {
+    bwd_index<int64_t>(p);
+  } else {
+    bwd_index<int32_t>(p);
+  }
+}
+
+}  // namespace lmk::cpu::CPU_CAPABILITY

@@ -1,0 +1,152 @@
+"""Embedding lookup as torch.library custom ops: registration, dispatch, autograd.
+
+``lmkernels::embedding_fwd(weight, idx)`` gathers the rows ``weight[idx]`` of a 2-D table for a
+1-D index vector; ``lmkernels::embedding_bwd(dy, idx, num_embeddings, padding_idx,
+scale_grad_by_freq)`` is the table's gradient, deterministic on every backend (the order of the
+additions depends only on ``idx``). :func:`lmkernels.functional.embedding` validates arguments,
+applies ``max_norm`` and flattens the indices before calling :func:`embedding`. The semantics,
+shared by every backend, are in csrc/include/lmk/embedding.h.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from lmkernels import reference
+from lmkernels.backends import Impl, dispatch
+from lmkernels.ops._common import eager_call
+
+# ------------------------------------------------------------------------------- launchers
+# Every backend's launcher takes a (rows, dim) weight with contiguous rows, contiguous 1-D
+# int32/int64 indices and a preallocated output:
+#   fwd(weight, idx, out)                                 raises IndexError for a bad index
+#   bwd(dy, idx, dw, padding_idx, scale_grad_by_freq)     padding_idx -1: none
+
+
+def _cpu_fwd(weight, idx, out):
+    torch.ops.lmkernels_cpu.embedding_fwd(weight, idx, out)
+
+
+def _cpu_bwd(dy, idx, dw, padding_idx, scale_grad_by_freq):
+    torch.ops.lmkernels_cpu.embedding_bwd(dy, idx, dw, padding_idx, scale_grad_by_freq)
+
+
+def _reference_fwd(weight, idx, out):
+    out.copy_(reference.embedding_fwd(weight, idx))
+
+
+def _reference_bwd(dy, idx, dw, padding_idx, scale_grad_by_freq):
+    dw.copy_(reference.embedding_bwd(dy, idx, dw.shape[0], padding_idx, scale_grad_by_freq))
+
+
+# No triton / cuda kernel yet: dispatch names the op as unimplemented on those backends (and
+# the default order serves CUDA tensors through the reference path).
+_FWD = {"reference": Impl(_reference_fwd), "cpu": Impl(_cpu_fwd)}
+_BWD = {"reference": Impl(_reference_bwd), "cpu": Impl(_cpu_bwd)}
+
+# ----------------------------------------------------------------------------- registered ops
+
+
+def _rows(weight: Tensor) -> Tensor:
+    return weight if weight.shape[1] <= 1 or weight.stride(1) == 1 else weight.contiguous()
+
+
+def _run_fwd(weight: Tensor, idx: Tensor) -> Tensor:
+    out = torch.empty(idx.shape[0], weight.shape[1], dtype=weight.dtype, device=weight.device)
+    if idx.numel() and weight.shape[1]:
+        fn = dispatch("embedding", _FWD, weight.device, weight, idx)
+        fn(_rows(weight), idx.contiguous(), out)
+    elif idx.numel():  # zero columns: only the index check
+        reference.check_indices(idx, weight.shape[0])
+    return out
+
+
+def _run_bwd(dy, idx, num_embeddings, padding_idx, scale_grad_by_freq) -> Tensor:
+    dw = torch.empty(num_embeddings, dy.shape[1], dtype=dy.dtype, device=dy.device)
+    if idx.numel() == 0 or dy.shape[1] == 0:
+        return dw.zero_()
+    fn = dispatch("embedding backward", _BWD, dy.device, dy, idx)
+    fn(dy.contiguous(), idx.contiguous(), dw, padding_idx, scale_grad_by_freq)
+    return dw
+
+
+@torch.library.custom_op("lmkernels::embedding_fwd", mutates_args=())
+def embedding_fwd(
+    weight: Tensor, idx: Tensor, padding_idx: int, scale_grad_by_freq: bool
+) -> Tensor:
+    # (padding_idx and scale_grad_by_freq shape only the backward; they are arguments here so
+    # that the registered autograd has them)
+    return _run_fwd(weight, idx)
+
+
+@embedding_fwd.register_fake
+def _(weight, idx, padding_idx, scale_grad_by_freq):
+    return weight.new_empty(idx.shape[0], weight.shape[1])
+
+
+@torch.library.custom_op("lmkernels::embedding_bwd", mutates_args=())
+def embedding_bwd(
+    dy: Tensor, idx: Tensor, num_embeddings: int, padding_idx: int, scale_grad_by_freq: bool
+) -> Tensor:
+    return _run_bwd(dy, idx, num_embeddings, padding_idx, scale_grad_by_freq)
+
+
+@embedding_bwd.register_fake
+def _(dy, idx, num_embeddings, padding_idx, scale_grad_by_freq):
+    return dy.new_empty(num_embeddings, dy.shape[1])
+
+
+# ------------------------------------------------------------------------------------ autograd
+
+
+def _setup_context(ctx, inputs, output):
+    weight, idx, padding_idx, scale_grad_by_freq = inputs
+    ctx.save_for_backward(idx)
+    ctx.num_embeddings, ctx.padding_idx = weight.shape[0], padding_idx
+    ctx.scale_grad_by_freq = scale_grad_by_freq
+
+
+def _grads(ctx, dy, bwd):
+    (idx,) = ctx.saved_tensors
+    dw = bwd(dy, idx, ctx.num_embeddings, ctx.padding_idx, ctx.scale_grad_by_freq)
+    return dw, None, None, None
+
+
+embedding_fwd.register_autograd(
+    lambda ctx, dy: _grads(ctx, dy, embedding_bwd), setup_context=_setup_context
+)
+
+
+class _EmbeddingEager(torch.autograd.Function):
+    """The same forward and backward as the registered op, for plain eager calls."""
+
+    @staticmethod
+    def forward(ctx, weight, idx, padding_idx, scale_grad_by_freq):
+        out = _run_fwd(weight, idx)
+        _setup_context(ctx, (weight, idx, padding_idx, scale_grad_by_freq), out)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        return _grads(ctx, dy, _run_bwd)
+
+
+# ------------------------------------------------------------------------------ entry point
+
+
+def embedding(weight: Tensor, idx: Tensor, padding_idx: int, scale_grad_by_freq: bool) -> Tensor:
+    """``weight[idx]`` as (len(idx), dim), with autograd into ``weight``.
+
+    ``weight``: (num_embeddings, dim) floating; ``idx``: 1-D int32/int64; ``padding_idx``: a
+    row that receives no gradient, or -1. The public function calls this with validated
+    arguments. Plain eager calls run the backend directly (see
+    :func:`lmkernels.ops._common.eager_call`); everything else goes through the registered ops.
+    """
+    if not eager_call(weight, idx):
+        return embedding_fwd(weight, idx, padding_idx, scale_grad_by_freq)
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return _EmbeddingEager.apply(weight, idx, padding_idx, scale_grad_by_freq)
+    return _run_fwd(weight, idx)
