@@ -134,16 +134,17 @@ def embedding_bwd(
     dy: Tensor, idx: Tensor, num_embeddings: int, padding_idx: int, scale_grad_by_freq: bool
 ) -> Tensor:
     """The gradient of :func:`embedding_fwd` for its table: the ``dy`` rows of each index summed
-    in fp32 (fp64 for fp64) in index order, divided by the index's count with
-    ``scale_grad_by_freq``, zero for ``padding_idx`` (>= 0) and for rows never looked up."""
+    in fp32 (fp64 for fp64) in index order (``index_add_``: in order on CPU), times the
+    reciprocal of the index's count with ``scale_grad_by_freq``, zero for ``padding_idx``
+    (>= 0) and for rows never looked up."""
     check_indices(idx, num_embeddings)
     idx = idx.long()
     acc = _acc_dtype(dy.dtype)
     dw = torch.zeros(num_embeddings, dy.shape[1], dtype=acc, device=dy.device)
     dw.index_add_(0, idx, dy.to(acc))
-    if scale_grad_by_freq:
+    if scale_grad_by_freq:  # times 1 / count, the reciprocal rounded to acc (embedding.h)
         counts = torch.bincount(idx, minlength=num_embeddings).clamp_(min=1)
-        dw /= counts.unsqueeze(1).to(acc)
+        dw *= (1.0 / counts.to(torch.float64)).to(acc).unsqueeze(1)
     if padding_idx >= 0:
         dw[padding_idx] = 0
     return dw.to(dy.dtype)

@@ -227,3 +227,21 @@ def test_cpu_offsets_past_2_31_elements():
     assert torch.equal(dw[-1], torch.full((dim,), 2.0, dtype=torch.bfloat16))
     assert torch.equal(dw[0], torch.ones(dim, dtype=torch.bfloat16))
     assert torch.count_nonzero(dw[-2]) == 0 and torch.count_nonzero(dw[rows // 2]) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_outputs_of_16_mib_take_the_streaming_store_path(dtype):
+    """out and dw of >= 16 MiB are written with non-temporal stores: the same values."""
+    _needs("cpu")
+    torch.manual_seed(0)
+    rows = 8192 if dtype == torch.bfloat16 else 4096  # dw: exactly 16 MiB
+    w = torch.randn(rows, 1024).to(dtype)
+    idx = torch.randint(0, rows, (8192,))
+    idx[:100] = 7  # one row hit many times
+    out = emb_ops._run_fwd(w, idx)  # >= 16 MiB
+    assert torch.equal(out, w[idx])
+    dy = torch.randn(8192, 1024).to(dtype)
+    for pad, scale in ((-1, False), (7, True)):
+        got = emb_ops._run_bwd(dy, idx, rows, pad, scale)
+        want = lmkernels.reference.embedding_bwd(dy, idx, rows, pad, scale)
+        assert torch.equal(got, want)

@@ -131,6 +131,17 @@ inline void stream_pair(T* p, Vf a, Vf b) {
   stream2(p, a, b);
 }
 inline void store_fence() { _mm_sfence(); }
+// Raw byte copy / zero fill with non-temporal stores: dst 32-byte aligned, bytes % 32 == 0.
+inline void copy_stream(void* dst, const void* src, int64_t bytes) {
+  auto* d = static_cast<__m256i*>(dst);
+  const auto* s = static_cast<const __m256i*>(src);
+  for (int64_t i = 0; i < bytes / 32; ++i) _mm256_stream_si256(d + i, _mm256_loadu_si256(s + i));
+}
+inline void zero_stream(void* dst, int64_t bytes) {
+  auto* d = static_cast<__m256i*>(dst);
+  const __m256i z = _mm256_setzero_si256();
+  for (int64_t i = 0; i < bytes / 32; ++i) _mm256_stream_si256(d + i, z);
+}
 // Optimisation barrier that makes gcc keep a loop accumulator in a register.
 inline void keep_in_register(Vf& a) { asm("" : "+x"(a.v)); }
 inline float hsum(Vf a) {
@@ -212,6 +223,12 @@ inline void stream_pair(T* p, Vf a, Vf b) {
   store2(p, a, b);
 }
 inline void store_fence() {}
+inline void copy_stream(void* dst, const void* src, int64_t bytes) {
+  std::memcpy(dst, src, static_cast<size_t>(bytes));
+}
+inline void zero_stream(void* dst, int64_t bytes) {
+  std::memset(dst, 0, static_cast<size_t>(bytes));
+}
 inline float hsum(Vf a) {
   float s01 = (a.v[0] + a.v[4]) + (a.v[2] + a.v[6]);
   float s23 = (a.v[1] + a.v[5]) + (a.v[3] + a.v[7]);

@@ -6,9 +6,9 @@
 //
 // Backward (deterministic): dw[v, :] = scale_v * sum over t with idx[t] == v, in increasing t,
 // of dy[t, :], accumulated in A (f32; f64 for f64 data) and rounded once to T, where
-// scale_v = 1 / count(v) with scale_grad_by_freq, else 1. Rows never looked up, and the row
-// padding_idx (when >= 0), are zeros. The order of the additions depends only on idx, so the
-// result is bitwise the same on every call and for any thread count. Indices are those the
+// scale_v = 1 / count(v) (rounded to A) with scale_grad_by_freq, else 1. Rows never looked up, and
+// the row padding_idx (when >= 0), are zeros. The order of the additions depends only on idx, so
+// the result is bitwise the same on every call and for any thread count. Indices are those the
 // forward checked.
 #pragma once
 #include <cstdint>
