@@ -15,6 +15,7 @@ from torch import Tensor
 
 from lmkernels.ops import embedding as _embedding_ops
 from lmkernels.ops import norm as _norm_ops
+from lmkernels.ops import rotary as _rotary_ops
 from lmkernels.ops import softmax as _softmax_ops
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "add_layer_norm",
     "add_rms_norm",
     "embedding",
+    "apply_rotary",
 ]
 
 
@@ -426,3 +428,61 @@ def embedding(
             torch.embedding_renorm_(weight, input.contiguous(), max_norm, norm_type)
     out = _embedding_ops.embedding(weight, input.reshape(-1), pad, scale_grad_by_freq)
     return out.view(*input.shape, weight.shape[1])
+
+
+# ------------------------------------------------------------------------------ rotary
+
+
+def apply_rotary(
+    x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False, inplace: bool = False
+) -> Tensor:
+    r"""Rotary position embedding: ``x * cos + rot(x) * sin``.
+
+    ``rot`` is the NeoX / Hugging Face ``rotate_half`` (``cat(-x2, x1)`` of the two halves of
+    the last dim), or GPT-J's ``rotate_every_two`` when ``interleaved``. ``x``: (..., head_dim)
+    with an even head_dim, in any layout (e.g. (batch, seq, heads, head_dim) with ``cos`` of
+    shape (seq, 1, head_dim), or (batch, heads, seq, head_dim) with (seq, head_dim)); ``cos`` /
+    ``sin`` broadcast to ``x`` and are never expanded in memory. The result has torch's
+    promoted dtype of the three (computed in fp32, fp64 for fp64, rounded once). ``inplace``
+    writes into ``x`` (contiguous, already of the result dtype, not requiring grad) and returns
+    it. Gradients flow to ``x``; when ``cos`` or ``sin`` require grad the call runs the
+    differentiable reference formula instead (tables usually do not).
+    """
+    fn = "lmkernels.functional.apply_rotary"
+    _check_float_tensor(fn, "x", x)
+    _check_float_tensor(fn, "cos", cos)
+    _check_float_tensor(fn, "sin", sin)
+    if x.dim() == 0 or x.shape[-1] % 2:
+        raise ValueError(f"{fn}: x's last dim (head_dim) must be even, got shape {list(x.shape)}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.device != x.device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but x is on {x.device}")
+        try:
+            ok = torch.broadcast_shapes(t.shape, x.shape) == x.shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"{fn}: {name} of shape {list(t.shape)} does not broadcast to x's shape "
+                f"{list(x.shape)}"
+            )
+    for name, v in (("interleaved", interleaved), ("inplace", inplace)):
+        if not isinstance(v, bool):
+            raise TypeError(f"{fn}: {name} must be a bool, got {v!r}")
+    dtype = torch.promote_types(torch.promote_types(x.dtype, cos.dtype), sin.dtype)
+    grad = torch.is_grad_enabled()
+    if grad and (cos.requires_grad or sin.requires_grad):
+        if inplace:
+            raise ValueError(f"{fn}: inplace=True cannot give cos / sin gradients")
+        from lmkernels import reference
+
+        return reference.rotary(x, cos, sin, interleaved)
+    if inplace:
+        if x.dtype != dtype or not x.is_contiguous() or (grad and x.requires_grad):
+            raise ValueError(
+                f"{fn}: inplace=True needs x contiguous, of the result dtype {dtype} and not "
+                f"requiring grad (x: {x.dtype}, contiguous={x.is_contiguous()}, "
+                f"requires_grad={x.requires_grad})"
+            )
+    cos, sin = cos.to(dtype), sin.to(dtype)  # no-ops unless a table has a narrower dtype
+    return _rotary_ops.apply(x.to(dtype), cos, sin, interleaved, inplace)

@@ -148,3 +148,25 @@ def embedding_bwd(
     if padding_idx >= 0:
         dw[padding_idx] = 0
     return dw.to(dy.dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """NeoX / Hugging Face: ``cat(-x2, x1)`` of the two halves of the last dim."""
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def rotate_every_two(x: Tensor) -> Tensor:
+    """GPT-J: ``(-x[2i + 1], x[2i])`` for each neighbouring pair of the last dim."""
+    return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+
+
+def rotary(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
+    """``x * cos + rot(x) * sin`` in fp32 (fp64 for fp64), rounded once to the promoted dtype of
+    x, cos and sin; rot is :func:`rotate_every_two` if ``interleaved``, else
+    :func:`rotate_half`. cos and sin broadcast to x."""
+    out_dtype = torch.promote_types(torch.promote_types(x.dtype, cos.dtype), sin.dtype)
+    acc = _acc_dtype(out_dtype)
+    x32, c32, s32 = x.to(acc), cos.to(acc), sin.to(acc)
+    rot = rotate_every_two if interleaved else rotate_half
+    return (x32 * c32 + rot(x32) * s32).to(out_dtype)

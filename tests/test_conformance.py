@@ -2,6 +2,7 @@
 
 import cases_embedding  # noqa: F401  (registers its cases)
 import cases_norm  # noqa: F401
+import cases_rotary  # noqa: F401
 import pytest
 import torch
 
@@ -27,9 +28,10 @@ BACKEND_DTYPES = {
 # BackendUnavailable for the rest; tested in test_norm.py).
 _NORMS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
 NARROWER = {("triton", op): {torch.float32, torch.float16, torch.bfloat16} for op in _NORMS}
-# No triton / cuda embedding kernel yet (issue 4): dispatch raises BackendUnavailable naming
-# the op (tested in test_embedding.py).
-NARROWER |= {(backend, "embedding"): set() for backend in ("triton", "cuda")}
+# No triton / cuda embedding or rotary kernel yet (issue 4): dispatch raises
+# BackendUnavailable naming the op (tested in test_embedding.py / test_rotary.py).
+NARROWER |= {(backend, op): set() for backend in ("triton", "cuda")
+             for op in ("embedding", "apply_rotary")}  # fmt: skip
 
 
 def _enter(backend: str, case, dtype):

@@ -12,16 +12,19 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <memory>
 #include <optional>
 #include <string>
 
 #include "lmk/embedding.h"
 #include "lmk/norm.h"
+#include "lmk/rotary.h"
 #include "lmk/softmax.h"
 
 namespace lmk::cpu {
 namespace DEFAULT {
+void rotary(const RotaryParams& p);
 int64_t embedding_fwd(const EmbeddingFwdParams& p);
 void embedding_bwd(const EmbeddingBwdParams& p);
 void softmax_fwd(const SoftmaxFwdParams& p);
@@ -30,6 +33,7 @@ void norm_fwd(const NormFwdParams& p);
 void norm_bwd(const NormBwdParams& p);
 }  // namespace DEFAULT
 namespace AVX2 {
+void rotary(const RotaryParams& p);
 int64_t embedding_fwd(const EmbeddingFwdParams& p);
 void embedding_bwd(const EmbeddingBwdParams& p);
 void softmax_fwd(const SoftmaxFwdParams& p);
@@ -379,10 +383,66 @@ void embedding_bwd(const at::Tensor& dy, const at::Tensor& idx, const at::Tensor
   }
 }
 
+// ------------------------------------------------------------------ rotary (lmk/rotary.h)
+
+// cos / sin: their storage pointer (element offsets per row come separately), checked against
+// the offsets' range so no row reads outside the tensor's storage.
+const void* rotary_table(const at::Tensor& t, const at::Tensor& off, const char* name,
+                         const at::Tensor& x, int64_t d) {
+  TORCH_CHECK(t.device().is_cpu(), "lmkernels_cpu: ", name, " must be a CPU tensor");
+  const bool half = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(t.scalar_type() == x.scalar_type() || (half && t.scalar_type() == at::kFloat),
+              "lmkernels_cpu: ", name, " must have x's dtype", half ? " or float32" : "", ", got ",
+              t.scalar_type());
+  TORCH_CHECK(off.device().is_cpu() && off.scalar_type() == at::kLong && off.dim() == 1 &&
+                  off.is_contiguous() && off.size(0) == x.size(0),
+              "lmkernels_cpu: ", name, " offsets must be a contiguous int64 vector of x's rows");
+  const int64_t span = t.storage().nbytes() / t.element_size() - t.storage_offset();
+  if (off.numel() > 0) {
+    const auto [lo, hi] =
+        std::minmax_element(off.data_ptr<int64_t>(), off.data_ptr<int64_t>() + off.numel());
+    TORCH_CHECK(*lo >= 0 && *hi + d <= span, "lmkernels_cpu: ", name,
+                " offsets reach outside its storage");
+  }
+  return t.data_ptr();
+}
+
+void rotary(const at::Tensor& x, const at::Tensor& out, const at::Tensor& cos,
+            const at::Tensor& sin, const at::Tensor& cos_off, const at::Tensor& sin_off,
+            bool interleaved, bool backward) {
+  LMK_CHECK_CPU_2D(x, "x");
+  LMK_CHECK_CPU_2D(out, "out");
+  LMK_CHECK_LIKE(out, x, "out", "x");
+  RotaryParams p;
+  p.dtype = data_dtype(x, "x");
+  p.rows = x.size(0);
+  p.d = x.size(1);
+  TORCH_CHECK(p.d % 2 == 0, "lmkernels_cpu: x's last dim must be even, got ", p.d);
+  TORCH_CHECK(cos.scalar_type() == sin.scalar_type(),
+              "lmkernels_cpu: cos and sin must share a dtype");
+  p.cos = rotary_table(cos, cos_off, "cos", x, p.d);
+  p.sin = rotary_table(sin, sin_off, "sin", x, p.d);
+  p.cs_dtype = data_dtype(cos, "cos");
+  p.cos_off = cos_off.data_ptr<int64_t>();
+  p.sin_off = sin_off.data_ptr<int64_t>();
+  p.x = x.data_ptr();
+  p.out = out.data_ptr();
+  p.interleaved = interleaved;
+  p.backward = backward;
+  if (use_avx2()) {
+    cpu::AVX2::rotary(p);
+  } else {
+    cpu::DEFAULT::rotary(p);
+  }
+}
+
 }  // namespace
 }  // namespace lmk
 
 TORCH_LIBRARY(lmkernels_cpu, m) {
+  m.def(
+      "rotary(Tensor x, Tensor(a!) out, Tensor cos, Tensor sin, Tensor cos_off, Tensor sin_off, "
+      "bool interleaved, bool backward) -> ()");
   m.def("embedding_fwd(Tensor weight, Tensor idx, Tensor(a!) out) -> ()");
   m.def(
       "embedding_bwd(Tensor dy, Tensor idx, Tensor(a!) dw, int padding_idx, "
@@ -401,6 +461,7 @@ TORCH_LIBRARY(lmkernels_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(lmkernels_cpu, CPU, m) {
+  m.impl("rotary", &lmk::rotary);
   m.impl("embedding_fwd", &lmk::embedding_fwd);
   m.impl("embedding_bwd", &lmk::embedding_bwd);
   m.impl("softmax_fwd", &lmk::softmax_fwd);
