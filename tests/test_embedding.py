@@ -114,10 +114,9 @@ def test_bad_input_raises_naming_the_argument(i):
         call()
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_backends_without_a_kernel_say_so(backend):
+def test_backend_without_a_kernel_says_so():
     w, idx = torch.randn(10, 4), torch.tensor([1, 2])
-    with lmkernels.use_backend(backend), pytest.raises(BackendUnavailable, match="embedding"):
+    with lmkernels.use_backend("triton"), pytest.raises(BackendUnavailable, match="embedding"):
         LF.embedding(idx, w)
 
 

@@ -12,6 +12,8 @@
 #include <string>
 #include <vector>
 
+#include "lmk/embedding.h"
+#include "lmk/embedding_cuda.h"
 #include "lmk/norm.h"
 #include "lmk/norm_cuda.h"
 #include "lmk/softmax.h"
@@ -224,6 +226,113 @@ void norm_bwd(uint64_t dy, uint64_t dh_out, uint64_t h, uint64_t weight, uint64_
   check_cuda(lmk::norm_bwd_cuda(p, reinterpret_cast<float*>(workspace), as_stream(stream)), op);
 }
 
+// Data dtype of the embedding kernels: F32, F16, BF16 or F64 (a copy and an fp64 sum).
+lmk::DType embedding_dtype(const char* op, int64_t code) {
+  switch (code) {
+    case static_cast<int64_t>(lmk::DType::F32):
+    case static_cast<int64_t>(lmk::DType::F16):
+    case static_cast<int64_t>(lmk::DType::BF16):
+    case static_cast<int64_t>(lmk::DType::F64):
+      return static_cast<lmk::DType>(code);
+    default:
+      value_error(
+          op, "dtype",
+          "expected a DType code F32=0, F16=1, BF16=2 or F64=3, got " + std::to_string(code));
+  }
+}
+
+void check_aligned(const char* op, const char* arg, uint64_t p, int64_t bytes) {
+  if (p % static_cast<uint64_t>(bytes) != 0) {
+    value_error(op, arg,
+                "data pointer not aligned to its " + std::to_string(bytes) + "-byte elements");
+  }
+}
+
+void embedding_check(uint64_t idx, uint64_t status, bool idx64, int64_t n, int64_t num_embeddings,
+                     uint64_t stream) {
+  const char* op = "embedding_check";
+  check_nonnegative(op, "n", n);
+  check_nonnegative(op, "num_embeddings", num_embeddings);
+  if (n == 0) return;
+  check_pointer(op, "idx", idx);
+  check_pointer(op, "status", status);
+  check_cuda(lmk::embedding_check_cuda(reinterpret_cast<const void*>(idx), idx64, n, num_embeddings,
+                                       reinterpret_cast<int64_t*>(status), as_stream(stream)),
+             op);
+}
+
+void embedding_fwd(uint64_t weight, uint64_t idx, uint64_t out, uint64_t status, int64_t dtype,
+                   bool idx64, int64_t n, int64_t dim, int64_t num_embeddings,
+                   int64_t weight_stride, uint64_t stream) {
+  const char* op = "embedding_fwd";
+  lmk::EmbeddingFwdParams p;
+  p.dtype = embedding_dtype(op, dtype);
+  check_nonnegative(op, "n", n);
+  check_nonnegative(op, "dim", dim);
+  check_nonnegative(op, "num_embeddings", num_embeddings);
+  check_nonnegative(op, "weight_stride", weight_stride);
+  if (n == 0) return;  // nothing to check or copy; status is not written
+  check_pointer(op, "idx", idx);
+  check_pointer(op, "status", status);
+  if (dim > 0 && num_embeddings > 0) {
+    check_pointer(op, "weight", weight);
+    check_pointer(op, "out", out);
+    check_aligned(op, "weight", weight, lmk::dtype_size(p.dtype));
+    check_aligned(op, "out", out, lmk::dtype_size(p.dtype));
+  }
+  p.weight = reinterpret_cast<const void*>(weight);
+  p.idx = reinterpret_cast<const void*>(idx);
+  p.idx64 = idx64;
+  p.out = reinterpret_cast<void*>(out);
+  p.n = n;
+  p.dim = dim;
+  p.num_embeddings = num_embeddings;
+  p.weight_stride = weight_stride;
+  check_cuda(lmk::embedding_fwd_cuda(p, reinterpret_cast<int64_t*>(status), as_stream(stream)), op);
+}
+
+void embedding_bwd(uint64_t dy, uint64_t dw, uint64_t order, uint64_t seg_offsets,
+                   uint64_t seg_rows, uint64_t seg_scale, int64_t dtype, int64_t nseg, int64_t n,
+                   int64_t dim, int64_t num_embeddings, int64_t padding_idx, uint64_t stream) {
+  const char* op = "embedding_bwd";
+  lmk::EmbeddingBwdSortedParams p;
+  p.dtype = embedding_dtype(op, dtype);
+  check_nonnegative(op, "nseg", nseg);
+  check_nonnegative(op, "n", n);
+  check_nonnegative(op, "dim", dim);
+  check_nonnegative(op, "num_embeddings", num_embeddings);
+  if (nseg > n) {
+    value_error(
+        op, "nseg",
+        "more segments (" + std::to_string(nseg) + ") than tokens (" + std::to_string(n) + ")");
+  }
+  if (padding_idx < -1 || padding_idx >= num_embeddings) {
+    value_error(op, "padding_idx",
+                "expected -1 (none) or a row in [0, " + std::to_string(num_embeddings) + "), got " +
+                    std::to_string(padding_idx));
+  }
+  if (nseg == 0 || dim == 0) return;  // nothing to write (the caller zeroed dw)
+  check_pointer(op, "dy", dy);
+  check_pointer(op, "dw", dw);
+  check_pointer(op, "order", order);
+  check_pointer(op, "seg_offsets", seg_offsets);
+  check_pointer(op, "seg_rows", seg_rows);
+  check_aligned(op, "dy", dy, lmk::dtype_size(p.dtype));
+  check_aligned(op, "dw", dw, lmk::dtype_size(p.dtype));
+  p.dy = reinterpret_cast<const void*>(dy);
+  p.dw = reinterpret_cast<void*>(dw);
+  p.order = reinterpret_cast<const int64_t*>(order);
+  p.seg_offsets = reinterpret_cast<const int64_t*>(seg_offsets);
+  p.seg_rows = reinterpret_cast<const int64_t*>(seg_rows);
+  p.seg_scale = reinterpret_cast<const void*>(seg_scale);
+  p.nseg = nseg;
+  p.n = n;
+  p.dim = dim;
+  p.num_embeddings = num_embeddings;
+  p.padding_idx = padding_idx;
+  check_cuda(lmk::embedding_bwd_cuda(p, as_stream(stream)), op);
+}
+
 // What this module was built for. Never raises and never needs a GPU.
 py::dict build_info() {
   std::vector<std::string> archs;
@@ -244,7 +353,9 @@ py::dict build_info() {
   d["driver_version"] = driver;  // 0: no driver
   d["cudart"] = "static";
   d["dtypes"] = std::vector<std::string>{"F32", "F16", "BF16"};
-  d["ops"] = std::vector<std::string>{"softmax_fwd", "softmax_bwd", "norm_fwd", "norm_bwd"};
+  d["ops"] =
+      std::vector<std::string>{"softmax_fwd",     "softmax_bwd",   "norm_fwd",     "norm_bwd",
+                               "embedding_check", "embedding_fwd", "embedding_bwd"};
   return d;
 }
 
@@ -285,6 +396,29 @@ PYBIND11_MODULE(_cuda, m) {
         "Gradients of norm_fwd from the saved h, mean, rstd: dh (stream_dtype, + dh_out when\n"
         "given), and the fp32 dw, db (0: not wanted), reduced deterministically through the fp32\n"
         "workspace of 2 * ceil(rows / 64) * cols elements. dy: dtype. Asynchronous on `stream`.");
+  m.def("embedding_check", &embedding_check, py::arg("idx"), py::arg("status"), py::arg("idx64"),
+        py::arg("n"), py::arg("num_embeddings"), py::arg("stream"),
+        "status (a device int64) <- the first position t of the n indices (int64 when idx64,\n"
+        "else int32) with idx[t] outside [0, num_embeddings), or -1. n == 0 does nothing.\n"
+        "Asynchronous on `stream`: read status after synchronising.");
+  m.def("embedding_fwd", &embedding_fwd, py::arg("weight"), py::arg("idx"), py::arg("out"),
+        py::arg("status"), py::arg("dtype"), py::arg("idx64"), py::arg("n"), py::arg("dim"),
+        py::arg("num_embeddings"), py::arg("weight_stride"), py::arg("stream"),
+        "The index check of embedding_check into status, then out[t, :] = weight[idx[t], :]\n"
+        "(out (n, dim) contiguous; weight rows weight_stride elements apart; dtype F32=0,\n"
+        "F16=1, BF16=2, F64=3) unless an index was bad, in which case nothing is written and\n"
+        "no bad row is read. dim == 0: the check only. Asynchronous on `stream`.");
+  m.def("embedding_bwd", &embedding_bwd, py::arg("dy"), py::arg("dw"), py::arg("order"),
+        py::arg("seg_offsets"), py::arg("seg_rows"), py::arg("seg_scale"), py::arg("dtype"),
+        py::arg("nseg"), py::arg("n"), py::arg("dim"), py::arg("num_embeddings"),
+        py::arg("padding_idx"), py::arg("stream"),
+        "Deterministic embedding gradient from tokens sorted stably by row: for each of the nseg\n"
+        "segments s, dw[seg_rows[s], :] = seg_scale[s] * (the dy rows of the tokens\n"
+        "order[seg_offsets[s] .. seg_offsets[s + 1]) added in that order in fp32 (fp64 for\n"
+        "F64)), rounded once to dtype; seg_scale (fp32, fp64 for F64) 0 = no scaling. The row\n"
+        "padding_idx (-1: none) is skipped. dw must be zeroed by the caller; dy (n, dim) and\n"
+        "dw (num_embeddings, dim) contiguous; order, seg_offsets, seg_rows int64.\n"
+        "Asynchronous on `stream`.");
   m.def("build_info", &build_info,
         "dict: archs (machine code), ptx_arch, cuda_version (CUDART_VERSION), driver_version\n"
         "(0 = no driver), cudart, dtypes, ops.");

@@ -16,7 +16,7 @@ from torch.autograd.function import once_differentiable
 
 from lmkernels import reference
 from lmkernels.backends import Impl, dispatch
-from lmkernels.ops._common import eager_call
+from lmkernels.ops._common import DTYPE_CODE, eager_call
 
 # ------------------------------------------------------------------------------- launchers
 # Every backend's launcher takes a (rows, dim) weight with contiguous rows, contiguous 1-D
@@ -41,10 +41,78 @@ def _reference_bwd(dy, idx, dw, padding_idx, scale_grad_by_freq):
     dw.copy_(reference.embedding_bwd(dy, idx, dw.shape[0], padding_idx, scale_grad_by_freq))
 
 
-# No triton / cuda kernel yet: dispatch names the op as unimplemented on those backends (and
-# the default order serves CUDA tensors through the reference path).
-_FWD = {"reference": Impl(_reference_fwd), "cpu": Impl(_cpu_fwd)}
-_BWD = {"reference": Impl(_reference_bwd), "cpu": Impl(_cpu_bwd)}
+# cuda: an index-check kernel, then the gather (one synchronisation to read the check back);
+# backward sorts the tokens by row with torch (stable), cuts one segment per distinct row and
+# sums each in token order in fp32 (csrc/cuda/embedding.cu), the reciprocal scale computed here.
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _check_index_dtype(idx: Tensor) -> None:
+    if idx.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"embedding indices must be int32 or int64, got {idx.dtype}")
+
+
+def _cuda_fwd(weight: Tensor, idx: Tensor, out: Tensor) -> None:
+    """``out[t] = weight[idx[t]]``; IndexError for an index outside [0, rows)."""
+    from lmkernels import _cuda
+
+    _check_index_dtype(idx)
+    n = idx.shape[0]
+    if n == 0:
+        return
+    rows, dim = weight.shape
+    status = torch.empty(1, dtype=torch.int64, device=idx.device)
+    with torch.cuda.device(idx.device):
+        _cuda.embedding_fwd(
+            weight.data_ptr(), idx.data_ptr(), out.data_ptr(), status.data_ptr(),
+            DTYPE_CODE[weight.dtype], idx.dtype == torch.int64, n, dim, rows, weight.stride(0),
+            _stream(idx.device),
+        )  # fmt: skip
+    bad = int(status.item())  # the one synchronisation
+    if bad >= 0:
+        raise IndexError(
+            f"index {int(idx[bad])} (at position {bad} of the flattened input) is out of range "
+            f"for an embedding of {rows} rows"
+        )
+
+
+def _cuda_bwd(
+    dy: Tensor, idx: Tensor, dw: Tensor, padding_idx: int, scale_grad_by_freq: bool
+) -> None:
+    """``dw`` = the deterministic embedding gradient (csrc/include/lmk/embedding.h)."""
+    from lmkernels import _cuda
+
+    _check_index_dtype(idx)
+    dw.zero_()
+    n, dim = dy.shape
+    if n == 0 or dim == 0:
+        return
+    # tokens grouped by row, each row's tokens in increasing position
+    sorted_idx, order = torch.sort(idx.long(), stable=True)
+    seg_rows, counts = torch.unique_consecutive(sorted_idx, return_counts=True)
+    nseg = seg_rows.shape[0]
+    seg_offsets = torch.zeros(nseg + 1, dtype=torch.int64, device=dy.device)
+    torch.cumsum(counts, 0, out=seg_offsets[1:])
+    seg_scale = None
+    if scale_grad_by_freq:
+        acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
+        seg_scale = counts.to(torch.float64).reciprocal_().to(acc)
+    with torch.cuda.device(dy.device):
+        _cuda.embedding_bwd(
+            dy.data_ptr(), dw.data_ptr(), order.data_ptr(), seg_offsets.data_ptr(),
+            seg_rows.data_ptr(), 0 if seg_scale is None else seg_scale.data_ptr(),
+            DTYPE_CODE[dy.dtype], nseg, n, dim, dw.shape[0], max(int(padding_idx), -1),
+            _stream(dy.device),
+        )  # fmt: skip
+
+
+# No triton kernel yet: dispatch names the op as unimplemented there.
+_FWD = {"reference": Impl(_reference_fwd), "cpu": Impl(_cpu_fwd), "cuda": Impl(_cuda_fwd)}
+_BWD = {"reference": Impl(_reference_bwd), "cpu": Impl(_cpu_bwd), "cuda": Impl(_cuda_bwd)}
 
 # ----------------------------------------------------------------------------- registered ops
 
