@@ -62,6 +62,10 @@ int64_t fwd_typed(const EmbeddingFwdParams& p) {
   at::parallel_for(0, p.n, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const char* src = w + static_cast<int64_t>(idx[t]) * stride_bytes;
+      if (t + 1 < t1 && row_bytes <= 16384) {  // the next row is a random one: fetch it ahead
+        const char* next = w + static_cast<int64_t>(idx[t + 1]) * stride_bytes;
+        for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(next + b);
+      }
       if (stream) {
         copy_stream(out + t * row_bytes, src, row_bytes);
       } else {
