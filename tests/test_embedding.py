@@ -114,9 +114,10 @@ def test_bad_input_raises_naming_the_argument(i):
         call()
 
 
-def test_backend_without_a_kernel_says_so():
-    w, idx = torch.randn(10, 4), torch.tensor([1, 2])
-    with lmkernels.use_backend("triton"), pytest.raises(BackendUnavailable, match="embedding"):
+def test_triton_refuses_fp64_with_a_reason():
+    _needs("triton")
+    w, idx = torch.randn(10, 4, dtype=torch.float64), torch.tensor([1, 2])
+    with lmkernels.use_backend("triton"), pytest.raises(BackendUnavailable, match="float64"):
         LF.embedding(idx, w)
 
 

@@ -110,9 +110,36 @@ def _cuda_bwd(
         )  # fmt: skip
 
 
-# No triton kernel yet: dispatch names the op as unimplemented there.
-_FWD = {"reference": Impl(_reference_fwd), "cpu": Impl(_cpu_fwd), "cuda": Impl(_cuda_fwd)}
-_BWD = {"reference": Impl(_reference_bwd), "cpu": Impl(_cpu_bwd), "cuda": Impl(_cuda_bwd)}
+def _triton_fwd(*args):
+    from lmkernels.triton_kernels import embedding as k
+
+    k.embedding_fwd(*args)
+
+
+def _triton_bwd(*args):
+    from lmkernels.triton_kernels import embedding as k
+
+    k.embedding_bwd(*args)
+
+
+def _triton_supports(t: Tensor, *_) -> str | None:
+    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"dtype {t.dtype} is not supported (supported: float32, float16, bfloat16)"
+    return None
+
+
+_FWD = {
+    "reference": Impl(_reference_fwd),
+    "cpu": Impl(_cpu_fwd),
+    "triton": Impl(_triton_fwd, _triton_supports),
+    "cuda": Impl(_cuda_fwd),
+}
+_BWD = {
+    "reference": Impl(_reference_bwd),
+    "cpu": Impl(_cpu_bwd),
+    "triton": Impl(_triton_bwd, _triton_supports),
+    "cuda": Impl(_cuda_bwd),
+}
 
 # ----------------------------------------------------------------------------- registered ops
 
