@@ -1,7 +1,8 @@
 """Embedding lookup as torch.library custom ops: registration, dispatch, autograd.
 
-``lmkernels::embedding_fwd(weight, idx)`` gathers the rows ``weight[idx]`` of a 2-D table for a
-1-D index vector; ``lmkernels::embedding_bwd(dy, idx, num_embeddings, padding_idx,
+``lmkernels::embedding_fwd(weight, idx, padding_idx, scale_grad_by_freq)`` gathers the rows
+``weight[idx]`` of a 2-D table for a 1-D index vector (the two options only shape its
+backward); ``lmkernels::embedding_bwd(dy, idx, num_embeddings, padding_idx,
 scale_grad_by_freq)`` is the table's gradient, deterministic on every backend (the order of the
 additions depends only on ``idx``). :func:`lmkernels.functional.embedding` validates arguments,
 applies ``max_norm`` and flattens the indices before calling :func:`embedding`. The semantics,
