@@ -16,6 +16,8 @@
 #include "lmk/embedding_cuda.h"
 #include "lmk/norm.h"
 #include "lmk/norm_cuda.h"
+#include "lmk/rotary.h"
+#include "lmk/rotary_cuda.h"
 #include "lmk/softmax.h"
 #include "lmk/softmax_cuda.h"
 
@@ -333,6 +335,50 @@ void embedding_bwd(uint64_t dy, uint64_t dw, uint64_t order, uint64_t seg_offset
   check_cuda(lmk::embedding_bwd_cuda(p, as_stream(stream)), op);
 }
 
+void rotary(uint64_t x, uint64_t out, uint64_t cos, uint64_t sin, uint64_t cos_off,
+            uint64_t sin_off, int64_t dtype, int64_t cs_dtype, int64_t rows, int64_t d,
+            bool interleaved, bool backward, uint64_t stream) {
+  const char* op = "rotary";
+  lmk::RotaryParams p;
+  p.dtype = embedding_dtype(op, dtype);  // F32, F16, BF16 or F64
+  const bool sixteen = p.dtype == lmk::DType::F16 || p.dtype == lmk::DType::BF16;
+  if (cs_dtype != dtype && !(sixteen && cs_dtype == static_cast<int64_t>(lmk::DType::F32))) {
+    value_error(op, "cs_dtype",
+                "expected the data dtype (" + std::to_string(dtype) + ")" +
+                    (sixteen ? std::string(" or F32 (0)") : std::string()) + ", got " +
+                    std::to_string(cs_dtype));
+  }
+  p.cs_dtype = static_cast<lmk::DType>(cs_dtype);
+  check_nonnegative(op, "rows", rows);
+  check_nonnegative(op, "d", d);
+  if (d % 2 != 0) value_error(op, "d", "expected an even size, got " + std::to_string(d));
+  if (rows == 0 || d == 0) return;  // nothing to launch
+  check_pointer(op, "x", x);
+  check_pointer(op, "out", out);
+  check_pointer(op, "cos", cos);
+  check_pointer(op, "sin", sin);
+  check_pointer(op, "cos_off", cos_off);
+  check_pointer(op, "sin_off", sin_off);
+  const int64_t esize = lmk::dtype_size(p.dtype), csize = lmk::dtype_size(p.cs_dtype);
+  check_aligned(op, "x", x, esize);
+  check_aligned(op, "out", out, esize);
+  check_aligned(op, "cos", cos, csize);
+  check_aligned(op, "sin", sin, csize);
+  check_aligned(op, "cos_off", cos_off, 8);
+  check_aligned(op, "sin_off", sin_off, 8);
+  p.x = reinterpret_cast<const void*>(x);
+  p.out = reinterpret_cast<void*>(out);
+  p.cos = reinterpret_cast<const void*>(cos);
+  p.sin = reinterpret_cast<const void*>(sin);
+  p.cos_off = reinterpret_cast<const int64_t*>(cos_off);
+  p.sin_off = reinterpret_cast<const int64_t*>(sin_off);
+  p.rows = rows;
+  p.d = d;
+  p.interleaved = interleaved;
+  p.backward = backward;
+  check_cuda(lmk::rotary_cuda(p, as_stream(stream)), op);
+}
+
 // What this module was built for. Never raises and never needs a GPU.
 py::dict build_info() {
   std::vector<std::string> archs;
@@ -354,8 +400,8 @@ py::dict build_info() {
   d["cudart"] = "static";
   d["dtypes"] = std::vector<std::string>{"F32", "F16", "BF16"};
   d["ops"] =
-      std::vector<std::string>{"softmax_fwd",     "softmax_bwd",   "norm_fwd",     "norm_bwd",
-                               "embedding_check", "embedding_fwd", "embedding_bwd"};
+      std::vector<std::string>{"softmax_fwd",     "softmax_bwd",   "norm_fwd",      "norm_bwd",
+                               "embedding_check", "embedding_fwd", "embedding_bwd", "rotary"};
   return d;
 }
 
@@ -419,6 +465,17 @@ PYBIND11_MODULE(_cuda, m) {
         "padding_idx (-1: none) is skipped. dw must be zeroed by the caller; dy (n, dim) and\n"
         "dw (num_embeddings, dim) contiguous; order, seg_offsets, seg_rows int64.\n"
         "Asynchronous on `stream`.");
+  m.def(
+      "rotary", &rotary, py::arg("x"), py::arg("out"), py::arg("cos"), py::arg("sin"),
+      py::arg("cos_off"), py::arg("sin_off"), py::arg("dtype"), py::arg("cs_dtype"),
+      py::arg("rows"), py::arg("d"), py::arg("interleaved"), py::arg("backward"), py::arg("stream"),
+      "Rotary position embedding of contiguous (rows, d) device tensors (lmk/rotary.h), d even:\n"
+      "out = x * cos + rot(x) * sin (rot: rotate_half, or rotate_every_two when interleaved),\n"
+      "or with backward its transpose dx = dy * cos - rot(dy * sin). Row r reads cos / sin at\n"
+      "element offsets cos_off[r] / sin_off[r] (device int64 arrays of length rows), unit column\n"
+      "stride. dtype F32=0, F16=1, BF16=2, F64=3 (x, out); cs_dtype (cos, sin): dtype, or F32\n"
+      "for 16-bit data. fp32 math (fp64 for F64), rounded once. out may equal x.\n"
+      "Asynchronous on `stream`.");
   m.def("build_info", &build_info,
         "dict: archs (machine code), ptx_arch, cuda_version (CUDART_VERSION), driver_version\n"
         "(0 = no driver), cudart, dtypes, ops.");

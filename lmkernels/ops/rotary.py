@@ -41,6 +41,32 @@ def _cpu(x, cos, sin, out, interleaved, backward):
                                    sin_off, interleaved, backward)  # fmt: skip
 
 
+# cuda: one thread per rotated pair (csrc/cuda/rotary.cu); the tables go to the kernel as they
+# are when they have x's dtype (or fp32 for 16-bit x), else converted (exactly, except fp64
+# tables for fp32 x) to that dtype first; broadcast dims are never materialised (_table).
+def _cuda_rotary(x, cos, sin, out, interleaved, backward):
+    from lmkernels import _cuda
+    from lmkernels.ops._common import DTYPE_CODE
+
+    d = x.shape[-1]
+    if x.numel() == 0 or d == 0:
+        return
+    if x.dtype == cos.dtype == sin.dtype:
+        cs = x.dtype
+    elif x.dtype in (torch.float16, torch.bfloat16):
+        cs = torch.float32
+    else:
+        cs = x.dtype
+    x = x.contiguous()  # no copy when out is x (out is contiguous)
+    (cos_t, cos_off), (sin_t, sin_off) = _table(cos.to(cs), x), _table(sin.to(cs), x)
+    with torch.cuda.device(x.device):
+        _cuda.rotary(
+            x.data_ptr(), out.data_ptr(), cos_t.data_ptr(), sin_t.data_ptr(), cos_off.data_ptr(),
+            sin_off.data_ptr(), DTYPE_CODE[x.dtype], DTYPE_CODE[cs], x.numel() // d, d,
+            bool(interleaved), bool(backward), torch.cuda.current_stream(x.device).cuda_stream,
+        )  # fmt: skip
+
+
 def _reference(x, cos, sin, out, interleaved, backward):
     if backward:  # the transpose of v -> rot(v) * s is u -> -rot(u * s)
         rot = reference.rotate_every_two if interleaved else reference.rotate_half
@@ -51,7 +77,24 @@ def _reference(x, cos, sin, out, interleaved, backward):
         out.copy_(reference.rotary(x, cos, sin, interleaved))
 
 
-_IMPLS = {"reference": Impl(_reference), "cpu": Impl(_cpu)}
+def _triton(*args):
+    from lmkernels.triton_kernels import rotary as k
+
+    k.rotary(*args)
+
+
+def _triton_supports(x: Tensor, *_) -> str | None:
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"dtype {x.dtype} is not supported (supported: float32, float16, bfloat16)"
+    return None
+
+
+_IMPLS = {
+    "reference": Impl(_reference),
+    "cpu": Impl(_cpu),
+    "triton": Impl(_triton, _triton_supports),
+    "cuda": Impl(_cuda_rotary),
+}
 
 
 def _run(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, backward: bool,
