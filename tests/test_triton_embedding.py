@@ -13,6 +13,7 @@ On a machine without a GPU the kernels run in the Triton interpreter on CPU tens
 import numpy as np
 import pytest
 import torch
+from launch_recorder import Recorder, spec_key
 
 from conftest import device_for
 from lmkernels.backends import availability
@@ -232,52 +233,15 @@ def test_signed_zeros():
 # --------------------------------------------------------------------------------- AOT specs
 
 
-def _name(fn) -> str:
-    return getattr(fn, "__name__", None) or fn.fn.__name__
-
-
-_TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int16: "i16",
-       torch.int32: "i32", torch.int64: "i64"}  # fmt: skip
-
-
-class _Recorder:
-    """Stands in for a kernel: records each launch's signature, constexprs and num_warps as
-    the JIT would see them, then launches the real kernel."""
-
-    def __init__(self, kernel, seen):
-        self.kernel, self.seen = kernel, seen
-
-    def __getitem__(self, grid):
-        def launch(*args, num_warps, **const):
-            names = [a for a in self.kernel.arg_names if a not in const]
-            sig = {}
-            for name, a in zip(names, args, strict=True):
-                if isinstance(a, torch.Tensor):
-                    sig[name] = "*" + _TY[a.dtype]
-                else:
-                    sig[name] = "i32" if -(2**31) <= a < 2**31 else "i64"
-            key = (_name(self.kernel), tuple(sorted(sig.items())), tuple(sorted(const.items())))
-            self.seen.add((*key, num_warps))
-            return self.kernel[grid](*args, num_warps=num_warps, **const)
-
-        return launch
-
-
-def _spec_key(s) -> tuple:
-    sig = {n: t for n, t in s["signature"].items() if t != "constexpr"}
-    const = tuple(sorted(s["constexprs"].items()))
-    return (_name(s["kernel"]), tuple(sorted(sig.items())), const, s["num_warps"])
-
-
 def test_aot_specs_cover_every_launch(monkeypatch):
     """Every launch (types, constexprs, num_warps) of a run over dims, dtypes and index types
     is one of aot_specs(); and every config the heuristics pick for any dim is listed."""
     specs = k.aot_specs()
-    listed = {_spec_key(s) for s in specs}
+    listed = {spec_key(s) for s in specs}
     assert len(listed) == len(specs) <= 40
     seen: set = set()
-    monkeypatch.setattr(k, "_embedding_fwd_kernel", _Recorder(k._embedding_fwd_kernel, seen))
-    monkeypatch.setattr(k, "_embedding_bwd_kernel", _Recorder(k._embedding_bwd_kernel, seen))
+    monkeypatch.setattr(k, "_embedding_fwd_kernel", Recorder(k._embedding_fwd_kernel, seen))
+    monkeypatch.setattr(k, "_embedding_bwd_kernel", Recorder(k._embedding_bwd_kernel, seen))
     for dim in (1, 32, 33, 128, 129, 512, 513, 1030):
         for dtype in DT.values():
             for idx_dtype in (torch.int32, torch.int64):

@@ -11,6 +11,7 @@ On a machine without a GPU the kernel runs in the Triton interpreter on CPU tens
 
 import pytest
 import torch
+from launch_recorder import Recorder, spec_key
 
 from conftest import device_for
 from lmkernels import reference
@@ -166,50 +167,14 @@ def test_errors_and_empty():
 # --------------------------------------------------------------------------------- AOT specs
 
 
-def _name(fn) -> str:
-    return getattr(fn, "__name__", None) or fn.fn.__name__
-
-
-_TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64"}
-
-
-class _Recorder:
-    """Stands in for the kernel: records each launch's signature, constexprs and num_warps as
-    the JIT would see them, then launches the real kernel."""
-
-    def __init__(self, kernel, seen):
-        self.kernel, self.seen = kernel, seen
-
-    def __getitem__(self, grid):
-        def launch(*args, num_warps, **const):
-            names = [a for a in self.kernel.arg_names if a not in const]
-            sig = {}
-            for name, a in zip(names, args, strict=True):
-                if isinstance(a, torch.Tensor):
-                    sig[name] = "*" + _TY[a.dtype]
-                else:
-                    sig[name] = "i32" if -(2**31) <= a < 2**31 else "i64"
-            key = (_name(self.kernel), tuple(sorted(sig.items())), tuple(sorted(const.items())))
-            self.seen.add((*key, num_warps))
-            return self.kernel[grid](*args, num_warps=num_warps, **const)
-
-        return launch
-
-
-def _spec_key(s) -> tuple:
-    sig = {n: t for n, t in s["signature"].items() if t != "constexpr"}
-    const = tuple(sorted(s["constexprs"].items()))
-    return (_name(s["kernel"]), tuple(sorted(sig.items())), const, s["num_warps"])
-
-
 def test_aot_specs_cover_every_launch(monkeypatch):
     """Every launch (types, constexprs, num_warps) over dtypes, layouts, directions and d is one
     of aot_specs(), none is dead; and every config the launcher picks for any d is listed."""
     specs = k.aot_specs()
-    listed = {_spec_key(s) for s in specs}
+    listed = {spec_key(s) for s in specs}
     assert len(listed) == len(specs) <= 24
     seen: set = set()
-    monkeypatch.setattr(k, "_rotary_kernel", _Recorder(k._rotary_kernel, seen))
+    monkeypatch.setattr(k, "_rotary_kernel", Recorder(k._rotary_kernel, seen))
     gen = torch.Generator().manual_seed(11)
     for d in (2, 66):
         for x_dtype, cs_dtype in TYPES:

@@ -54,6 +54,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "lmk/cuda_acc.h"
 #include "lmk/embedding.h"
 #include "lmk/embedding_cuda.h"
 
@@ -137,15 +138,6 @@ __global__ void __launch_bounds__(kGatherBlock) embedding_gather_kernel(const Ga
 
 // Accumulation type A of T, IEEE adds and multiplies (no flush to zero, never fused), and the
 // conversions between T and A.
-template <typename T>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
-
 __device__ __forceinline__ float add_rn(float a, float b) {
   float r;
   asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
@@ -160,30 +152,6 @@ __device__ __forceinline__ float mul_rn(float a, float b) {
 }
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-
-template <typename T>
-__device__ __forceinline__ T from_acc(typename Acc<T>::type v);
-template <>
-__device__ __forceinline__ float from_acc<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <>
-__device__ __forceinline__ double from_acc<double>(double v) {
-  return v;
-}
-
 // Data moved as raw words: a pack of V = 16 / sizeof(T) elements is one uint4 (one 16-byte
 // access, unpacked with bit operations so the elements never get split across registers), and
 // V == 1 is one element. unpack() gives the elements as A (exact), pack() rounds A to T (RNE).
@@ -197,7 +165,7 @@ struct Io;
 template <typename T>
 struct Io<T, 1> {
   using Raw = T;
-  using A = typename Acc<T>::type;
+  using A = AccT<T>;
   static __device__ __forceinline__ void unpack(const Raw& r, A (&o)[1]) { o[0] = to_acc(r); }
   static __device__ __forceinline__ Raw pack(const A (&a)[1]) { return from_acc<T>(a[0]); }
 };
@@ -284,7 +252,7 @@ struct BwdArgs {
 // tiles of G packs over y (grid-stride); lane l of a group owns pack tile * G + l of the row.
 template <typename T, int V>
 __global__ void __launch_bounds__(kBwdBlock, kBwdMinBlocks) embedding_bwd_kernel(const BwdArgs a) {
-  using A = typename Acc<T>::type;
+  using A = AccT<T>;
   using P = Io<T, V>;
   using R = typename P::Raw;
   const R* __restrict__ dy = static_cast<const R*>(a.dy);

@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "lmk/cuda_acc.h"
 #include "lmk/rotary.h"
 #include "lmk/rotary_cuda.h"
 
@@ -28,33 +29,6 @@ namespace {
 
 constexpr int kBlock = 256;              // threads per block
 constexpr int64_t kMaxBlocks = 1 << 20;  // grid cap; the kernel loops over further pairs
-
-template <typename T>
-using AccT = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-
-template <typename T>
-__device__ __forceinline__ T from_acc(AccT<T> v);
-template <>
-__device__ __forceinline__ float from_acc<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <>
-__device__ __forceinline__ double from_acc<double>(double v) {
-  return v;
-}
 
 struct Args {
   const void* x;

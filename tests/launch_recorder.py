@@ -1,0 +1,45 @@
+"""Test helper: record the Triton launches a launcher makes, as the JIT would key them, to check
+that a module's ``aot_specs()`` lists every (kernel, signature, constexprs, num_warps) it can
+launch (and nothing it never launches)."""
+
+from __future__ import annotations
+
+import torch
+
+_TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int16: "i16",
+       torch.int32: "i32", torch.int64: "i64"}  # fmt: skip
+
+
+def kernel_name(fn) -> str:
+    return getattr(fn, "__name__", None) or fn.fn.__name__
+
+
+class Recorder:
+    """Stands in for a kernel (``monkeypatch.setattr(module, name, Recorder(kernel, seen))``):
+    adds each launch's key to ``seen``, then launches the real kernel."""
+
+    def __init__(self, kernel, seen: set):
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, num_warps, **const):
+            names = [a for a in self.kernel.arg_names if a not in const]
+            sig = {}
+            for name, a in zip(names, args, strict=True):
+                if isinstance(a, torch.Tensor):
+                    sig[name] = "*" + _TY[a.dtype]
+                else:
+                    sig[name] = "i32" if -(2**31) <= a < 2**31 else "i64"
+            key = (kernel_name(self.kernel), tuple(sorted(sig.items())),
+                   tuple(sorted(const.items())))  # fmt: skip
+            self.seen.add((*key, num_warps))
+            return self.kernel[grid](*args, num_warps=num_warps, **const)
+
+        return launch
+
+
+def spec_key(s: dict) -> tuple:
+    """The key of one aot_specs() entry, comparable with Recorder's."""
+    sig = {n: t for n, t in s["signature"].items() if t != "constexpr"}
+    const = tuple(sorted(s["constexprs"].items()))
+    return (kernel_name(s["kernel"]), tuple(sorted(sig.items())), const, s["num_warps"])
