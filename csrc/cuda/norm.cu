@@ -75,6 +75,7 @@
 #include <cub/block/block_reduce.cuh>
 #include <type_traits>
 
+#include "lmk/cuda_acc.h"
 #include "lmk/norm.h"
 #include "lmk/norm_cuda.h"
 
@@ -112,24 +113,7 @@ constexpr int kFinalizeThreads = 256;
 
 // ------------------------------------------------------------------ element access
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
+// (to_acc / from_acc: lmk/cuda_acc.h)
 
 // Elements per vector pack: 16 bytes of T.
 template <typename T>
@@ -147,7 +131,7 @@ template <typename T, int N>
 __device__ __forceinline__ void load_floats(const T* p, float (&out)[N]) {
   const Pack<T, N> in = *reinterpret_cast<const Pack<T, N>*>(p);
 #pragma unroll
-  for (int i = 0; i < N; ++i) out[i] = to_float(in.v[i]);
+  for (int i = 0; i < N; ++i) out[i] = to_acc(in.v[i]);
 }
 
 // v rounded to T (RNE), stored at p (aligned to the pack).
@@ -155,7 +139,7 @@ template <typename T, int N>
 __device__ __forceinline__ void store_floats(T* p, const float (&v)[N]) {
   Pack<T, N> out;
 #pragma unroll
-  for (int i = 0; i < N; ++i) out.v[i] = from_float<T>(v[i]);
+  for (int i = 0; i < N; ++i) out.v[i] = from_acc<T>(v[i]);
   *reinterpret_cast<Pack<T, N>*>(p) = out;
 }
 
@@ -315,7 +299,7 @@ __device__ __forceinline__ void make_h(const FwdArgs& a, int64_t off, float (&hv
     float rv[V];
     load_floats<S, V>(static_cast<const S*>(a.residual) + off, rv);
 #pragma unroll
-    for (int i = 0; i < V; ++i) hv[i] = to_float(from_float<S>(hv[i] + rv[i]));
+    for (int i = 0; i < V; ++i) hv[i] = to_acc(from_acc<S>(hv[i] + rv[i]));
     store_floats<S, V>(static_cast<S*>(a.h) + off, hv);  // exact: hv holds values of S
   }
 }
@@ -631,9 +615,9 @@ __global__ void __launch_bounds__(kPartialThreads) norm_bwd_partial_kernel(const
           const int64_t c = c0 + tx + int64_t{kWarp} * k;
           if (c < a.cols) {
             const int64_t off = r * a.cols + c;
-            const float g = to_float(dy[off]);
+            const float g = to_acc(dy[off]);
             db[k] += g;
-            if (a.need_dw) dw[k] += g * ((to_float(h[off]) - mean) * rstd);
+            if (a.need_dw) dw[k] += g * ((to_acc(h[off]) - mean) * rstd);
           }
         }
       }

@@ -46,6 +46,7 @@
 #include <cstdint>
 #include <cub/block/block_reduce.cuh>
 
+#include "lmk/cuda_acc.h"
 #include "lmk/online_softmax.h"
 #include "lmk/softmax.h"
 #include "lmk/softmax_cuda.h"
@@ -64,24 +65,7 @@ constexpr int kMinThreadsPerSM = 1024;
 
 // ------------------------------------------------------------------ element access
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
+// (to_acc / from_acc: lmk/cuda_acc.h)
 
 // N consecutive elements moved as one load/store (N * sizeof(T) is 16 bytes or one element).
 template <typename T, int N>
@@ -184,7 +168,7 @@ __device__ __forceinline__ float logit(float x, int64_t j, const FwdArgs& a, con
     case kMaskF32:
       return z + static_cast<const float*>(mrow)[k];
     case kMaskData:
-      return z + to_float(static_cast<const T*>(mrow)[k]);
+      return z + to_acc(static_cast<const T*>(mrow)[k]);
     default:
       return z;
   }
@@ -217,7 +201,7 @@ __global__ void __launch_bounds__(BLOCK, kMinThreadsPerSM / BLOCK)
       float vmax = -INFINITY;
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
-        z[i] = logit<T>(to_float(in.v[i]), j + i, a, mrow, last_col);
+        z[i] = logit<T>(to_acc(in.v[i]), j + i, a, mrow, last_col);
         vmax = softmax_max(vmax, z[i]);
       }
       float vsum = 0.f;
@@ -239,9 +223,9 @@ __global__ void __launch_bounds__(BLOCK, kMinThreadsPerSM / BLOCK)
       Pack<T, VEC> out;
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
-        const float z = logit<T>(to_float(in.v[i]), j + i, a, mrow, last_col);
-        out.v[i] = from_float<T>(a.log ? log_softmax_output(z, st, log_sum)
-                                       : softmax_output(z, st, inv_sum));
+        const float z = logit<T>(to_acc(in.v[i]), j + i, a, mrow, last_col);
+        out.v[i] = from_acc<T>(a.log ? log_softmax_output(z, st, log_sum)
+                                     : softmax_output(z, st, inv_sum));
       }
       store_pack<T, VEC>(yr + j, out);
     }
@@ -274,8 +258,8 @@ __global__ void __launch_bounds__(BLOCK, kMinThreadsPerSM / BLOCK)
       const Pack<T, VEC> gv = load_pack<T, VEC>(dyr + j);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
-        const float g = to_float(gv.v[i]);
-        c += log_softmax ? g : g * to_float(yv.v[i]);
+        const float g = to_acc(gv.v[i]);
+        c += log_softmax ? g : g * to_acc(yv.v[i]);
       }
     }
     c = row_allreduce<TPR, BLOCK>(c);
@@ -288,10 +272,10 @@ __global__ void __launch_bounds__(BLOCK, kMinThreadsPerSM / BLOCK)
       Pack<T, VEC> out;
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
-        const float yi = to_float(yv.v[i]);
-        const float g = to_float(gv.v[i]);
+        const float yi = to_acc(yv.v[i]);
+        const float g = to_acc(gv.v[i]);
         out.v[i] =
-            from_float<T>(log_softmax ? scale * (g - softmax_exp(yi) * c) : scale * yi * (g - c));
+            from_acc<T>(log_softmax ? scale * (g - softmax_exp(yi) * c) : scale * yi * (g - c));
       }
       store_pack<T, VEC>(dxr + j, out);
     }
