@@ -25,19 +25,39 @@ namespace {
 #include "vec.h"
 
 // One row. sg = -1 (forward) or +1 (backward): out[j] = x[j] c[j] + sg x[j+h] s[j or j+h] ...
+// One rotated pair (i, k) of a row, in scalar fp32 (fp64 for fp64): k = i + h for rotate_half,
+// i + 1 for interleaved pairs.
+template <bool kBwd, class T, class C>
+inline void rotate_pair(const T* x, T* out, const C* c, const C* s, int64_t i, int64_t k) {
+  using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  const A a = static_cast<A>(x[i]), b = static_cast<A>(x[k]);
+  const A ca = static_cast<A>(c[i]), cb = static_cast<A>(c[k]);
+  const A sa = static_cast<A>(s[i]), sb = static_cast<A>(s[k]);
+  A lo, hi;
+  if constexpr (kBwd) {  // dx[i] = a ca + b sb, dx[k] = b cb - a sa
+    lo = std::fma(b, sb, a * ca);
+    hi = b * cb - a * sa;
+  } else {  // out[i] = a ca - b sa, out[k] = b cb + a sb
+    lo = a * ca - b * sa;
+    hi = std::fma(a, sb, b * cb);
+  }
+  out[i] = static_cast<T>(lo);
+  out[k] = static_cast<T>(hi);
+}
+
 template <class T, class C, bool kBwd>
 void half_row(const T* x, T* out, const C* c, const C* s, int64_t d) {
   const int64_t h = d / 2;
   int64_t j = 0;
   if constexpr (!std::is_same_v<T, double>) {
-    for (; j + kW <= h; j += kW) {
+    for (; j + kW <= h; j += kW) {  // rotate_pair's math on 8 pairs at once
       const Vf a = load(x + j), b = load(x + j + h);
       const Vf ca = load(c + j), cb = load(c + j + h), sa = load(s + j), sb = load(s + j + h);
       Vf lo, hi;
-      if constexpr (kBwd) {  // dx[j] = a ca + b sb, dx[j+h] = b cb - a sa
+      if constexpr (kBwd) {
         lo = vfma(b, sb, vmul(a, ca));
         hi = vsub(vmul(b, cb), vmul(a, sa));
-      } else {  // out[j] = a ca - b sa, out[j+h] = b cb + a sb
+      } else {
         lo = vsub(vmul(a, ca), vmul(b, sa));
         hi = vfma(a, sb, vmul(b, cb));
       }
@@ -45,42 +65,12 @@ void half_row(const T* x, T* out, const C* c, const C* s, int64_t d) {
       store(out + j + h, hi);
     }
   }
-  using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
-  for (; j < h; ++j) {
-    const A a = static_cast<A>(x[j]), b = static_cast<A>(x[j + h]);
-    const A ca = static_cast<A>(c[j]), cb = static_cast<A>(c[j + h]);
-    const A sa = static_cast<A>(s[j]), sb = static_cast<A>(s[j + h]);
-    A lo, hi;
-    if constexpr (kBwd) {
-      lo = std::fma(b, sb, a * ca);
-      hi = b * cb - a * sa;
-    } else {
-      lo = a * ca - b * sa;
-      hi = std::fma(a, sb, b * cb);
-    }
-    out[j] = static_cast<T>(lo);
-    out[j + h] = static_cast<T>(hi);
-  }
+  for (; j < h; ++j) rotate_pair<kBwd>(x, out, c, s, j, j + h);
 }
 
 template <class T, class C, bool kBwd>
 void pair_row(const T* x, T* out, const C* c, const C* s, int64_t d) {
-  using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
-  for (int64_t j = 0; j < d; j += 2) {
-    const A a = static_cast<A>(x[j]), b = static_cast<A>(x[j + 1]);
-    const A ca = static_cast<A>(c[j]), cb = static_cast<A>(c[j + 1]);
-    const A sa = static_cast<A>(s[j]), sb = static_cast<A>(s[j + 1]);
-    A lo, hi;
-    if constexpr (kBwd) {
-      lo = std::fma(b, sb, a * ca);
-      hi = b * cb - a * sa;
-    } else {
-      lo = a * ca - b * sa;
-      hi = std::fma(a, sb, b * cb);
-    }
-    out[j] = static_cast<T>(lo);
-    out[j + 1] = static_cast<T>(hi);
-  }
+  for (int64_t j = 0; j < d; j += 2) rotate_pair<kBwd>(x, out, c, s, j, j + 1);
 }
 
 template <class T, class C>
