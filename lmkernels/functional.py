@@ -27,6 +27,7 @@ __all__ = [
     "add_layer_norm",
     "add_rms_norm",
     "embedding",
+    "token_positional_embedding",
     "apply_rotary",
 ]
 
@@ -370,6 +371,37 @@ def add_rms_norm(
 # ------------------------------------------------------------------------------ embedding
 
 
+def _padding_row(fn: str, padding_idx: object, rows: int) -> int:
+    """``padding_idx`` (None, or an int in [-rows, rows)) as a row in [0, rows), or -1."""
+    if padding_idx is None:
+        return -1
+    if isinstance(padding_idx, bool) or not isinstance(padding_idx, numbers.Integral):
+        raise TypeError(f"{fn}: padding_idx must be an int or None, got {padding_idx!r}")
+    if not -rows <= padding_idx < rows:
+        raise ValueError(
+            f"{fn}: padding_idx must be within num_embeddings {rows} (in [{-rows}, {rows})), "
+            f"got {padding_idx}"
+        )
+    return int(padding_idx) % rows
+
+
+def _check_indices(fn: str, name: str, t: object) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{fn}: {name} must hold int32 or int64 indices, got dtype {t.dtype}")
+    return t
+
+
+def _check_table(fn: str, name: str, t: object) -> Tensor:
+    _check_float_tensor(fn, name, t)
+    if t.dim() != 2:
+        raise ValueError(
+            f"{fn}: {name} must be 2-D (num_embeddings, embedding_dim), got shape {list(t.shape)}"
+        )
+    return t
+
+
 def embedding(
     input: Tensor,
     weight: Tensor,
@@ -393,30 +425,11 @@ def embedding(
     gradients.
     """
     fn = "lmkernels.functional.embedding"
-    if not isinstance(input, Tensor):
-        raise TypeError(f"{fn}: input must be a torch.Tensor, got {type(input).__name__}")
-    if input.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{fn}: input must hold int32 or int64 indices, got dtype {input.dtype}")
-    _check_float_tensor(fn, "weight", weight)
-    if weight.dim() != 2:
-        raise ValueError(
-            f"{fn}: weight must be 2-D (num_embeddings, embedding_dim), got shape "
-            f"{list(weight.shape)}"
-        )
+    _check_indices(fn, "input", input)
+    _check_table(fn, "weight", weight)
     if input.device != weight.device:
         raise ValueError(f"{fn}: input is on {input.device} but weight is on {weight.device}")
-    rows = weight.shape[0]
-    if padding_idx is None:
-        pad = -1
-    else:
-        if isinstance(padding_idx, bool) or not isinstance(padding_idx, numbers.Integral):
-            raise TypeError(f"{fn}: padding_idx must be an int or None, got {padding_idx!r}")
-        if not -rows <= padding_idx < rows:
-            raise ValueError(
-                f"{fn}: padding_idx must be within num_embeddings {rows} (in [{-rows}, {rows})), "
-                f"got {padding_idx}"
-            )
-        pad = int(padding_idx) % rows
+    pad = _padding_row(fn, padding_idx, weight.shape[0])
     if not isinstance(scale_grad_by_freq, bool):
         raise TypeError(f"{fn}: scale_grad_by_freq must be a bool, got {scale_grad_by_freq!r}")
     if sparse:
@@ -428,6 +441,85 @@ def embedding(
             torch.embedding_renorm_(weight, input.contiguous(), max_norm, norm_type)
     out = _embedding_ops.embedding(weight, input.reshape(-1), pad, scale_grad_by_freq)
     return out.view(*input.shape, weight.shape[1])
+
+
+def token_positional_embedding(
+    ids: Tensor,
+    token_weight: Tensor,
+    positions: Tensor | None = None,
+    pos_weight: Tensor | None = None,
+    *,
+    sinusoidal: bool = False,
+    scale: float = 1.0,
+    padding_idx: int | None = None,
+) -> Tensor:
+    r"""The input layer of a transformer in one pass: ``scale * token_weight[ids] + P[positions]``.
+
+    ``ids``: int32/int64 token ids of any shape; the result has shape
+    ``(*ids.shape, embedding_dim)`` and ``token_weight``'s dtype, computed in fp32 (fp64 for
+    fp64) and rounded once. ``positions``: int32/int64, broadcastable to ``ids`` (e.g. (seq,)
+    or (batch, seq)); by default ``0 .. seq-1`` along the last dim of ``ids`` (0 for a scalar).
+    ``P`` is either the learned table ``pos_weight`` (same dtype, device and embedding_dim as
+    ``token_weight``; gradients flow into it) or, with ``sinusoidal=True`` and no
+    ``pos_weight``, the sinusoidal encoding PE(p, 2i) = sin(p / 10000^(2i/d)),
+    PE(p, 2i+1) = cos(p / 10000^(2i/d)) computed on the fly, never stored (angles formed and
+    reduced in fp64, so large positions stay accurate; positions must lie in [0, 2^31)).
+    Exactly one of the two must be given. ``scale`` multiplies the token rows only (e.g.
+    ``sqrt(d_model)``) and their gradient. ``padding_idx`` (negative counts from the end) is a
+    token row that receives no gradient, as in :func:`embedding`; its output is its row as
+    stored, and its position still receives gradient. Token ids or positions out of range raise
+    ``IndexError`` naming the value (nothing is written). The backward is two deterministic
+    embedding backwards (see :func:`embedding`).
+    """
+    fn = "lmkernels.functional.token_positional_embedding"
+    _check_indices(fn, "ids", ids)
+    _check_table(fn, "token_weight", token_weight)
+    if ids.device != token_weight.device:
+        raise ValueError(
+            f"{fn}: ids is on {ids.device} but token_weight is on {token_weight.device}"
+        )
+    if not isinstance(sinusoidal, bool):
+        raise TypeError(f"{fn}: sinusoidal must be a bool, got {sinusoidal!r}")
+    if sinusoidal == (pos_weight is not None):
+        raise ValueError(
+            f"{fn}: give exactly one positional encoding: pos_weight (a learned table) or "
+            f"sinusoidal=True (got pos_weight={'a tensor' if pos_weight is not None else None}, "
+            f"sinusoidal={sinusoidal})"
+        )
+    dim = token_weight.shape[1]
+    if pos_weight is not None:
+        _check_table(fn, "pos_weight", pos_weight)
+        if pos_weight.dtype != token_weight.dtype:
+            raise TypeError(f"{fn}: pos_weight has dtype {pos_weight.dtype} but token_weight "
+                            f"has {token_weight.dtype}; they must match")  # fmt: skip
+        if pos_weight.device != token_weight.device:
+            raise ValueError(f"{fn}: pos_weight is on {pos_weight.device} but token_weight is "
+                             f"on {token_weight.device}")  # fmt: skip
+        if pos_weight.shape[1] != dim:
+            raise ValueError(f"{fn}: pos_weight has embedding_dim {pos_weight.shape[1]} but "
+                             f"token_weight has {dim}")  # fmt: skip
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{fn}: scale must be a real number, got {scale!r}")
+    pad = _padding_row(fn, padding_idx, token_weight.shape[0])
+    if positions is None:
+        seq = ids.shape[-1] if ids.dim() else 1
+        positions = torch.arange(seq, device=ids.device).view(ids.shape[-1:])
+    else:
+        _check_indices(fn, "positions", positions)
+        if positions.device != ids.device:
+            raise ValueError(f"{fn}: positions is on {positions.device} but ids is on {ids.device}")
+        try:
+            ok = torch.broadcast_shapes(positions.shape, ids.shape) == ids.shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{fn}: positions of shape {list(positions.shape)} do not broadcast "
+                             f"to ids' shape {list(ids.shape)}")  # fmt: skip
+    pos = positions.expand(ids.shape).reshape(-1)
+    out = _embedding_ops.token_positional(
+        token_weight, ids.reshape(-1), pos_weight, pos, float(scale), pad
+    )
+    return out.view(*ids.shape, dim)
 
 
 # ------------------------------------------------------------------------------ rotary

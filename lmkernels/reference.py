@@ -115,13 +115,20 @@ def norm_bwd(
 
 def check_indices(idx: Tensor, num_embeddings: int) -> None:
     """IndexError naming the first index outside [0, num_embeddings) (embedding.h's check)."""
-    bad = ((idx < 0) | (idx >= num_embeddings)).nonzero()
-    if bad.numel():
-        t = int(bad[0, 0])
+    t = _first_bad(idx, num_embeddings)
+    if t is not None:
         raise IndexError(
             f"index {int(idx[t])} (at position {t} of the flattened input) is out of range for "
             f"an embedding of {num_embeddings} rows"
         )
+
+
+def _first_bad(idx: Tensor, limit: int) -> int | None:
+    if limit > torch.iinfo(idx.dtype).max:  # (a wider limit would wrap in the comparison)
+        bad = (idx < 0).nonzero()
+    else:
+        bad = ((idx < 0) | (idx >= limit)).nonzero()
+    return int(bad[0, 0]) if bad.numel() else None
 
 
 def embedding_fwd(weight: Tensor, idx: Tensor) -> Tensor:
@@ -131,12 +138,17 @@ def embedding_fwd(weight: Tensor, idx: Tensor) -> Tensor:
 
 
 def embedding_bwd(
-    dy: Tensor, idx: Tensor, num_embeddings: int, padding_idx: int, scale_grad_by_freq: bool
+    dy: Tensor,
+    idx: Tensor,
+    num_embeddings: int,
+    padding_idx: int,
+    scale_grad_by_freq: bool,
+    grad_scale: float = 1.0,
 ) -> Tensor:
     """The gradient of :func:`embedding_fwd` for its table: the ``dy`` rows of each index summed
     in fp32 (fp64 for fp64) in index order (``index_add_``: in order on CPU), times the
-    reciprocal of the index's count with ``scale_grad_by_freq``, zero for ``padding_idx``
-    (>= 0) and for rows never looked up."""
+    reciprocal of the index's count with ``scale_grad_by_freq`` (else ``grad_scale`` rounded to
+    fp32), zero for ``padding_idx`` (>= 0) and for rows never looked up."""
     check_indices(idx, num_embeddings)
     idx = idx.long()
     acc = _acc_dtype(dy.dtype)
@@ -145,9 +157,60 @@ def embedding_bwd(
     if scale_grad_by_freq:  # times 1 / count, the reciprocal rounded to acc (embedding.h)
         counts = torch.bincount(idx, minlength=num_embeddings).clamp_(min=1)
         dw *= (1.0 / counts.to(torch.float64)).to(acc).unsqueeze(1)
+    elif grad_scale != 1.0:
+        dw *= torch.tensor(grad_scale, dtype=acc)
     if padding_idx >= 0:
         dw[padding_idx] = 0
     return dw.to(dy.dtype)
+
+
+SINUSOID_POSITIONS = 2**31  # positions of the sinusoid lie in [0, 2^31) (embedding.h)
+
+
+def sinusoid_inv_freq(dim: int, device: torch.device | str | None = None) -> Tensor:
+    """``10000^(-2i / dim)`` for i < ceil(dim / 2) in fp64: the frequencies of the sinusoidal
+    position encoding, computed here once so that every backend uses the same bits."""
+    two_i = torch.arange(0, dim, 2, dtype=torch.float64, device=device)
+    return torch.pow(10000.0, -two_i / dim)
+
+
+def sinusoid(pos: Tensor, dim: int, dtype: torch.dtype) -> Tensor:
+    """The sinusoidal encoding of 1-D ``pos`` as (len(pos), dim): sin(pos * f_i) in column 2i,
+    cos(pos * f_i) in column 2i + 1, computed in fp64 and rounded once to ``dtype``."""
+    angle = pos.to(torch.float64)[:, None] * sinusoid_inv_freq(dim, pos.device)
+    pe = torch.stack((angle.sin(), angle.cos()), dim=-1).flatten(-2)[:, :dim]
+    return pe.to(dtype)
+
+
+def check_positions(pos: Tensor, pos_weight: Tensor | None) -> None:
+    """IndexError naming the first position outside the learned table, or outside [0, 2^31)
+    for the sinusoid."""
+    limit = SINUSOID_POSITIONS if pos_weight is None else pos_weight.shape[0]
+    t = _first_bad(pos, limit)
+    if t is not None:
+        where = (
+            "the sinusoidal encoding's range [0, 2^31)"
+            if pos_weight is None
+            else f"a positional table of {limit} rows"
+        )
+        raise IndexError(
+            f"position {int(pos[t])} (element {t} of the flattened positions) is out of range "
+            f"for {where}"
+        )
+
+
+def token_pos_fwd(tok_weight: Tensor, ids: Tensor, pos_weight: Tensor | None, pos: Tensor,
+                  scale: float) -> Tensor:  # fmt: skip
+    """``scale * tok_weight[ids] + P[pos]`` for 1-D ``ids`` and ``pos`` in fp32 (fp64 for fp64),
+    rounded once; P is ``pos_weight`` or, when it is None, :func:`sinusoid` (exact in fp64,
+    rounded to fp32). Indices are checked first (ids, then positions)."""
+    check_indices(ids, tok_weight.shape[0])
+    check_positions(pos, pos_weight)
+    acc = _acc_dtype(tok_weight.dtype)
+    e = tok_weight.index_select(0, ids.long()).to(acc)
+    dim = tok_weight.shape[1]
+    pe = sinusoid(pos, dim, acc) if pos_weight is None else pos_weight.index_select(0, pos.long())
+    return (e * torch.tensor(scale, dtype=acc) + pe.to(acc)).to(tok_weight.dtype)
 
 
 def rotate_half(x: Tensor) -> Tensor:

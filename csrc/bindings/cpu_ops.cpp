@@ -27,6 +27,7 @@ namespace DEFAULT {
 void rotary(const RotaryParams& p);
 int64_t embedding_fwd(const EmbeddingFwdParams& p);
 void embedding_bwd(const EmbeddingBwdParams& p);
+int64_t token_pos_fwd(const TokenPosFwdParams& p);
 void softmax_fwd(const SoftmaxFwdParams& p);
 void softmax_bwd(const SoftmaxBwdParams& p);
 void norm_fwd(const NormFwdParams& p);
@@ -36,6 +37,7 @@ namespace AVX2 {
 void rotary(const RotaryParams& p);
 int64_t embedding_fwd(const EmbeddingFwdParams& p);
 void embedding_bwd(const EmbeddingBwdParams& p);
+int64_t token_pos_fwd(const TokenPosFwdParams& p);
 void softmax_fwd(const SoftmaxFwdParams& p);
 void softmax_bwd(const SoftmaxBwdParams& p);
 void norm_fwd(const NormFwdParams& p);
@@ -313,11 +315,12 @@ void norm_bwd(const at::Tensor& dy, const std::optional<at::Tensor>& dh_out, con
 // ------------------------------------------------------------------ embedding (lmk/embedding.h)
 
 // idx: a contiguous 1-D int32 / int64 tensor; returns whether it is int64.
-bool index_arg(const at::Tensor& idx) {
-  TORCH_CHECK(idx.device().is_cpu(), "lmkernels_cpu: idx must be a CPU tensor");
+bool index_arg(const at::Tensor& idx, const char* name = "idx") {
+  TORCH_CHECK(idx.device().is_cpu(), "lmkernels_cpu: ", name, " must be a CPU tensor");
   TORCH_CHECK(idx.scalar_type() == at::kLong || idx.scalar_type() == at::kInt,
-              "lmkernels_cpu: idx must be int64 or int32, got ", idx.scalar_type());
-  TORCH_CHECK(idx.dim() == 1 && idx.is_contiguous(), "lmkernels_cpu: idx must be contiguous 1-D");
+              "lmkernels_cpu: ", name, " must be int64 or int32, got ", idx.scalar_type());
+  TORCH_CHECK(idx.dim() == 1 && idx.is_contiguous(), "lmkernels_cpu: ", name,
+              " must be contiguous 1-D");
   return idx.scalar_type() == at::kLong;
 }
 
@@ -350,8 +353,73 @@ void embedding_fwd(const at::Tensor& weight, const at::Tensor& idx, const at::Te
                     p.num_embeddings, " rows");
 }
 
+// A (rows, dim) table of `like`'s dtype with contiguous rows.
+void table_arg(const at::Tensor& t, const char* name, const at::Tensor& like, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu(), "lmkernels_cpu: ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.dim() == 2 && t.size(1) == dim && (dim <= 1 || t.stride(1) == 1),
+              "lmkernels_cpu: ", name, " must be 2-D with ", dim, " contiguous columns, got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "lmkernels_cpu: ", name, " must have dtype ",
+              like.scalar_type(), ", got ", t.scalar_type());
+}
+
+void token_pos_fwd(const at::Tensor& tok_weight, const at::Tensor& ids,
+                   const std::optional<at::Tensor>& pos_weight, const at::Tensor& pos,
+                   const std::optional<at::Tensor>& inv_freq, double scale, const at::Tensor& out) {
+  LMK_CHECK_CPU_2D(out, "out");
+  const int64_t dim = out.size(1);
+  table_arg(tok_weight, "tok_weight", out, dim);
+  TokenPosFwdParams p;
+  p.dtype = data_dtype(out, "out");
+  p.ids64 = index_arg(ids, "ids");
+  p.pos64 = index_arg(pos, "pos");
+  TORCH_CHECK(p.ids64 == p.pos64, "lmkernels_cpu: ids and pos must share an index dtype");
+  p.n = ids.size(0);
+  TORCH_CHECK(pos.size(0) == p.n && out.size(0) == p.n,
+              "lmkernels_cpu: ids, pos and out must have the same number of rows");
+  p.dim = dim;
+  p.num_embeddings = tok_weight.size(0);
+  p.tok_stride = tok_weight.stride(0);
+  TORCH_CHECK(pos_weight.has_value() != inv_freq.has_value(),
+              "lmkernels_cpu: give exactly one of pos_weight and inv_freq");
+  if (pos_weight) {
+    table_arg(*pos_weight, "pos_weight", out, dim);
+    p.pos_weight = pos_weight->data_ptr();
+    p.num_positions = pos_weight->size(0);
+    p.pos_stride = pos_weight->stride(0);
+  } else {
+    TORCH_CHECK(inv_freq->device().is_cpu() && inv_freq->scalar_type() == at::kDouble &&
+                    inv_freq->dim() == 1 && inv_freq->is_contiguous() &&
+                    inv_freq->size(0) == (dim + 1) / 2,
+                "lmkernels_cpu: inv_freq must be a contiguous float64 vector of ", (dim + 1) / 2,
+                " values");
+    p.inv_freq = inv_freq->data_ptr<double>();
+    p.num_positions = kSinusoidPositions;
+  }
+  p.tok_weight = tok_weight.data_ptr();
+  p.ids = ids.data_ptr();
+  p.pos = pos.data_ptr();
+  p.scale = scale;
+  p.out = out.data_ptr();
+  const int64_t bad = use_avx2() ? cpu::AVX2::token_pos_fwd(p) : cpu::DEFAULT::token_pos_fwd(p);
+  TORCH_CHECK_INDEX(bad < 0 || bad >= p.n, "index ", bad < 0 ? 0 : index_at(ids, bad),
+                    " (at position ", bad,
+                    " of the flattened input) is out of range for an "
+                    "embedding of ",
+                    p.num_embeddings, " rows");
+  if (bad >= 0 && p.pos_weight) {
+    TORCH_CHECK_INDEX(false, "position ", index_at(pos, bad - p.n), " (element ", bad - p.n,
+                      " of the flattened positions) is out of range for a positional table of ",
+                      p.num_positions, " rows");
+  }
+  TORCH_CHECK_INDEX(bad < 0, "position ", bad < 0 ? 0 : index_at(pos, bad - p.n), " (element ",
+                    bad - p.n,
+                    " of the flattened positions) is out of range for the sinusoidal "
+                    "encoding's range [0, 2^31)");
+}
+
 void embedding_bwd(const at::Tensor& dy, const at::Tensor& idx, const at::Tensor& dw,
-                   int64_t padding_idx, bool scale_grad_by_freq) {
+                   int64_t padding_idx, bool scale_grad_by_freq, double grad_scale) {
   LMK_CHECK_CPU_2D(dy, "dy");
   LMK_CHECK_CPU_2D(dw, "dw");
   TORCH_CHECK(dw.scalar_type() == dy.scalar_type(), "lmkernels_cpu: dw must have dy's dtype");
@@ -376,6 +444,7 @@ void embedding_bwd(const at::Tensor& dy, const at::Tensor& idx, const at::Tensor
   p.dw = dw.data_ptr();
   p.padding_idx = padding_idx;
   p.scale_grad_by_freq = scale_grad_by_freq;
+  p.grad_scale = grad_scale;
   if (use_avx2()) {
     cpu::AVX2::embedding_bwd(p);
   } else {
@@ -446,7 +515,10 @@ TORCH_LIBRARY(lmkernels_cpu, m) {
   m.def("embedding_fwd(Tensor weight, Tensor idx, Tensor(a!) out) -> ()");
   m.def(
       "embedding_bwd(Tensor dy, Tensor idx, Tensor(a!) dw, int padding_idx, "
-      "bool scale_grad_by_freq) -> ()");
+      "bool scale_grad_by_freq, float grad_scale) -> ()");
+  m.def(
+      "token_pos_fwd(Tensor tok_weight, Tensor ids, Tensor? pos_weight, Tensor pos, "
+      "Tensor? inv_freq, float scale, Tensor(a!) out) -> ()");
   m.def(
       "softmax_fwd(Tensor x, Tensor(a!) y, float scale, bool log, Tensor? mask, "
       "Tensor? mask_row_offsets, int mask_col_stride, bool causal, int causal_rows) -> ()");
@@ -464,6 +536,7 @@ TORCH_LIBRARY_IMPL(lmkernels_cpu, CPU, m) {
   m.impl("rotary", &lmk::rotary);
   m.impl("embedding_fwd", &lmk::embedding_fwd);
   m.impl("embedding_bwd", &lmk::embedding_bwd);
+  m.impl("token_pos_fwd", &lmk::token_pos_fwd);
   m.impl("softmax_fwd", &lmk::softmax_fwd);
   m.impl("softmax_bwd", &lmk::softmax_bwd);
   m.impl("norm_fwd", &lmk::norm_fwd);

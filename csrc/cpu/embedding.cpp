@@ -8,6 +8,10 @@
 // no gradient are zeroed with one fill each. Every dw row is written exactly once, so the
 // traffic is one write of dw plus one read of dy; the order of additions depends only on idx.
 // Outputs of 16 MiB or more are written with non-temporal stores.
+//
+// Fused token + positional forward: the same gather, parallel over tokens, adding the positional
+// row (a second gathered row, or the sinusoid computed in registers: 4 f64 angles give 8 output
+// columns, vector_sinusoid below) before the single rounding and store.
 #include "lmk/embedding.h"
 
 #include <ATen/Parallel.h>
@@ -76,6 +80,165 @@ int64_t fwd_typed(const EmbeddingFwdParams& p) {
   });
   return -1;
 }
+
+// ------------------------------------------------------------------ token + positional
+
+#if defined(CPU_CAPABILITY_AVX2)
+// sinusoid_pair (lmk/embedding.h) for 4 column pairs: the angles pos * inv_freq[i .. i + 4) in
+// f64, the 8 interleaved values (sin, cos of pair i, sin, cos of pair i + 1, ...) in f32. The
+// cosine of an angle is the sine of the next quadrant, so each lane evaluates both polynomials
+// on its pair's r and picks by its own quadrant.
+struct SinusoidRow {
+  __m256d pos;             // the row's position in every lane
+  const double* inv_freq;  // the frequencies, one per column pair
+};
+
+inline Vf vector_sinusoid(__m256d pos, const double* inv_freq) {
+  const __m256d angle = _mm256_mul_pd(pos, _mm256_loadu_pd(inv_freq));
+  const __m256d k = _mm256_round_pd(_mm256_mul_pd(angle, _mm256_set1_pd(0.63661977236758134308)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256d rd = _mm256_fnmadd_pd(k, _mm256_set1_pd(1.57079632679489655800e+00), angle);
+  rd = _mm256_fnmadd_pd(k, _mm256_set1_pd(6.12323399573676603587e-17), rd);
+  const __m256i dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+  const __m256 r = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm256_cvtpd_ps(rd)), dup);
+  __m256i q = _mm256_permutevar8x32_epi32(_mm256_castsi128_si256(_mm256_cvtpd_epi32(k)), dup);
+  q = _mm256_add_epi32(q, _mm256_setr_epi32(0, 1, 0, 1, 0, 1, 0, 1));  // cos: the next quadrant
+  const __m256 r2 = _mm256_mul_ps(r, r);
+  __m256 sp =
+      _mm256_fmadd_ps(r2, _mm256_set1_ps(-1.9515295891e-4f), _mm256_set1_ps(8.3321608736e-3f));
+  sp = _mm256_fmadd_ps(r2, sp, _mm256_set1_ps(-1.6666654611e-1f));
+  sp = _mm256_fmadd_ps(_mm256_mul_ps(r, r2), sp, r);
+  __m256 cp = _mm256_fmadd_ps(r2, _mm256_set1_ps(2.443315711809948e-5f),
+                              _mm256_set1_ps(-1.388731625493765e-3f));
+  cp = _mm256_fmadd_ps(r2, cp, _mm256_set1_ps(4.166664568298827e-2f));
+  cp = _mm256_fmadd_ps(_mm256_mul_ps(r2, r2), cp,
+                       _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), r2, _mm256_set1_ps(1.0f)));
+  const __m256 odd = _mm256_castsi256_ps(_mm256_slli_epi32(q, 31));  // q & 1 in the sign bit
+  const __m256 neg = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srli_epi32(q, 1), 31));
+  return {_mm256_xor_ps(_mm256_blendv_ps(sp, cp, odd), neg)};
+}
+constexpr bool kVectorSinusoid = true;
+#else
+struct SinusoidRow {};
+constexpr bool kVectorSinusoid = false;
+#endif
+
+// The positional values of columns j .. j + kW of one row: the learned row's, or the sinusoid's.
+template <class T>
+inline Vf pe_vec(const T* prow, [[maybe_unused]] const SinusoidRow& sr, int64_t j) {
+  if (prow != nullptr) return load(prow + j);
+#if defined(CPU_CAPABILITY_AVX2)
+  return vector_sinusoid(sr.pos, sr.inv_freq + j / 2);
+#else
+  return vset(0.f);  // unreachable: without AVX2 the sinusoid takes the scalar loop
+#endif
+}
+
+// One output row: dst = round(scale * tok + pe) in A, pe the row prow (learned) or, when prow is
+// null, the sinusoid of position `pos`. 16 columns per step (stored with stream2 when kStream:
+// dst 32-byte aligned, d % 16 == 0), then 8, then single columns.
+template <bool kStream, class T>
+void tp_row(const T* tok, const T* prow, int64_t pos, const double* inv_freq, double scale,
+            int64_t d, T* dst) {
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, double>) {  // f64: scalar, sin and cos in f64
+    for (; j < d; ++j) {
+      double pe;
+      if (prow != nullptr) {
+        pe = prow[j];
+      } else {
+        const double angle = static_cast<double>(pos) * inv_freq[j / 2];
+        pe = (j & 1) ? std::cos(angle) : std::sin(angle);
+      }
+      dst[j] = scale * tok[j] + pe;
+    }
+  } else {
+    const float sf = static_cast<float>(scale);
+    if (prow != nullptr || kVectorSinusoid) {
+      const Vf vs = vset(sf);
+      SinusoidRow sr{};
+#if defined(CPU_CAPABILITY_AVX2)
+      sr.pos = _mm256_set1_pd(static_cast<double>(pos));
+      sr.inv_freq = inv_freq;
+#endif
+      for (; j + 2 * kW <= d; j += 2 * kW) {
+        const Vf y0 = vfma(vs, load(tok + j), pe_vec(prow, sr, j));
+        const Vf y1 = vfma(vs, load(tok + j + kW), pe_vec(prow, sr, j + kW));
+        if constexpr (kStream) {
+          stream2(dst + j, y0, y1);
+        } else {
+          store2(dst + j, y0, y1);
+        }
+      }
+      for (; j + kW <= d; j += kW) store(dst + j, vfma(vs, load(tok + j), pe_vec(prow, sr, j)));
+      if (prow != nullptr && j < d) {
+        const int64_t k = d - j;
+        store_n(dst + j, vfma(vs, load_n(tok + j, k, 0.f), load_n(prow + j, k, 0.f)), k);
+        return;
+      }
+    }
+    for (; j < d; ++j) {  // the sinusoid's last columns (all of them without AVX2)
+      const SinCos sc = sinusoid_pair(static_cast<double>(pos) * inv_freq[j / 2]);
+      const float pe = (j & 1) ? sc.c : sc.s;
+      dst[j] = static_cast<T>(std::fma(sf, static_cast<float>(tok[j]), pe));
+    }
+  }
+}
+
+template <class T, class I>
+int64_t tp_fwd_typed(const TokenPosFwdParams& p) {
+  const I* ids = static_cast<const I*>(p.ids);
+  const I* pos = static_cast<const I*>(p.pos);
+  int64_t bad = first_bad(ids, p.n, p.num_embeddings);
+  if (bad >= 0) return bad;
+  bad = first_bad(pos, p.n, p.num_positions);
+  if (bad >= 0) return p.n + bad;
+  const int64_t d = p.dim;
+  const T* tok = static_cast<const T*>(p.tok_weight);
+  const T* posw = static_cast<const T*>(p.pos_weight);
+  T* out = static_cast<T*>(p.out);
+  const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));
+  const bool stream =
+      !std::is_same_v<T, double> && d % 16 == 0 && stream_out(out, row_bytes, p.n * row_bytes);
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(row_bytes, 1));
+  at::parallel_for(0, p.n, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const T* src = tok + static_cast<int64_t>(ids[t]) * p.tok_stride;
+      if (t + 1 < t1 && row_bytes <= 16384) {  // the next token's row is a random one
+        const char* next = reinterpret_cast<const char*>(tok + ids[t + 1] * p.tok_stride);
+        for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(next + b);
+      }
+      const int64_t q = static_cast<int64_t>(pos[t]);
+      const T* prow = posw == nullptr ? nullptr : posw + q * p.pos_stride;
+      if (stream) {
+        tp_row<true>(src, prow, q, p.inv_freq, p.scale, d, out + t * d);
+      } else {
+        tp_row<false>(src, prow, q, p.inv_freq, p.scale, d, out + t * d);
+      }
+    }
+    if (stream) store_fence();
+  });
+  return -1;
+}
+
+template <class I>
+int64_t tp_fwd_index(const TokenPosFwdParams& p) {
+  switch (p.dtype) {
+    case DType::F32:
+      return tp_fwd_typed<float, I>(p);
+    case DType::F16:
+      return tp_fwd_typed<Half, I>(p);
+    case DType::BF16:
+      return tp_fwd_typed<BFloat16, I>(p);
+    case DType::F64:
+      return tp_fwd_typed<double, I>(p);
+    case DType::Bool:
+      break;
+  }
+  return -1;
+}
+
+// ------------------------------------------------------------------ embedding backward
 
 // dst = scale * (the sum of the dy rows of tokens order[s0 .. s1), added in that order), in fp32
 // vectors (fp64 scalars for fp64), rounded once to T.
@@ -157,7 +320,7 @@ void bwd_typed(const EmbeddingBwdParams& p) {
       flush(v);
       zeros_from = v + 1;
       // (1 / count rounded to fp32 for fp32 math, as torch scales)
-      double scale = p.scale_grad_by_freq ? 1.0 / static_cast<double>(s1 - s0) : 1.0;
+      double scale = p.scale_grad_by_freq ? 1.0 / static_cast<double>(s1 - s0) : p.grad_scale;
       if constexpr (!std::is_same_v<T, double>) scale = static_cast<float>(scale);
       if (stream) {
         sum_rows<true>(dy, order.data(), s0, s1, d, scale, dw + v * d);
@@ -191,6 +354,11 @@ void bwd_index(const EmbeddingBwdParams& p) {
 int64_t embedding_fwd(const EmbeddingFwdParams& p) {
   if (p.n <= 0) return -1;
   return p.idx64 ? fwd_typed<int64_t>(p) : fwd_typed<int32_t>(p);
+}
+
+int64_t token_pos_fwd(const TokenPosFwdParams& p) {
+  if (p.n <= 0) return -1;
+  return p.ids64 ? tp_fwd_index<int64_t>(p) : tp_fwd_index<int32_t>(p);
 }
 
 void embedding_bwd(const EmbeddingBwdParams& p) {

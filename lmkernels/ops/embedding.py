@@ -23,23 +23,36 @@ from lmkernels.ops._common import DTYPE_CODE, eager_call
 # Every backend's launcher takes a (rows, dim) weight with contiguous rows, contiguous 1-D
 # int32/int64 indices and a preallocated output:
 #   fwd(weight, idx, out)                                 raises IndexError for a bad index
-#   bwd(dy, idx, dw, padding_idx, scale_grad_by_freq)     padding_idx -1: none
+#   bwd(dy, idx, dw, padding_idx, scale_grad_by_freq, grad_scale)     padding_idx -1: none
+# and the fused token + positional forward (tables with contiguous rows, ids and pos contiguous
+# 1-D int32/int64, pos_weight None for the sinusoid, inv_freq its fp64 frequencies, else None):
+#   tp_fwd(tok_weight, ids, pos_weight, pos, inv_freq, scale, out)   IndexError for a bad index
 
 
 def _cpu_fwd(weight, idx, out):
     torch.ops.lmkernels_cpu.embedding_fwd(weight, idx, out)
 
 
-def _cpu_bwd(dy, idx, dw, padding_idx, scale_grad_by_freq):
-    torch.ops.lmkernels_cpu.embedding_bwd(dy, idx, dw, padding_idx, scale_grad_by_freq)
+def _cpu_bwd(dy, idx, dw, padding_idx, scale_grad_by_freq, grad_scale):
+    torch.ops.lmkernels_cpu.embedding_bwd(dy, idx, dw, padding_idx, scale_grad_by_freq, grad_scale)
+
+
+def _cpu_tp_fwd(tok_weight, ids, pos_weight, pos, inv_freq, scale, out):
+    torch.ops.lmkernels_cpu.token_pos_fwd(tok_weight, ids, pos_weight, pos, inv_freq, scale, out)
 
 
 def _reference_fwd(weight, idx, out):
     out.copy_(reference.embedding_fwd(weight, idx))
 
 
-def _reference_bwd(dy, idx, dw, padding_idx, scale_grad_by_freq):
-    dw.copy_(reference.embedding_bwd(dy, idx, dw.shape[0], padding_idx, scale_grad_by_freq))
+def _reference_bwd(dy, idx, dw, padding_idx, scale_grad_by_freq, grad_scale):
+    dw.copy_(
+        reference.embedding_bwd(dy, idx, dw.shape[0], padding_idx, scale_grad_by_freq, grad_scale)
+    )
+
+
+def _reference_tp_fwd(tok_weight, ids, pos_weight, pos, inv_freq, scale, out):
+    out.copy_(reference.token_pos_fwd(tok_weight, ids, pos_weight, pos, scale))
 
 
 # cuda: an index-check kernel, then the gather (one synchronisation to read the check back);
@@ -81,8 +94,57 @@ def _cuda_fwd(weight: Tensor, idx: Tensor, out: Tensor) -> None:
         )
 
 
+def _cuda_tp_fwd(
+    tok_weight: Tensor,
+    ids: Tensor,
+    pos_weight: Tensor | None,
+    pos: Tensor,
+    inv_freq: Tensor | None,
+    scale: float,
+    out: Tensor,
+) -> None:
+    """The fused token + positional forward (embedding.h); IndexError for a bad id or position."""
+    from lmkernels import _cuda
+
+    _check_index_dtype(ids)
+    _check_index_dtype(pos)
+    n = ids.shape[0]
+    if n == 0:
+        return
+    rows, dim = tok_weight.shape
+    if pos_weight is None:
+        num_pos, pos_ptr, pos_stride = reference.SINUSOID_POSITIONS, 0, 0
+        freq_ptr = inv_freq.data_ptr()
+    else:
+        num_pos, pos_ptr, pos_stride = (
+            pos_weight.shape[0],
+            pos_weight.data_ptr(),
+            pos_weight.stride(0),
+        )
+        freq_ptr = 0
+    status = torch.empty(1, dtype=torch.int64, device=ids.device)
+    with torch.cuda.device(ids.device):
+        _cuda.token_pos_fwd(
+            tok_weight.data_ptr(), ids.data_ptr(), pos_ptr, pos.data_ptr(), freq_ptr,
+            out.data_ptr(), status.data_ptr(), DTYPE_CODE[tok_weight.dtype],
+            ids.dtype == torch.int64, pos.dtype == torch.int64, n, dim, rows,
+            tok_weight.stride(0), num_pos, pos_stride, float(scale), _stream(ids.device),
+        )  # fmt: skip
+    bad = int(status.item())  # the one synchronisation
+    if bad >= 0:  # the messages of the reference's checks
+        if bad < n:
+            reference.check_indices(ids[bad : bad + 1].cpu(), rows)
+        reference.check_positions(pos[bad - n : bad - n + 1].cpu(), pos_weight)
+        raise AssertionError(f"token_pos_fwd reported index {bad}, which is in range")
+
+
 def _cuda_bwd(
-    dy: Tensor, idx: Tensor, dw: Tensor, padding_idx: int, scale_grad_by_freq: bool
+    dy: Tensor,
+    idx: Tensor,
+    dw: Tensor,
+    padding_idx: int,
+    scale_grad_by_freq: bool,
+    grad_scale: float,
 ) -> None:
     """``dw`` = the deterministic embedding gradient (csrc/include/lmk/embedding.h)."""
     from lmkernels import _cuda
@@ -98,10 +160,12 @@ def _cuda_bwd(
     nseg = seg_rows.shape[0]
     seg_offsets = torch.zeros(nseg + 1, dtype=torch.int64, device=dy.device)
     torch.cumsum(counts, 0, out=seg_offsets[1:])
-    seg_scale = None
+    seg_scale = None  # the kernel's per-segment scale: 1 / count, or grad_scale
+    acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
     if scale_grad_by_freq:
-        acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
         seg_scale = counts.to(torch.float64).reciprocal_().to(acc)
+    elif grad_scale != 1.0:
+        seg_scale = torch.full((nseg,), grad_scale, dtype=acc, device=dy.device)
     with torch.cuda.device(dy.device):
         _cuda.embedding_bwd(
             dy.data_ptr(), dw.data_ptr(), order.data_ptr(), seg_offsets.data_ptr(),
@@ -123,6 +187,12 @@ def _triton_bwd(*args):
     k.embedding_bwd(*args)
 
 
+def _triton_tp_fwd(*args):
+    from lmkernels.triton_kernels import embedding as k
+
+    k.token_pos_fwd(*args)
+
+
 def _triton_supports(t: Tensor, *_) -> str | None:
     if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"dtype {t.dtype} is not supported (supported: float32, float16, bfloat16)"
@@ -140,6 +210,12 @@ _BWD = {
     "cpu": Impl(_cpu_bwd),
     "triton": Impl(_triton_bwd, _triton_supports),
     "cuda": Impl(_cuda_bwd),
+}
+_TP_FWD = {
+    "reference": Impl(_reference_tp_fwd),
+    "cpu": Impl(_cpu_tp_fwd),
+    "triton": Impl(_triton_tp_fwd, _triton_supports),
+    "cuda": Impl(_cuda_tp_fwd),
 }
 
 # ----------------------------------------------------------------------------- registered ops
@@ -159,13 +235,40 @@ def _run_fwd(weight: Tensor, idx: Tensor) -> Tensor:
     return out
 
 
-def _run_bwd(dy, idx, num_embeddings, padding_idx, scale_grad_by_freq) -> Tensor:
+def _run_bwd(dy, idx, num_embeddings, padding_idx, scale_grad_by_freq, grad_scale=1.0) -> Tensor:
     dw = torch.empty(num_embeddings, dy.shape[1], dtype=dy.dtype, device=dy.device)
     if idx.numel() == 0 or dy.shape[1] == 0:
         return dw.zero_()
     fn = dispatch("embedding backward", _BWD, dy.device, dy, idx)
-    fn(dy.contiguous(), idx.contiguous(), dw, padding_idx, scale_grad_by_freq)
+    fn(dy.contiguous(), idx.contiguous(), dw, padding_idx, scale_grad_by_freq, grad_scale)
     return dw
+
+
+_INV_FREQ: dict[tuple[int, torch.device], Tensor] = {}
+
+
+def _inv_freq(dim: int, device: torch.device) -> Tensor:
+    """The sinusoid's fp64 frequencies for ``dim`` (cached per dim and device)."""
+    key = (dim, device)
+    if key not in _INV_FREQ:
+        _INV_FREQ[key] = reference.sinusoid_inv_freq(dim, device)
+    return _INV_FREQ[key]
+
+
+def _run_tp_fwd(tok_weight, ids, pos_weight, pos, scale) -> Tensor:
+    dim = tok_weight.shape[1]
+    out = torch.empty(ids.shape[0], dim, dtype=tok_weight.dtype, device=tok_weight.device)
+    if ids.numel() and dim:
+        fn = dispatch("token_positional_embedding", _TP_FWD, tok_weight.device, tok_weight, ids)
+        freq = _inv_freq(dim, tok_weight.device) if pos_weight is None else None
+        pw = None if pos_weight is None else _rows(pos_weight)
+        if pos.dtype != ids.dtype:  # one index type per kernel (int32 widens exactly)
+            ids, pos = ids.long(), pos.long()
+        fn(_rows(tok_weight), ids.contiguous(), pw, pos.contiguous(), freq, scale, out)
+    elif ids.numel():  # zero columns: only the index checks
+        reference.check_indices(ids, tok_weight.shape[0])
+        reference.check_positions(pos, pos_weight)
+    return out
 
 
 @torch.library.custom_op("lmkernels::embedding_fwd", mutates_args=())
@@ -184,14 +287,37 @@ def _(weight, idx, padding_idx, scale_grad_by_freq):
 
 @torch.library.custom_op("lmkernels::embedding_bwd", mutates_args=())
 def embedding_bwd(
-    dy: Tensor, idx: Tensor, num_embeddings: int, padding_idx: int, scale_grad_by_freq: bool
+    dy: Tensor,
+    idx: Tensor,
+    num_embeddings: int,
+    padding_idx: int,
+    scale_grad_by_freq: bool,
+    grad_scale: float = 1.0,
 ) -> Tensor:
-    return _run_bwd(dy, idx, num_embeddings, padding_idx, scale_grad_by_freq)
+    return _run_bwd(dy, idx, num_embeddings, padding_idx, scale_grad_by_freq, grad_scale)
 
 
 @embedding_bwd.register_fake
-def _(dy, idx, num_embeddings, padding_idx, scale_grad_by_freq):
+def _(dy, idx, num_embeddings, padding_idx, scale_grad_by_freq, grad_scale=1.0):
     return dy.new_empty(num_embeddings, dy.shape[1])
+
+
+@torch.library.custom_op("lmkernels::token_pos_fwd", mutates_args=())
+def token_pos_fwd(
+    tok_weight: Tensor,
+    ids: Tensor,
+    pos_weight: Tensor | None,
+    pos: Tensor,
+    scale: float,
+    padding_idx: int,
+) -> Tensor:
+    # (padding_idx shapes only the backward)
+    return _run_tp_fwd(tok_weight, ids, pos_weight, pos, scale)
+
+
+@token_pos_fwd.register_fake
+def _(tok_weight, ids, pos_weight, pos, scale, padding_idx):
+    return tok_weight.new_empty(ids.shape[0], tok_weight.shape[1])
 
 
 # ------------------------------------------------------------------------------------ autograd
@@ -213,6 +339,44 @@ def _grads(ctx, dy, bwd):
 embedding_fwd.register_autograd(
     lambda ctx, dy: _grads(ctx, dy, embedding_bwd), setup_context=_setup_context
 )
+
+
+def _tp_setup_context(ctx, inputs, output):
+    tok_weight, ids, pos_weight, pos, scale, padding_idx = inputs
+    ctx.save_for_backward(ids, pos)
+    ctx.num_tok = tok_weight.shape[0]
+    ctx.num_pos = None if pos_weight is None else pos_weight.shape[0]
+    ctx.scale, ctx.padding_idx = scale, padding_idx
+
+
+def _tp_grads(ctx, dy, bwd):
+    ids, pos = ctx.saved_tensors
+    d_tok = d_pos = None
+    if ctx.needs_input_grad[0]:
+        d_tok = bwd(dy, ids, ctx.num_tok, ctx.padding_idx, False, ctx.scale)
+    if ctx.num_pos is not None and ctx.needs_input_grad[2]:
+        d_pos = bwd(dy, pos, ctx.num_pos, -1, False, 1.0)
+    return d_tok, None, d_pos, None, None, None
+
+
+token_pos_fwd.register_autograd(
+    lambda ctx, dy: _tp_grads(ctx, dy, embedding_bwd), setup_context=_tp_setup_context
+)
+
+
+class _TokenPosEager(torch.autograd.Function):
+    """The same forward and backward as the registered op, for plain eager calls."""
+
+    @staticmethod
+    def forward(ctx, tok_weight, ids, pos_weight, pos, scale, padding_idx):
+        out = _run_tp_fwd(tok_weight, ids, pos_weight, pos, scale)
+        _tp_setup_context(ctx, (tok_weight, ids, pos_weight, pos, scale, padding_idx), out)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        return _tp_grads(ctx, dy, _run_bwd)
 
 
 class _EmbeddingEager(torch.autograd.Function):
@@ -246,3 +410,26 @@ def embedding(weight: Tensor, idx: Tensor, padding_idx: int, scale_grad_by_freq:
     if torch.is_grad_enabled() and weight.requires_grad:
         return _EmbeddingEager.apply(weight, idx, padding_idx, scale_grad_by_freq)
     return _run_fwd(weight, idx)
+
+
+def token_positional(
+    tok_weight: Tensor,
+    ids: Tensor,
+    pos_weight: Tensor | None,
+    pos: Tensor,
+    scale: float,
+    padding_idx: int,
+) -> Tensor:
+    """``scale * tok_weight[ids] + P[pos]`` as (len(ids), dim), with autograd into both tables.
+
+    ``ids`` and ``pos``: 1-D int32/int64 of one length; ``pos_weight``: the learned table
+    (same dtype, device and dim as ``tok_weight``) or None for the sinusoid; ``padding_idx``: a
+    token row that receives no gradient, or -1. The public function calls this with validated
+    arguments.
+    """
+    if not eager_call(tok_weight, ids, pos_weight, pos):
+        return token_pos_fwd(tok_weight, ids, pos_weight, pos, scale, padding_idx)
+    wants_grad = tok_weight.requires_grad or (pos_weight is not None and pos_weight.requires_grad)
+    if torch.is_grad_enabled() and wants_grad:
+        return _TokenPosEager.apply(tok_weight, ids, pos_weight, pos, scale, padding_idx)
+    return _run_tp_fwd(tok_weight, ids, pos_weight, pos, scale)
