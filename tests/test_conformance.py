@@ -28,10 +28,10 @@ BACKEND_DTYPES = {
 # BackendUnavailable for the rest; tested in test_norm.py).
 _NORMS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
 NARROWER = {("triton", op): {torch.float32, torch.float16, torch.bfloat16} for op in _NORMS}
-# Triton embedding and rotary: no fp64 (BackendUnavailable naming the dtype, tested in
-# test_embedding.py / test_rotary.py).
+# Triton embedding, token + positional and rotary: no fp64 (BackendUnavailable naming the dtype,
+# tested in test_embedding.py / test_token_positional.py / test_rotary.py).
 NARROWER |= {("triton", op): {torch.float32, torch.float16, torch.bfloat16}
-             for op in ("embedding", "apply_rotary")}  # fmt: skip
+             for op in ("embedding", "token_positional_embedding", "apply_rotary")}  # fmt: skip
 
 
 def _enter(backend: str, case, dtype):

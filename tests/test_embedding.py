@@ -210,7 +210,8 @@ def test_deterministic_algorithms_mode_is_honoured():
 
 
 def test_cpu_offsets_past_2_31_elements():
-    """A bf16 table of 2^31 + 2048 elements: rows past element 2^31, forward and backward."""
+    """A bf16 table of 2^31 + 2048 elements: rows past element 2^31, forward (plain and fused
+    token + positional) and backward."""
     _needs("cpu")
     if free_ram_gib() < 12:
         pytest.skip(f"needs ~9 GiB free RAM, {free_ram_gib():.1f} GiB available")
@@ -221,6 +222,9 @@ def test_cpu_offsets_past_2_31_elements():
     idx = torch.tensor([rows - 1, 0, rows - 1])
     y = emb_ops._run_fwd(w, idx)
     assert torch.equal(y[0], w[-1]) and torch.equal(y[2], w[-1]) and torch.count_nonzero(y[1]) == 0
+    # the fused token + positional forward, the same table in both roles
+    y = emb_ops._run_tp_fwd(w, idx, w, torch.tensor([0, rows - 1, 0]), 2.0)
+    assert torch.equal(y[0], 2 * w[-1]) and torch.equal(y[1], w[-1]) and torch.equal(y[2], y[0])
     del w
     dy = torch.ones(3, dim, dtype=torch.bfloat16)
     dw = emb_ops._run_bwd(dy, idx, rows, -1, False)

@@ -3,10 +3,17 @@
 ``lmkernels::embedding_fwd(weight, idx, padding_idx, scale_grad_by_freq)`` gathers the rows
 ``weight[idx]`` of a 2-D table for a 1-D index vector (the two options only shape its
 backward); ``lmkernels::embedding_bwd(dy, idx, num_embeddings, padding_idx,
-scale_grad_by_freq)`` is the table's gradient, deterministic on every backend (the order of the
-additions depends only on ``idx``). :func:`lmkernels.functional.embedding` validates arguments,
-applies ``max_norm`` and flattens the indices before calling :func:`embedding`. The semantics,
-shared by every backend, are in csrc/include/lmk/embedding.h.
+scale_grad_by_freq, grad_scale)`` is the table's gradient, deterministic on every backend (the
+order of the additions depends only on ``idx``). :func:`lmkernels.functional.embedding`
+validates arguments, applies ``max_norm`` and flattens the indices before calling
+:func:`embedding`.
+
+``lmkernels::token_pos_fwd(tok_weight, ids, pos_weight, pos, scale, padding_idx)`` is the fused
+input layer ``scale * tok_weight[ids] + P[pos]`` (P the learned ``pos_weight`` or, for None,
+the sinusoid); its backward is ``embedding_bwd`` once per table.
+:func:`lmkernels.functional.token_positional_embedding` validates and flattens, then calls
+:func:`token_positional`. The semantics, shared by every backend, are in
+csrc/include/lmk/embedding.h.
 """
 
 from __future__ import annotations

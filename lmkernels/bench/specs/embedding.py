@@ -1,4 +1,5 @@
-"""Benchmark of the embedding lookup against ``torch.nn.functional.embedding``.
+"""Benchmarks of the embedding lookup against ``torch.nn.functional.embedding``, and of the
+fused token + positional input layer against the unfused torch sequence.
 
 Shapes are (tokens, num_embeddings, embedding_dim); indices are uniform over the table, int64;
 the table requires grad. The backward is the dense table gradient (every row written: the
@@ -9,10 +10,21 @@ Byte model (N = tokens * dim, V = num_embeddings * dim, e = element size; indice
     fwd     read the looked-up rows, write the output           2 N e + 8 tokens
     bwd     read dy, write the whole table gradient             (N + V) e + 8 tokens
     fwdbwd  the sum
+
+token_positional (learned, GPT-2 style ``wte(ids) + wpe(arange(seq))``) and
+token_positional_sinusoid (``sqrt(d) * wte(ids) + pe[:seq]``, torch reading a precomputed
+encoding table, lmkernels computing it on the fly). Shapes are (batch, seq, num_embeddings,
+embedding_dim); ids uniform, int64; positions 0 .. seq-1. With N = batch * seq * dim,
+S = seq * dim (the positional rows, read once from memory) and V as above:
+
+    fwd     read the token rows and S, write the output          2 N e + S e   (sinusoid: 2 N e)
+    bwd     read dy twice (one pass per table), write dE and dP  2 N e + (V + S) e
+            (sinusoid: dy once, dE)                              N e + V e
 """
 
 from __future__ import annotations
 
+import math
 import zlib
 
 import torch
@@ -60,4 +72,95 @@ BENCHES = [
             torch_fn=lambda idx, w: F.embedding(idx, w),
         ),
     ),
+]
+
+
+# ------------------------------------------------------------------ token + positional
+
+TP_SHAPES = ((8, 2048, 32000, 1024), (4, 1024, 50304, 768))
+TP_QUICK_SHAPES = ((2, 64, 1000, 64),)
+
+
+def _tp_bytes(sinusoid: bool):
+    def count(shape, dtype, mode) -> int:
+        batch, seq, rows, dim = shape
+        e = torch.empty((), dtype=dtype).element_size()
+        n, s = batch * seq * dim, seq * dim
+        fwd = (2 * n if sinusoid else 2 * n + s) * e + 8 * batch * seq
+        bwd = ((n + rows * dim) if sinusoid else (2 * n + rows * dim + s)) * e + 8 * batch * seq
+        return {"fwd": fwd, "bwd": bwd, "fwdbwd": fwd + bwd}[mode]
+
+    return count
+
+
+def _tp_inputs(sinusoid: bool):
+    def make(shape, dtype, device) -> Inputs:
+        batch, seq, rows, dim = shape
+        key = f"token_positional {sinusoid} {shape} {dtype}"
+        gen = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+        ids = torch.randint(0, rows, (batch, seq), generator=gen).to(device)
+        tok = torch.randn(rows, dim, generator=gen).to(device=device, dtype=dtype)
+        dy = torch.randn(batch, seq, dim, generator=gen).to(device=device, dtype=dtype)
+        if sinusoid:  # the table the unfused torch sequence reads (lmkernels ignores it)
+            table = ref.sinusoid(torch.arange(seq, device=device), dim, dtype)
+        else:
+            table = torch.randn(seq, dim, generator=gen).to(device=device, dtype=dtype)
+            table.requires_grad_()
+        return Inputs((ids, tok.requires_grad_(), table), dy)
+
+    return make
+
+
+def _tp_ours(ids, tok, table):
+    return LF.token_positional_embedding(ids, tok, pos_weight=table)
+
+
+def _tp_torch(ids, tok, table):
+    return F.embedding(ids, tok) + F.embedding(
+        torch.arange(ids.shape[-1], device=ids.device), table
+    )
+
+
+def _tp_reference(ids, tok, table):
+    pos = torch.arange(ids.shape[-1], device=ids.device).expand(ids.shape).reshape(-1)
+    out = ref.token_pos_fwd(tok, ids.reshape(-1), table, pos, 1.0)
+    return out.view(*ids.shape, tok.shape[1])
+
+
+def _sin_scale(tok) -> float:
+    return math.sqrt(tok.shape[1])
+
+
+def _tps_ours(ids, tok, table):
+    return LF.token_positional_embedding(ids, tok, sinusoidal=True, scale=_sin_scale(tok))
+
+
+def _tps_torch(ids, tok, table):
+    return F.embedding(ids, tok) * _sin_scale(tok) + table[: ids.shape[-1]]
+
+
+def _tps_reference(ids, tok, table):
+    pos = torch.arange(ids.shape[-1], device=ids.device).expand(ids.shape).reshape(-1)
+    out = ref.token_pos_fwd(tok, ids.reshape(-1), None, pos, _sin_scale(tok))
+    return out.view(*ids.shape, tok.shape[1])
+
+
+def _tp_bench(name, sinusoid, ours, reference, torch_fn) -> Bench:
+    return Bench(
+        name=name,
+        shapes=TP_SHAPES,
+        quick_shapes=TP_QUICK_SHAPES,
+        dtypes=DTYPES,
+        make_inputs=_tp_inputs(sinusoid),
+        bytes=_tp_bytes(sinusoid),
+        reference=reference,
+        providers=lambda device: standard_providers(
+            device, ours=ours, reference=reference, torch_fn=torch_fn
+        ),
+    )
+
+
+BENCHES += [
+    _tp_bench("token_positional", False, _tp_ours, _tp_reference, _tp_torch),
+    _tp_bench("token_positional_sinusoid", True, _tps_ours, _tps_reference, _tps_torch),
 ]
