@@ -117,10 +117,15 @@ def check_indices(idx: Tensor, num_embeddings: int) -> None:
     """IndexError naming the first index outside [0, num_embeddings) (embedding.h's check)."""
     t = _first_bad(idx, num_embeddings)
     if t is not None:
-        raise IndexError(
-            f"index {int(idx[t])} (at position {t} of the flattened input) is out of range for "
-            f"an embedding of {num_embeddings} rows"
-        )
+        raise index_error(int(idx[t]), t, num_embeddings)
+
+
+def index_error(value: int, t: int, num_embeddings: int) -> IndexError:
+    """The error for the bad index ``value`` at flattened position ``t`` (every backend)."""
+    return IndexError(
+        f"index {value} (at position {t} of the flattened input) is out of range for "
+        f"an embedding of {num_embeddings} rows"
+    )
 
 
 def _first_bad(idx: Tensor, limit: int) -> int | None:
@@ -185,18 +190,21 @@ def sinusoid(pos: Tensor, dim: int, dtype: torch.dtype) -> Tensor:
 def check_positions(pos: Tensor, pos_weight: Tensor | None) -> None:
     """IndexError naming the first position outside the learned table, or outside [0, 2^31)
     for the sinusoid."""
-    limit = SINUSOID_POSITIONS if pos_weight is None else pos_weight.shape[0]
-    t = _first_bad(pos, limit)
+    t = _first_bad(pos, SINUSOID_POSITIONS if pos_weight is None else pos_weight.shape[0])
     if t is not None:
-        where = (
-            "the sinusoidal encoding's range [0, 2^31)"
-            if pos_weight is None
-            else f"a positional table of {limit} rows"
-        )
-        raise IndexError(
-            f"position {int(pos[t])} (element {t} of the flattened positions) is out of range "
-            f"for {where}"
-        )
+        raise position_error(int(pos[t]), t, pos_weight)
+
+
+def position_error(value: int, t: int, pos_weight: Tensor | None) -> IndexError:
+    """The error for the bad position ``value`` at flattened position ``t`` (every backend)."""
+    where = (
+        "the sinusoidal encoding's range [0, 2^31)"
+        if pos_weight is None
+        else f"a positional table of {pos_weight.shape[0]} rows"
+    )
+    return IndexError(
+        f"position {value} (element {t} of the flattened positions) is out of range for {where}"
+    )
 
 
 def token_pos_fwd(tok_weight: Tensor, ids: Tensor, pos_weight: Tensor | None, pos: Tensor,

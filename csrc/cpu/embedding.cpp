@@ -10,8 +10,8 @@
 // Outputs of 16 MiB or more are written with non-temporal stores.
 //
 // Fused token + positional forward: the same gather, parallel over tokens, adding the positional
-// row (a second gathered row, or the sinusoid computed in registers: 4 f64 angles give 8 output
-// columns, vector_sinusoid below) before the single rounding and store.
+// row (a second gathered row, or the sinusoid computed in registers: 8 f64 angles give 16 output
+// columns, Sinusoid below) before the single rounding and store.
 #include "lmk/embedding.h"
 
 #include <ATen/Parallel.h>
@@ -84,59 +84,62 @@ int64_t fwd_typed(const EmbeddingFwdParams& p) {
 // ------------------------------------------------------------------ token + positional
 
 #if defined(CPU_CAPABILITY_AVX2)
-// sinusoid_pair (lmk/embedding.h) for 4 column pairs: the angles pos * inv_freq[i .. i + 4) in
-// f64, the 8 interleaved values (sin, cos of pair i, sin, cos of pair i + 1, ...) in f32. The
-// cosine of an angle is the sine of the next quadrant, so each lane evaluates both polynomials
-// on its pair's r and picks by its own quadrant.
-struct SinusoidRow {
+// sinusoid_pair (lmk/embedding.h) for 8 column pairs: the angles pos * inv_freq[i .. i + 8) in
+// f64 (two vectors of 4), reduced in f64; sine and cosine polynomials on the 8 reduced angles in
+// f32, swapped and negated per quadrant, then interleaved into the 16 output columns
+// (sin, cos of pair i, sin, cos of pair i + 1, ...): lo holds pairs i .. i + 4, hi the rest.
+struct Sinusoid {
   __m256d pos;             // the row's position in every lane
   const double* inv_freq;  // the frequencies, one per column pair
-};
 
-inline Vf vector_sinusoid(__m256d pos, const double* inv_freq) {
-  const __m256d angle = _mm256_mul_pd(pos, _mm256_loadu_pd(inv_freq));
-  const __m256d k = _mm256_round_pd(_mm256_mul_pd(angle, _mm256_set1_pd(0.63661977236758134308)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256d rd = _mm256_fnmadd_pd(k, _mm256_set1_pd(1.57079632679489655800e+00), angle);
-  rd = _mm256_fnmadd_pd(k, _mm256_set1_pd(6.12323399573676603587e-17), rd);
-  const __m256i dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
-  const __m256 r = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm256_cvtpd_ps(rd)), dup);
-  __m256i q = _mm256_permutevar8x32_epi32(_mm256_castsi128_si256(_mm256_cvtpd_epi32(k)), dup);
-  q = _mm256_add_epi32(q, _mm256_setr_epi32(0, 1, 0, 1, 0, 1, 0, 1));  // cos: the next quadrant
-  const __m256 r2 = _mm256_mul_ps(r, r);
-  __m256 sp =
-      _mm256_fmadd_ps(r2, _mm256_set1_ps(-1.9515295891e-4f), _mm256_set1_ps(8.3321608736e-3f));
-  sp = _mm256_fmadd_ps(r2, sp, _mm256_set1_ps(-1.6666654611e-1f));
-  sp = _mm256_fmadd_ps(_mm256_mul_ps(r, r2), sp, r);
-  __m256 cp = _mm256_fmadd_ps(r2, _mm256_set1_ps(2.443315711809948e-5f),
-                              _mm256_set1_ps(-1.388731625493765e-3f));
-  cp = _mm256_fmadd_ps(r2, cp, _mm256_set1_ps(4.166664568298827e-2f));
-  cp = _mm256_fmadd_ps(_mm256_mul_ps(r2, r2), cp,
-                       _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), r2, _mm256_set1_ps(1.0f)));
-  const __m256 odd = _mm256_castsi256_ps(_mm256_slli_epi32(q, 31));  // q & 1 in the sign bit
-  const __m256 neg = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srli_epi32(q, 1), 31));
-  return {_mm256_xor_ps(_mm256_blendv_ps(sp, cp, odd), neg)};
-}
+  void operator()(int64_t pair, Vf& lo, Vf& hi) const {
+    __m256d k[2];
+    __m128 r4[2];
+    for (int h = 0; h < 2; ++h) {
+      const __m256d angle = _mm256_mul_pd(pos, _mm256_loadu_pd(inv_freq + pair + 4 * h));
+      k[h] = _mm256_round_pd(_mm256_mul_pd(angle, _mm256_set1_pd(0.63661977236758134308)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      __m256d r = _mm256_fnmadd_pd(k[h], _mm256_set1_pd(1.57079632679489655800e+00), angle);
+      r4[h] =
+          _mm256_cvtpd_ps(_mm256_fnmadd_pd(k[h], _mm256_set1_pd(6.12323399573676603587e-17), r));
+    }
+    const __m256 r = _mm256_set_m128(r4[1], r4[0]);
+    const __m256i q = _mm256_set_m128i(_mm256_cvtpd_epi32(k[1]), _mm256_cvtpd_epi32(k[0]));
+    const __m256 r2 = _mm256_mul_ps(r, r);
+    __m256 sp =
+        _mm256_fmadd_ps(r2, _mm256_set1_ps(-1.9515295891e-4f), _mm256_set1_ps(8.3321608736e-3f));
+    sp = _mm256_fmadd_ps(r2, sp, _mm256_set1_ps(-1.6666654611e-1f));
+    sp = _mm256_fmadd_ps(_mm256_mul_ps(r, r2), sp, r);
+    __m256 cp = _mm256_fmadd_ps(r2, _mm256_set1_ps(2.443315711809948e-5f),
+                                _mm256_set1_ps(-1.388731625493765e-3f));
+    cp = _mm256_fmadd_ps(r2, cp, _mm256_set1_ps(4.166664568298827e-2f));
+    cp = _mm256_fmadd_ps(_mm256_mul_ps(r2, r2), cp,
+                         _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), r2, _mm256_set1_ps(1.0f)));
+    // odd quadrants swap sine and cosine; sin is negated in quadrants 2, 3, cos in 1, 2
+    const __m256 odd = _mm256_castsi256_ps(_mm256_slli_epi32(q, 31));
+    auto sign_of = [](__m256i v) {  // bit 1 of v in the sign bit
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srli_epi32(v, 1), 31));
+    };
+    const __m256 s = _mm256_xor_ps(_mm256_blendv_ps(sp, cp, odd), sign_of(q));
+    const __m256 c = _mm256_xor_ps(_mm256_blendv_ps(cp, sp, odd),
+                                   sign_of(_mm256_add_epi32(q, _mm256_set1_epi32(1))));
+    const __m256 u0 = _mm256_unpacklo_ps(s, c), u1 = _mm256_unpackhi_ps(s, c);
+    lo = {_mm256_permute2f128_ps(u0, u1, 0x20)};
+    hi = {_mm256_permute2f128_ps(u0, u1, 0x31)};
+  }
+};
 constexpr bool kVectorSinusoid = true;
 #else
-struct SinusoidRow {};
+struct Sinusoid {
+  void operator()(int64_t, Vf&, Vf&) const {}  // unused: without AVX2 the sinusoid is scalar
+};
 constexpr bool kVectorSinusoid = false;
 #endif
 
-// The positional values of columns j .. j + kW of one row: the learned row's, or the sinusoid's.
-template <class T>
-inline Vf pe_vec(const T* prow, [[maybe_unused]] const SinusoidRow& sr, int64_t j) {
-  if (prow != nullptr) return load(prow + j);
-#if defined(CPU_CAPABILITY_AVX2)
-  return vector_sinusoid(sr.pos, sr.inv_freq + j / 2);
-#else
-  return vset(0.f);  // unreachable: without AVX2 the sinusoid takes the scalar loop
-#endif
-}
-
 // One output row: dst = round(scale * tok + pe) in A, pe the row prow (learned) or, when prow is
 // null, the sinusoid of position `pos`. 16 columns per step (stored with stream2 when kStream:
-// dst 32-byte aligned, d % 16 == 0), then 8, then single columns.
+// dst 32-byte aligned, d % 16 == 0), then the learned row's last columns as vectors, the
+// sinusoid's one by one.
 template <bool kStream, class T>
 void tp_row(const T* tok, const T* prow, int64_t pos, const double* inv_freq, double scale,
             int64_t d, T* dst) {
@@ -154,30 +157,36 @@ void tp_row(const T* tok, const T* prow, int64_t pos, const double* inv_freq, do
     }
   } else {
     const float sf = static_cast<float>(scale);
-    if (prow != nullptr || kVectorSinusoid) {
-      const Vf vs = vset(sf);
-      SinusoidRow sr{};
+    const Vf vs = vset(sf);
+    auto put = [&](int64_t at, Vf y0, Vf y1) {
+      y0 = vfma(vs, load(tok + at), y0);
+      y1 = vfma(vs, load(tok + at + kW), y1);
+      if constexpr (kStream) {
+        stream2(dst + at, y0, y1);
+      } else {
+        store2(dst + at, y0, y1);
+      }
+    };
+    if (prow != nullptr) {
+      for (; j + 2 * kW <= d; j += 2 * kW) put(j, load(prow + j), load(prow + j + kW));
+      for (; j < d; j += kW) {
+        const int64_t k = std::min<int64_t>(kW, d - j);
+        store_n(dst + j, vfma(vs, load_n(tok + j, k, 0.f), load_n(prow + j, k, 0.f)), k);
+      }
+      return;
+    }
+    if constexpr (kVectorSinusoid) {
+      Sinusoid sin16{};
 #if defined(CPU_CAPABILITY_AVX2)
-      sr.pos = _mm256_set1_pd(static_cast<double>(pos));
-      sr.inv_freq = inv_freq;
+      sin16 = {_mm256_set1_pd(static_cast<double>(pos)), inv_freq};
 #endif
       for (; j + 2 * kW <= d; j += 2 * kW) {
-        const Vf y0 = vfma(vs, load(tok + j), pe_vec(prow, sr, j));
-        const Vf y1 = vfma(vs, load(tok + j + kW), pe_vec(prow, sr, j + kW));
-        if constexpr (kStream) {
-          stream2(dst + j, y0, y1);
-        } else {
-          store2(dst + j, y0, y1);
-        }
-      }
-      for (; j + kW <= d; j += kW) store(dst + j, vfma(vs, load(tok + j), pe_vec(prow, sr, j)));
-      if (prow != nullptr && j < d) {
-        const int64_t k = d - j;
-        store_n(dst + j, vfma(vs, load_n(tok + j, k, 0.f), load_n(prow + j, k, 0.f)), k);
-        return;
+        Vf lo, hi;
+        sin16(j / 2, lo, hi);
+        put(j, lo, hi);
       }
     }
-    for (; j < d; ++j) {  // the sinusoid's last columns (all of them without AVX2)
+    for (; j < d; ++j) {
       const SinCos sc = sinusoid_pair(static_cast<double>(pos) * inv_freq[j / 2]);
       const float pe = (j & 1) ? sc.c : sc.s;
       dst[j] = static_cast<T>(std::fma(sf, static_cast<float>(tok[j]), pe));
