@@ -10,6 +10,12 @@ Backward: the in-order fp32 (fp64) sum of the contract, so it must equal the ref
 on the CPU (``index_add_`` adds in index order there; on a GPU it uses atomics) bit for bit, for
 every dtype; with scale_grad_by_freq, the unscaled sum times fp32(1 / count) (the CPU backend's
 scale) and the reference bit for bit.
+Fused token + positional forward (``lmkernels.functional.token_positional_embedding`` under
+``use_backend("cuda")``, and its launcher ``_cuda_tp_fwd``): with a learned table the
+reference's two fp32 (fp64) roundings, so bit for bit the reference backend; with the sinusoid
+within a few fp32 ulp of the exact value (embedding.h), up to position 2^31 - 1. Bad ids or
+positions raise the reference's IndexError and write nothing; its backward is two embedding
+backwards (the token table's scaled), bit for bit the reference on the CPU.
 """
 
 from __future__ import annotations
@@ -311,6 +317,248 @@ def test_offsets_past_2_31_elements():
     assert int(torch.count_nonzero(dw[-2])) == 0 and int(torch.count_nonzero(dw[rows // 2])) == 0
 
 
+# ------------------------------------------------------------ fused token + positional forward
+
+# (atol, rtol) of the sinusoid against the reference (exact in fp64, rounded): the kernel's
+# sinusoid is within 3 * 2^-24 of the exact value, then the sum may round the other way (an ulp
+# of the output dtype)
+_TP_TOL = {F32: (3e-7, 2.4e-7), F16: (1e-6, 1e-3), BF16: (1e-6, 8e-3), F64: (3e-7, 1e-15)}
+TP_DTYPES = [F32, F16, BF16, F64]
+TP_DIMS = [1, 2, 7, 8, 100, 1000]
+_MAX_POS = 2**31 - 1
+
+
+def _tp(backend, ids, tok, positions, pw, scale, padding_idx=None):
+    import lmkernels
+    from lmkernels.functional import token_positional_embedding
+
+    with lmkernels.use_backend(backend):
+        return token_positional_embedding(ids, tok, positions, pw, sinusoidal=pw is None,
+                                          scale=scale, padding_idx=padding_idx)  # fmt: skip
+
+
+def _tp_launcher():
+    _cuda_module()
+    from lmkernels.ops import embedding as k
+
+    return k._cuda_tp_fwd
+
+
+def _positions(shape, high, gen, dtype, large=False):
+    """Random positions below `high`; `large`: spread up to 2^31 - 1 with both ends included."""
+    if large:
+        p = torch.randint(0, _MAX_POS + 1, shape, generator=gen, device=DEVICE)
+        flat = p.view(-1)
+        flat[0], flat[-1] = _MAX_POS, 0
+        if flat.numel() > 2:
+            flat[1] = _MAX_POS - 1
+    else:
+        p = torch.randint(0, high, shape, generator=gen, device=DEVICE)
+    return p.to(dtype)
+
+
+# (layout, offset) of the token table and of the positional table: contiguous (16-byte units
+# where dim allows), then column slices (rows dim + 5 apart) and tables one element into their
+# buffer (column pairs)
+_TP_LAYOUTS = [
+    (("contiguous", 0), ("contiguous", 0)),
+    (("column_slice", 0), ("contiguous", 1)),
+    (("contiguous", 1), ("column_slice", 0)),
+]
+
+
+@needs_gpu
+@pytest.mark.parametrize("dim", TP_DIMS)
+@pytest.mark.parametrize("dtype", TP_DTYPES, ids=lambda d: str(d)[6:])
+def test_token_pos_learned_is_the_reference_bit_for_bit(dtype, dim):
+    gen = torch.Generator(device=DEVICE).manual_seed(100 + dim)
+    rows, npos, batch, seq = 97, 61, 3, 53
+    for (layout, offset), (pos_layout, pos_offset) in _TP_LAYOUTS:
+        tok = _table(rows, dim, dtype, gen, layout, offset)
+        pw = _table(npos, dim, dtype, gen, pos_layout, pos_offset)
+        for ids_dtype, pos_dtype, scale in (
+            (torch.int64, torch.int64, 1.0),
+            (torch.int32, torch.int64, 3.7),
+            (torch.int64, torch.int32, dim**0.5),
+            (torch.int32, torch.int32, -0.3),
+        ):
+            ids = _indices(batch * seq, rows, gen, ids_dtype).view(batch, seq)
+            positions = _positions((batch, seq), npos, gen, pos_dtype)
+            what = (f"learned {dtype} dim={dim} {layout}+{offset} {pos_layout}+{pos_offset} "
+                    f"{ids_dtype} {pos_dtype} {scale}")  # fmt: skip
+            ours = _tp("cuda", ids, tok, positions, pw, scale)
+            want = _tp("reference", ids, tok, positions, pw, scale)
+            _assert_bitwise(ours, want, what)
+            # positions broadcast over the batch (the default 0 .. seq - 1)
+            ours = _tp("cuda", ids[:, :npos], tok, None, pw, scale)
+            want = _tp("reference", ids[:, :npos], tok, None, pw, scale)
+            _assert_bitwise(ours, want, what + " default positions")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dim", TP_DIMS)
+@pytest.mark.parametrize("dtype", TP_DTYPES, ids=lambda d: str(d)[6:])
+def test_token_pos_sinusoid_matches_the_reference(dtype, dim):
+    gen = torch.Generator(device=DEVICE).manual_seed(200 + dim)
+    rows, n = 97, 257
+    atol, rtol = _TP_TOL[dtype]
+    for (layout, offset), _ in _TP_LAYOUTS:
+        tok = _table(rows, dim, dtype, gen, layout, offset)
+        for ids_dtype, pos_dtype, scale, large in (
+            (torch.int64, torch.int64, 1.0, False),
+            (torch.int32, torch.int64, 2.5, True),
+            (torch.int64, torch.int32, dim**0.5, True),
+            (torch.int32, torch.int32, 1.0, True),
+        ):
+            ids = _indices(n, rows, gen, ids_dtype)
+            positions = _positions((n,), 4096, gen, pos_dtype, large)
+            what = f"sinusoid {dtype} dim={dim} {layout}+{offset} {ids_dtype} {pos_dtype} {scale}"
+            ours = _tp("cuda", ids, tok, positions, None, scale)
+            want = _tp("reference", ids, tok, positions, None, scale)
+            torch.testing.assert_close(ours, want, atol=atol, rtol=rtol,
+                                       msg=lambda m, what=what: f"{what}: {m}")  # fmt: skip
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [F32, F64], ids=lambda d: str(d)[6:])
+def test_token_pos_sinusoid_is_within_a_few_fp32_ulp_of_exact(dtype):
+    # zero token rows: out is the kernel's sinusoid itself (exact in fp64 data)
+    gen = torch.Generator(device=DEVICE).manual_seed(7)
+    for dim in (7, 100, 512):
+        positions = torch.cat([
+            torch.arange(0, 2048, device=DEVICE),
+            torch.randint(0, _MAX_POS + 1, (4096,), generator=gen, device=DEVICE),
+            torch.arange(_MAX_POS - 1023, _MAX_POS + 1, device=DEVICE),
+        ])  # fmt: skip
+        ids = torch.zeros_like(positions)
+        tok = torch.zeros(1, dim, dtype=dtype, device=DEVICE)
+        ours = _tp("cuda", ids, tok, positions, None, 1.0).cpu().double()
+        exact = reference.sinusoid(positions.cpu(), dim, F64)
+        err = (ours - exact).abs().max().item()
+        assert err <= 4 * 2.0**-24, f"dim={dim}: sinusoid error {err:.3g} > 4 * 2^-24"
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=lambda d: str(d)[6:])
+def test_token_pos_launcher_writes_exactly_out(dtype):
+    # out aligned (16-byte units) and one element in (column pairs), in sentinel-filled buffers;
+    # many tokens (grid-stride) and a wide row (several steps per lane)
+    fwd = _tp_launcher()
+    gen = torch.Generator(device=DEVICE).manual_seed(8)
+    for n, dim, rows in ((100_003, 24, 1000), (300, 4096, 50)):
+        tok = _table(rows, dim, dtype, gen)
+        pw = _table(rows, dim, dtype, gen)
+        ids = _indices(n, rows, gen)
+        pos = _indices(n, rows, gen, torch.int32)
+        inv_freq = reference.sinusoid_inv_freq(dim, DEVICE)
+        for out_offset in (0, 1):
+            for table in (pw, None):
+                out, tail = _out((n, dim), dtype, out_offset)
+                fwd(tok, ids, table, pos, None if table is not None else inv_freq, 1.5, out)
+                want = reference.token_pos_fwd(tok, ids, table, pos, 1.5)
+                what = (
+                    f"launcher {dtype} n={n} dim={dim} out+{out_offset} learned={table is not None}"
+                )
+                if table is not None:
+                    _assert_bitwise(out, want, what)
+                else:
+                    atol, rtol = _TP_TOL[dtype]
+                    torch.testing.assert_close(out, want, atol=atol, rtol=rtol)
+                assert bool((tail == SENTINEL).all()), f"{what}: write past the end of out"
+
+
+def _index_error(backend, *args):
+    with pytest.raises(IndexError) as info:
+        _tp(backend, *args)
+    return str(info.value)
+
+
+@needs_gpu
+@pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64], ids=["i32", "i64"])
+def test_token_pos_bad_id_or_position_raises_the_reference_error_and_writes_nothing(idx_dtype):
+    fwd = _tp_launcher()
+    gen = torch.Generator(device=DEVICE).manual_seed(9)
+    rows, npos, n, dim = 40, 30, 50_000, 64
+    tok = _table(rows, dim, F32, gen)
+    pw = _table(npos, dim, F32, gen)
+    inv_freq = reference.sinusoid_inv_freq(dim, DEVICE)
+    big = 2**31 if idx_dtype == torch.int64 else -5  # past the sinusoid's positions
+    cases = [  # (learned, bad ids, bad positions)
+        (True, [(30_000, rows), (40_000, -1)], []),
+        (True, [], [(7, npos), (8, -2)]),
+        (True, [(n - 1, rows + 3)], [(3, npos)]),  # a bad id wins over an earlier bad position
+        (False, [], [(20_000, big), (49_000, -1)]),
+        (False, [(5, -7)], [(4, big)]),
+    ]
+    for learned, bad_ids, bad_pos in cases:
+        ids = _indices(n, rows, gen, idx_dtype)
+        pos = _indices(n, npos, gen, idx_dtype)
+        for t, v in bad_ids:
+            ids[t] = v
+        for t, v in bad_pos:
+            pos[t] = v
+        table = pw if learned else None
+        what = f"learned={learned} ids={bad_ids} pos={bad_pos}"
+        want = _index_error("reference", ids, tok, pos, table, 2.0)
+        assert _index_error("cuda", ids, tok, pos, table, 2.0) == want, what
+        out, tail = _out((n, dim), F32)
+        with pytest.raises(IndexError):
+            fwd(tok, ids, table, pos, None if learned else inv_freq, 2.0, out)
+        assert bool((out == SENTINEL).all()), f"{what}: a call with a bad index wrote its output"
+        assert bool((tail == SENTINEL).all())
+    torch.cuda.synchronize()  # no sticky device error was left behind
+    # an empty positional table: every position is bad
+    empty = torch.empty(0, dim, device=DEVICE)
+    ids = _indices(5, rows, gen, idx_dtype)
+    pos = torch.zeros(5, dtype=idx_dtype, device=DEVICE)
+    assert _index_error("cuda", ids, tok, pos, empty, 1.0) == _index_error(
+        "reference", ids, tok, pos, empty, 1.0
+    )
+
+
+@needs_gpu
+def test_token_pos_no_tokens():
+    fwd = _tp_launcher()
+    tok = torch.randn(10, 6, device=DEVICE)
+    for pw in (torch.randn(4, 6, device=DEVICE), None):
+        for shape in ((0,), (2, 0)):
+            ids = torch.empty(shape, dtype=torch.int64, device=DEVICE)
+            pos = None if len(shape) == 2 else torch.empty(0, dtype=torch.int32, device=DEVICE)
+            out = _tp("cuda", ids, tok, pos, pw, 2.0)
+            assert out.shape == (*shape, 6)
+    out, tail = _out((0, 6), F32)
+    empty = torch.empty(0, dtype=torch.int64, device=DEVICE)
+    fwd(tok, empty, None, empty, reference.sinusoid_inv_freq(6, DEVICE), 1.0, out)
+    assert bool((tail == SENTINEL).all())
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=lambda d: str(d)[6:])
+def test_token_pos_backward_is_the_reference_bit_for_bit(dtype):
+    # dy given: the gradients do not depend on the forward's values; the reference runs on
+    # the CPU, where index_add_ adds in index order (the contract's order)
+    gen = torch.Generator(device=DEVICE).manual_seed(11)
+    rows, npos, dim, batch, seq = 50, 40, 72, 4, 37
+    ids = _indices(batch * seq, rows, gen, hot=9).view(batch, seq)
+    ids[0, :5] = 2  # the padding row among them
+    positions = _positions((batch, seq), npos, gen, torch.int32)
+    dy = torch.randn(batch, seq, dim, generator=gen, device=DEVICE).to(dtype)
+    for learned, scale, padding_idx in ((True, 2.5, 2), (True, 1.0, None), (False, 0.3, 2)):
+        tok = _table(rows, dim, dtype, gen)
+        pw = _table(npos, dim, dtype, gen) if learned else None
+        grads = {}
+        for backend, dev in (("cuda", DEVICE), ("reference", "cpu")):
+            t = tok.detach().to(dev).requires_grad_()
+            p = pw.detach().to(dev).requires_grad_() if learned else None
+            out = _tp(backend, ids.to(dev), t, positions.to(dev), p, scale, padding_idx)
+            out.backward(dy.to(dev))
+            grads[backend] = (t.grad, p.grad if learned else None)
+        what = f"backward {dtype} learned={learned} scale={scale} pad={padding_idx}"
+        _assert_bitwise(grads["cuda"][0], grads["reference"][0], what + " d_tok")
+        if learned:
+            _assert_bitwise(grads["cuda"][1], grads["reference"][1], what + " d_pos")
+
+
 # --------------------------------------------------------------- bindings (no GPU needed)
 
 _P = 256  # a fake device pointer: validation passes, the launch itself needs a GPU
@@ -319,6 +567,10 @@ _FWD_OK = dict(weight=_P, idx=_P, out=_P, status=_P, dtype=0, idx64=True, n=4, d
 _BWD_OK = dict(dy=_P, dw=_P, order=_P, seg_offsets=_P, seg_rows=_P, seg_scale=0, dtype=0, nseg=2,
                n=4, dim=8, num_embeddings=10, padding_idx=-1, stream=0)  # fmt: skip
 _CHECK_OK = dict(idx=_P, status=_P, idx64=False, n=4, num_embeddings=10, stream=0)
+_TP_OK = dict(tok_weight=_P, ids=_P, pos_weight=_P, pos=_P, inv_freq=0, out=_P, status=_P,
+              dtype=0, ids64=True, pos64=False, n=4, dim=8, num_embeddings=10, tok_stride=8,
+              num_positions=16, pos_stride=8, scale=1.0, stream=0)  # fmt: skip
+_SIN = dict(pos_weight=0, inv_freq=_P, pos_stride=0, num_positions=2**31)  # the sinusoid
 _BAD = [
     ("embedding_fwd", dict(dtype=4), "dtype"),  # Bool
     ("embedding_fwd", dict(dtype=9), "dtype"),
@@ -350,8 +602,31 @@ _BAD = [
     ("embedding_check", dict(num_embeddings=-3), "num_embeddings"),
     ("embedding_check", dict(idx=0), "idx"),
     ("embedding_check", dict(status=0), "status"),
+    ("token_pos_fwd", dict(dtype=4), "dtype"),
+    ("token_pos_fwd", dict(dtype=-1), "dtype"),
+    ("token_pos_fwd", dict(n=-1), "n"),
+    ("token_pos_fwd", dict(dim=-1), "dim"),
+    ("token_pos_fwd", dict(num_embeddings=-1), "num_embeddings"),
+    ("token_pos_fwd", dict(tok_stride=-8), "tok_stride"),
+    ("token_pos_fwd", dict(num_positions=-1), "num_positions"),
+    ("token_pos_fwd", dict(pos_stride=-8), "pos_stride"),
+    ("token_pos_fwd", dict(inv_freq=_P), "inv_freq"),  # both encodings
+    ("token_pos_fwd", dict(pos_weight=0), "pos_weight"),  # neither
+    ("token_pos_fwd", dict(tok_stride=7), "tok_stride"),  # rows overlap
+    ("token_pos_fwd", dict(pos_stride=4), "pos_stride"),
+    ("token_pos_fwd", dict(_SIN, num_positions=2**31 + 1), "num_positions"),
+    ("token_pos_fwd", dict(ids=0), "ids"),
+    ("token_pos_fwd", dict(pos=0), "pos"),
+    ("token_pos_fwd", dict(status=0), "status"),
+    ("token_pos_fwd", dict(tok_weight=0), "tok_weight"),
+    ("token_pos_fwd", dict(out=0), "out"),
+    ("token_pos_fwd", dict(tok_weight=_P + 2), "tok_weight"),  # not 4-byte aligned for fp32
+    ("token_pos_fwd", dict(out=_P + 1, dtype=2), "out"),
+    ("token_pos_fwd", dict(pos_weight=_P + 4, dtype=3), "pos_weight"),
+    ("token_pos_fwd", dict(_SIN, inv_freq=_P + 4), "inv_freq"),  # fp64 frequencies
 ]
-_OK = {"embedding_fwd": _FWD_OK, "embedding_bwd": _BWD_OK, "embedding_check": _CHECK_OK}
+_OK = {"embedding_fwd": _FWD_OK, "embedding_bwd": _BWD_OK, "embedding_check": _CHECK_OK,
+       "token_pos_fwd": _TP_OK}  # fmt: skip
 
 
 @pytest.mark.parametrize("op,change,arg", _BAD,
@@ -384,3 +659,26 @@ def test_empty_calls_launch_nothing_and_no_gpu_is_a_clear_error():
         _cuda.embedding_bwd(**_BWD_OK)
     with pytest.raises(RuntimeError, match="embedding_check.*no usable NVIDIA GPU"):
         _cuda.embedding_check(**_CHECK_OK)
+
+
+def test_token_pos_empty_calls_launch_nothing_and_no_gpu_is_a_clear_error():
+    _cuda = _cuda_module()
+    nulls = dict(tok_weight=0, ids=0, pos=0, out=0, status=0)
+    _cuda.token_pos_fwd(**{**_TP_OK, **nulls, "n": 0})  # returns before any CUDA call
+    _cuda.token_pos_fwd(**{**_TP_OK, **_SIN, **nulls, "n": 0})
+    assert "token_pos_fwd" in _cuda.build_info()["ops"]
+    if torch.cuda.is_available():
+        return
+    # valid calls (the launch finds no driver): both encodings; a single-row table's stride is
+    # never used; zero columns or an empty table need no table or output pointer (check only)
+    for change in (
+        {},
+        _SIN,
+        {"num_embeddings": 1, "tok_stride": 0},
+        {"num_positions": 1, "pos_stride": 0},
+        {"dim": 0, "tok_weight": 0, "out": 0},
+        {"num_positions": 0, "tok_weight": 0, "out": 0},
+        {**_SIN, "ids64": False, "pos64": True, "dtype": 3, "scale": 0.5},
+    ):
+        with pytest.raises(RuntimeError, match="token_pos_fwd.*no usable NVIDIA GPU"):
+            _cuda.token_pos_fwd(**{**_TP_OK, **change})

@@ -335,6 +335,79 @@ void embedding_bwd(uint64_t dy, uint64_t dw, uint64_t order, uint64_t seg_offset
   check_cuda(lmk::embedding_bwd_cuda(p, as_stream(stream)), op);
 }
 
+// A table's row stride: >= dim when the table has rows past the first (a single row's stride
+// is never used).
+void check_row_stride(const char* op, const char* arg, int64_t stride, int64_t rows, int64_t dim) {
+  if (rows > 1 && stride < dim) {
+    value_error(op, arg,
+                "expected >= dim (" + std::to_string(dim) + ") for a table of " +
+                    std::to_string(rows) + " rows, got " + std::to_string(stride));
+  }
+}
+
+void token_pos_fwd(uint64_t tok_weight, uint64_t ids, uint64_t pos_weight, uint64_t pos,
+                   uint64_t inv_freq, uint64_t out, uint64_t status, int64_t dtype, bool ids64,
+                   bool pos64, int64_t n, int64_t dim, int64_t num_embeddings, int64_t tok_stride,
+                   int64_t num_positions, int64_t pos_stride, double scale, uint64_t stream) {
+  const char* op = "token_pos_fwd";
+  lmk::TokenPosFwdParams p;
+  p.dtype = embedding_dtype(op, dtype);
+  check_nonnegative(op, "n", n);
+  check_nonnegative(op, "dim", dim);
+  check_nonnegative(op, "num_embeddings", num_embeddings);
+  check_nonnegative(op, "tok_stride", tok_stride);
+  check_nonnegative(op, "num_positions", num_positions);
+  check_nonnegative(op, "pos_stride", pos_stride);
+  const bool learned = pos_weight != 0;
+  if (learned && inv_freq != 0) {
+    value_error(op, "inv_freq", "must be 0 (absent) with a learned pos_weight");
+  }
+  if (!learned && inv_freq == 0) {
+    value_error(op, "pos_weight",
+                "exactly one of pos_weight (a learned table) and inv_freq (the sinusoid) must be "
+                "non-zero, got neither");
+  }
+  check_row_stride(op, "tok_stride", tok_stride, num_embeddings, dim);
+  if (learned) {
+    check_row_stride(op, "pos_stride", pos_stride, num_positions, dim);
+  } else if (num_positions > lmk::kSinusoidPositions) {
+    value_error(op, "num_positions",
+                "expected <= 2^31 for the sinusoid, got " + std::to_string(num_positions));
+  }
+  if (n == 0) return;  // nothing to check or write; status is not written
+  check_pointer(op, "ids", ids);
+  check_pointer(op, "pos", pos);
+  check_pointer(op, "status", status);
+  if (dim > 0 && num_embeddings > 0 && num_positions > 0) {
+    const int64_t esize = lmk::dtype_size(p.dtype);
+    check_pointer(op, "tok_weight", tok_weight);
+    check_pointer(op, "out", out);
+    check_aligned(op, "tok_weight", tok_weight, esize);
+    check_aligned(op, "out", out, esize);
+    if (learned) {
+      check_aligned(op, "pos_weight", pos_weight, esize);
+    } else {
+      check_aligned(op, "inv_freq", inv_freq, 8);
+    }
+  }
+  p.tok_weight = reinterpret_cast<const void*>(tok_weight);
+  p.ids = reinterpret_cast<const void*>(ids);
+  p.ids64 = ids64;
+  p.pos_weight = reinterpret_cast<const void*>(pos_weight);
+  p.pos = reinterpret_cast<const void*>(pos);
+  p.pos64 = pos64;
+  p.inv_freq = reinterpret_cast<const double*>(inv_freq);
+  p.scale = scale;
+  p.out = reinterpret_cast<void*>(out);
+  p.n = n;
+  p.dim = dim;
+  p.num_embeddings = num_embeddings;
+  p.tok_stride = tok_stride;
+  p.num_positions = num_positions;
+  p.pos_stride = pos_stride;
+  check_cuda(lmk::token_pos_fwd_cuda(p, reinterpret_cast<int64_t*>(status), as_stream(stream)), op);
+}
+
 void rotary(uint64_t x, uint64_t out, uint64_t cos, uint64_t sin, uint64_t cos_off,
             uint64_t sin_off, int64_t dtype, int64_t cs_dtype, int64_t rows, int64_t d,
             bool interleaved, bool backward, uint64_t stream) {
@@ -399,9 +472,9 @@ py::dict build_info() {
   d["driver_version"] = driver;  // 0: no driver
   d["cudart"] = "static";
   d["dtypes"] = std::vector<std::string>{"F32", "F16", "BF16"};
-  d["ops"] =
-      std::vector<std::string>{"softmax_fwd",     "softmax_bwd",   "norm_fwd",      "norm_bwd",
-                               "embedding_check", "embedding_fwd", "embedding_bwd", "rotary"};
+  d["ops"] = std::vector<std::string>{"softmax_fwd",   "softmax_bwd",     "norm_fwd",
+                                      "norm_bwd",      "embedding_check", "embedding_fwd",
+                                      "embedding_bwd", "token_pos_fwd",   "rotary"};
   return d;
 }
 
@@ -465,6 +538,21 @@ PYBIND11_MODULE(_cuda, m) {
         "padding_idx (-1: none) is skipped. dw must be zeroed by the caller; dy (n, dim) and\n"
         "dw (num_embeddings, dim) contiguous; order, seg_offsets, seg_rows int64.\n"
         "Asynchronous on `stream`.");
+  m.def("token_pos_fwd", &token_pos_fwd, py::arg("tok_weight"), py::arg("ids"),
+        py::arg("pos_weight"), py::arg("pos"), py::arg("inv_freq"), py::arg("out"),
+        py::arg("status"), py::arg("dtype"), py::arg("ids64"), py::arg("pos64"), py::arg("n"),
+        py::arg("dim"), py::arg("num_embeddings"), py::arg("tok_stride"), py::arg("num_positions"),
+        py::arg("pos_stride"), py::arg("scale"), py::arg("stream"),
+        "The fused token + positional embedding (lmk/embedding.h). First the check of the n ids\n"
+        "(int64 when ids64, else int32) against [0, num_embeddings) and the n positions (pos64)\n"
+        "against [0, num_positions): status (a device int64) <- the first bad t of ids, or\n"
+        "(every id good) n + the first bad t of pos, or -1. Then, unless an index was bad (then\n"
+        "nothing is written), out[t, :] = scale * tok_weight[ids[t], :] + P[pos[t], :] in fp32\n"
+        "(fp64 for F64), rounded once to dtype (F32=0, F16=1, BF16=2, F64=3); out (n, dim)\n"
+        "contiguous; table rows tok_stride / pos_stride elements apart. P: the learned table\n"
+        "pos_weight (inv_freq 0), or the sinusoid (pos_weight 0; inv_freq a device array of\n"
+        "ceil(dim / 2) fp64 frequencies; num_positions <= 2^31): sin in even columns, cos in odd\n"
+        "ones. n == 0 does nothing; dim == 0: the check only. Asynchronous on `stream`.");
   m.def(
       "rotary", &rotary, py::arg("x"), py::arg("out"), py::arg("cos"), py::arg("sin"),
       py::arg("cos_off"), py::arg("sin_off"), py::arg("dtype"), py::arg("cs_dtype"),

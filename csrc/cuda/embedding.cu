@@ -31,6 +31,22 @@
 // caller zeroed them. No atomics on data: each dw element is written by exactly one thread, and
 // the bits depend only on idx and dy.
 //
+// Fused token + positional forward (contract: embedding.h), two kernels on one stream:
+//   token_pos_check_kernel   the index check of ids and positions together: a bad id at t
+//                            reports t, a bad position n + t, into one atomicMin on `status`,
+//                            so it ends as the first bad id, else n + the first bad position.
+//   token_pos_fwd_kernel     reads `status` first and returns when anything was bad. A group of
+//                            G lanes per token row (as in the gather), each lane kTpUnroll units
+//                            per step: a unit is 16 bytes (V = 16 / sizeof(T) columns, one
+//                            access of each table row and of out) when both tables' and out's
+//                            rows are 16-byte aligned and whole units, else a column pair
+//                            (element accesses). out = round_T(scale * tok + pe) with add.rn /
+//                            mul.rn (never fused; bit for bit the reference for a learned table).
+//                            The sinusoid: one sinusoid_pair per column pair (sin to the even,
+//                            cos to the odd column); its f64 reduction may fuse into FMAs and its
+//                            f32 polynomials run with -ftz, both within the contract's few ulp.
+//                            The index arrays' widths are run-time flags (a uniform branch).
+//
 // Numerics: the module is built with --use_fast_math (-ftz, fused multiply-adds); the backward's
 // adds and the scale multiply are written as add.rn.f32 / mul.rn.f32 PTX (fp64: __dadd_rn /
 // __dmul_rn), so they are IEEE operations that keep denormals and are never fused (the PTX has
@@ -40,7 +56,8 @@
 // to fp32 are exact; the final rounding to fp16/bf16 is __float2half_rn / __float2bfloat16_rn.
 //
 // Memory traffic: forward n * 4 (or 8) bytes of idx read twice (check and gather) plus one read
-// of each looked-up row and one write of out; backward one read of dy, the order / offsets /
+// of each looked-up row and one write of out (the fused forward: both index arrays twice, both
+// tables' rows (or inv_freq) once, out once); backward one read of dy, the order / offsets /
 // rows / scale arrays, and one write of the touched dw rows (after the caller's zero fill of dw;
 // the caller's sort and segmentation run as torch ops before).
 //
@@ -67,6 +84,10 @@ constexpr int kGatherBlock = 256;  // threads per block of the gather (8 to 256 
 constexpr int kBwdBlock = 128;     // threads per block of the backward
 constexpr int kGatherUnroll = 4;   // words per lane per step of the gather
 constexpr int kBwdBatch = 8;       // dy loads in flight per lane in the backward
+constexpr int kTpUnroll = 2;       // units per lane per step of the fused token + position
+// Its blocks per SM asked of ptxas: <= 64 registers per thread. Without an explicit budget ptxas
+// took 32 registers and spilled 4 bytes in the 16-bit column-pair sinusoid variants for sm_90.
+constexpr int kTpMinBlocks = 4;
 // Backward blocks per SM asked of ptxas: <= 128 registers per thread. Without an explicit budget
 // ptxas spilled a few bytes in some variants at 80-128 registers; with it none spills.
 constexpr int kBwdMinBlocks = 4;
@@ -311,6 +332,160 @@ __global__ void __launch_bounds__(kBwdBlock, kBwdMinBlocks) embedding_bwd_kernel
   }
 }
 
+// ------------------------------------------------------------------ fused token + position
+
+// Ids and positions checked together: a bad id at t reports t, a bad position at t reports
+// n + t, and the smallest report wins, so status ends as the first bad id, or (every id good)
+// n + the first bad position. A thread stops at its first bad id (its later ids are larger, and
+// every position report is larger still); after a bad position it checks only its ids.
+template <typename I, typename J>
+__global__ void __launch_bounds__(kCheckBlock)
+    token_pos_check_kernel(const I* __restrict__ ids, const J* __restrict__ pos, const int64_t n,
+                           const int64_t rows, const int64_t positions,
+                           unsigned long long* __restrict__ status) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kCheckBlock;
+  bool pos_bad = false;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kCheckBlock + threadIdx.x; t < n; t += step) {
+    const int64_t v = static_cast<int64_t>(ids[t]);
+    if (v < 0 || v >= rows) {
+      atomicMin(status, static_cast<unsigned long long>(t));
+      break;
+    }
+    if (!pos_bad) {
+      const int64_t q = static_cast<int64_t>(pos[t]);
+      if (q < 0 || q >= positions) {
+        atomicMin(status, static_cast<unsigned long long>(n + t));
+        pos_bad = true;
+      }
+    }
+  }
+}
+
+// A unit of V consecutive columns of a row, V even, loaded widened to A and stored rounded (RNE)
+// to T. Vec: V = 16 / sizeof(T), one 16-byte access (rows, strides and pointers 16-byte
+// aligned); else V = 2, element accesses, the second column absent past an odd dim.
+template <typename T, bool Vec>
+struct Unit;
+
+template <typename T>
+struct Unit<T, true> {
+  static constexpr int V = 16 / static_cast<int>(sizeof(T));
+  using A = AccT<T>;
+  static __device__ __forceinline__ void load(const T* row, int64_t u, int64_t, A (&x)[V]) {
+    Io<T, V>::unpack(__ldg(reinterpret_cast<const uint4*>(row) + u), x);
+  }
+  static __device__ __forceinline__ void store(T* row, int64_t u, int64_t, const A (&x)[V]) {
+    reinterpret_cast<uint4*>(row)[u] = Io<T, V>::pack(x);
+  }
+};
+
+template <typename T>
+struct Unit<T, false> {
+  static constexpr int V = 2;
+  using A = AccT<T>;
+  static __device__ __forceinline__ void load(const T* row, int64_t u, int64_t dim, A (&x)[V]) {
+    const int64_t j = 2 * u;
+    x[0] = to_acc(row[j]);
+    x[1] = j + 1 < dim ? to_acc(row[j + 1]) : A(0);
+  }
+  static __device__ __forceinline__ void store(T* row, int64_t u, int64_t dim, const A (&x)[V]) {
+    const int64_t j = 2 * u;
+    row[j] = from_acc<T>(x[0]);
+    if (j + 1 < dim) row[j + 1] = from_acc<T>(x[1]);
+  }
+};
+
+struct TokenPosArgs {
+  const void* tok;         // (num_embeddings, dim) T, rows tok_stride elements apart
+  const void* ids;         // (n) int32 / int64, all checked when *status == kNoBad
+  const void* pw;          // (num_positions, dim) T, rows pos_stride apart (learned table)
+  const void* pos;         // (n) int32 / int64
+  const double* inv_freq;  // (ceil(dim / 2)) (sinusoid)
+  void* out;               // (n, dim) T contiguous
+  const unsigned long long* status;
+  int64_t n, dim, units, tok_stride, pos_stride;  // units: Unit's per row
+  float scale32;                                  // scale rounded to A (fp32 / fp64)
+  double scale64;
+  int group;  // G: lanes per token row, a power of two <= 32
+  bool ids64, pos64;
+};
+
+__device__ __forceinline__ int64_t load_index(const void* p, bool is64, int64_t t) {
+  return is64 ? __ldg(static_cast<const int64_t*>(p) + t)
+              : static_cast<int64_t>(__ldg(static_cast<const int32_t*>(p) + t));
+}
+
+template <typename A>
+__device__ __forceinline__ A scale_of(const TokenPosArgs& a);
+template <>
+__device__ __forceinline__ float scale_of<float>(const TokenPosArgs& a) {
+  return a.scale32;
+}
+template <>
+__device__ __forceinline__ double scale_of<double>(const TokenPosArgs& a) {
+  return a.scale64;
+}
+
+// A group of G lanes per token row (grid-stride over the tokens); lane l owns the units l,
+// l + G, ... of the row, kTpUnroll of them per step (all loads, then the math and the stores).
+// out = round_T(scale * tok + pe) with an IEEE multiply and add (never fused, denormals kept):
+// the reference's two roundings in A. The sinusoid: one sinusoid_pair per column pair.
+template <typename T, bool Vec, bool Learned>
+__global__ void __launch_bounds__(kGatherBlock, kTpMinBlocks)
+    token_pos_fwd_kernel(const TokenPosArgs a) {
+  if (*a.status != kNoBad) return;  // a bad id or position: write nothing
+  using A = AccT<T>;
+  using U = Unit<T, Vec>;
+  constexpr int V = U::V;
+  const T* __restrict__ tok = static_cast<const T*>(a.tok);
+  const T* __restrict__ pw = static_cast<const T*>(a.pw);
+  T* __restrict__ out = static_cast<T*>(a.out);
+  const A scale = scale_of<A>(a);
+  const int g = a.group;
+  const int lane = static_cast<int>(threadIdx.x) & (g - 1);
+  const int64_t groups_per_block = kGatherBlock / g;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * groups_per_block;
+  const int64_t span = int64_t{g} * kTpUnroll;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * groups_per_block + threadIdx.x / g; t < a.n;
+       t += step) {
+    const int64_t id = load_index(a.ids, a.ids64, t);
+    const int64_t p = load_index(a.pos, a.pos64, t);
+    const T* tok_row = tok + id * a.tok_stride;
+    const T* pos_row = Learned ? pw + p * a.pos_stride : nullptr;
+    T* out_row = out + t * a.dim;
+    const double pd = static_cast<double>(p);
+    for (int64_t u0 = lane; u0 < a.units; u0 += span) {
+      A e[kTpUnroll][V], pe[kTpUnroll][V];
+#pragma unroll
+      for (int k = 0; k < kTpUnroll; ++k) {
+        const int64_t u = u0 + int64_t{g} * k;
+        if (u < a.units) {
+          U::load(tok_row, u, a.dim, e[k]);
+          if constexpr (Learned) U::load(pos_row, u, a.dim, pe[k]);
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < kTpUnroll; ++k) {
+        const int64_t u = u0 + int64_t{g} * k;
+        if (u < a.units) {
+          if constexpr (!Learned) {
+#pragma unroll
+            for (int i = 0; i < V / 2; ++i) {  // column pair u * V / 2 + i: (sin, cos)
+              const SinCos sc = sinusoid_pair(pd * __ldg(a.inv_freq + u * (V / 2) + i));
+              pe[k][2 * i] = static_cast<A>(sc.s);
+              pe[k][2 * i + 1] = static_cast<A>(sc.c);
+            }
+          }
+          A r[V];
+#pragma unroll
+          for (int i = 0; i < V; ++i) r[i] = add_rn(mul_rn(scale, e[k][i]), pe[k][i]);
+          U::store(out_row, u, a.dim, r);
+        }
+      }
+    }
+  }
+}
+
 // ------------------------------------------------------------------ launchers
 
 bool aligned(const void* p, int64_t bytes) {
@@ -377,6 +552,54 @@ cudaError_t bwd_typed(const BwdArgs& a, cudaStream_t stream) {
   return bwd_launch<T, 1>(a, stream);
 }
 
+template <typename I, typename J>
+cudaError_t token_pos_check_typed(const TokenPosFwdParams& p, int64_t* status,
+                                  cudaStream_t stream) {
+  token_pos_check_kernel<I, J><<<grid_for(p.n, kCheckBlock), kCheckBlock, 0, stream>>>(
+      static_cast<const I*>(p.ids), static_cast<const J*>(p.pos), p.n, p.num_embeddings,
+      p.num_positions, reinterpret_cast<unsigned long long*>(status));
+  return cudaGetLastError();
+}
+
+cudaError_t token_pos_check(const TokenPosFwdParams& p, int64_t* status, cudaStream_t stream) {
+  cudaError_t err = cudaMemsetAsync(status, 0xff, sizeof(int64_t), stream);
+  if (err != cudaSuccess) return err;
+  if (p.ids64) {
+    return p.pos64 ? token_pos_check_typed<int64_t, int64_t>(p, status, stream)
+                   : token_pos_check_typed<int64_t, int32_t>(p, status, stream);
+  }
+  return p.pos64 ? token_pos_check_typed<int32_t, int64_t>(p, status, stream)
+                 : token_pos_check_typed<int32_t, int32_t>(p, status, stream);
+}
+
+template <typename T, bool Vec>
+cudaError_t token_pos_launch(TokenPosArgs a, bool learned, cudaStream_t stream) {
+  constexpr int V = Unit<T, Vec>::V;
+  a.units = (a.dim + V - 1) / V;
+  a.group = group_for(a.units);
+  const unsigned grid = grid_for(a.n, kGatherBlock / a.group);
+  if (learned) {
+    token_pos_fwd_kernel<T, Vec, true><<<grid, kGatherBlock, 0, stream>>>(a);
+  } else {
+    token_pos_fwd_kernel<T, Vec, false><<<grid, kGatherBlock, 0, stream>>>(a);
+  }
+  return cudaGetLastError();
+}
+
+// The 16-byte units when every row of both tables and of out starts 16-byte aligned and holds
+// whole units; else column pairs.
+template <typename T>
+cudaError_t token_pos_typed(const TokenPosArgs& a, bool learned, cudaStream_t stream) {
+  constexpr int64_t esize = sizeof(T);
+  auto fits = [&](const void* ptr, int64_t stride) {
+    return aligned(ptr, 16) && (stride * esize) % 16 == 0;
+  };
+  const bool vec = (a.dim * esize) % 16 == 0 && fits(a.tok, a.tok_stride) && fits(a.out, a.dim) &&
+                   (!learned || fits(a.pw, a.pos_stride));
+  return vec ? token_pos_launch<T, true>(a, learned, stream)
+             : token_pos_launch<T, false>(a, learned, stream);
+}
+
 bool valid_dtype(DType d) {
   return d == DType::F32 || d == DType::F16 || d == DType::BF16 || d == DType::F64;
 }
@@ -421,6 +644,59 @@ cudaError_t embedding_fwd_cuda(const EmbeddingFwdParams& p, int64_t* status, cud
   if (fits(4)) return gather_word<unsigned int>(a, 4, p.idx64, stream);
   if (fits(2)) return gather_word<unsigned short>(a, 2, p.idx64, stream);
   return cudaErrorInvalidValue;  // a pointer not aligned to its element
+}
+
+cudaError_t token_pos_fwd_cuda(const TokenPosFwdParams& p, int64_t* status, cudaStream_t stream) {
+  if (!valid_dtype(p.dtype)) return cudaErrorInvalidValue;
+  if (p.n < 0 || p.dim < 0 || p.num_embeddings < 0 || p.tok_stride < 0 || p.num_positions < 0 ||
+      p.pos_stride < 0) {
+    return cudaErrorInvalidValue;
+  }
+  const bool learned = p.pos_weight != nullptr;
+  if (learned == (p.inv_freq != nullptr)) return cudaErrorInvalidValue;  // exactly one of them
+  if (!learned && p.num_positions > kSinusoidPositions) return cudaErrorInvalidValue;
+  if (p.n == 0) return cudaSuccess;
+  if (p.ids == nullptr || p.pos == nullptr || status == nullptr) return cudaErrorInvalidValue;
+  cudaError_t err = token_pos_check(p, status, stream);
+  // no columns: nothing to write; no rows in a table: every id (or position) is bad
+  if (err != cudaSuccess || p.dim == 0 || p.num_embeddings == 0 || p.num_positions == 0) {
+    return err;
+  }
+  if (p.tok_weight == nullptr || p.out == nullptr) return cudaErrorInvalidValue;
+  const int64_t esize = dtype_size(p.dtype);
+  if (!aligned(p.tok_weight, esize) || !aligned(p.out, esize) ||
+      (learned && !aligned(p.pos_weight, esize)) || (!learned && !aligned(p.inv_freq, 8))) {
+    return cudaErrorInvalidValue;
+  }
+
+  TokenPosArgs a{};
+  a.tok = p.tok_weight;
+  a.ids = p.ids;
+  a.pw = p.pos_weight;
+  a.pos = p.pos;
+  a.inv_freq = p.inv_freq;
+  a.out = p.out;
+  a.status = reinterpret_cast<const unsigned long long*>(status);
+  a.n = p.n;
+  a.dim = p.dim;
+  a.tok_stride = p.tok_stride;
+  a.pos_stride = learned ? p.pos_stride : 0;
+  a.scale32 = static_cast<float>(p.scale);  // rounded to A (RNE)
+  a.scale64 = p.scale;
+  a.ids64 = p.ids64;
+  a.pos64 = p.pos64;
+  switch (p.dtype) {
+    case DType::F32:
+      return token_pos_typed<float>(a, learned, stream);
+    case DType::F16:
+      return token_pos_typed<__half>(a, learned, stream);
+    case DType::BF16:
+      return token_pos_typed<__nv_bfloat16>(a, learned, stream);
+    case DType::F64:
+      return token_pos_typed<double>(a, learned, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
 }
 
 cudaError_t embedding_bwd_cuda(const EmbeddingBwdSortedParams& p, cudaStream_t stream) {

@@ -16,7 +16,7 @@
 // Fused token + positional embedding (lmkernels.functional.token_positional_embedding):
 //   out[t, j] = round_T(scale * tok[ids[t], j] + pe(t, j)), evaluated in A
 // where pe(t, j) = pos_weight[pos[t], j] for a learned table, or, with no table (the sinusoid),
-//   pe(t, j) = sin(pos[t] * inv_freq[j / 2]) for even j and cos(pos[t] * inv_freq[j / 2]) for odd j,
+//   pe(t, j) = sin(pos[t] * inv_freq[j / 2]) for even j, cos(pos[t] * inv_freq[j / 2]) for odd j,
 // inv_freq[i] = 10000^(-2i / dim) handed in by the caller as ceil(dim / 2) f64 values (the same
 // bits on every backend). The angle is the f64 product pos * inv_freq, reduced in f64 to a
 // quadrant q and r in [-pi/4, pi/4] (sinusoid_pair below); sine and cosine of r are f32
@@ -87,9 +87,12 @@ LMK_HD SinCos sinusoid_pair(double angle) {
   const double k = rint(angle * kTwoOverPi);
   const float r = static_cast<float>((angle - k * kPiO2Hi) - k * kPiO2Lo);
   const float r2 = r * r;
-  const float sp = r + r * r2 * (-1.6666654611e-1f + r2 * (8.3321608736e-3f + r2 * -1.9515295891e-4f));
-  const float cp = 1.0f - 0.5f * r2 +
-                   r2 * r2 * (4.166664568298827e-2f + r2 * (-1.388731625493765e-3f + r2 * 2.443315711809948e-5f));
+  const float sp =
+      r + r * r2 * (-1.6666654611e-1f + r2 * (8.3321608736e-3f + r2 * -1.9515295891e-4f));
+  const float cp =
+      1.0f - 0.5f * r2 +
+      r2 * r2 *
+          (4.166664568298827e-2f + r2 * (-1.388731625493765e-3f + r2 * 2.443315711809948e-5f));
   const int64_t q = static_cast<int64_t>(k) & 3;
   // q = 0: (sp, cp); 1: (cp, -sp); 2: (-sp, -cp); 3: (-cp, sp)
   const float s = (q & 1) ? cp : sp, c = (q & 1) ? sp : cp;

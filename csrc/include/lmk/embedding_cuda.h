@@ -18,6 +18,16 @@
 // rows, times seg_scale[s] when given), except padding_idx, which stays zero.
 // Segment rows outside [0, num_embeddings) are skipped (the forward has checked the indices).
 //
+// fused token + positional forward (token_pos_fwd_cuda): one check of both index arrays (ids
+// and pos, each int32 or int64), `status` <- -1 when every ids[t] is in [0, num_embeddings) and
+// every pos[t] in [0, num_positions), else the first bad t of ids, or (every id good) n + the
+// first bad t of pos; then the kernel that reads `status` and writes nothing after a bad index,
+// else out[t, j] = round_T(scale * tok[ids[t], j] + pe(t, j)) in A (the contract's two
+// roundings: the multiply and the add are never fused), pe the learned row pos_weight[pos[t]]
+// (pos_weight non-null, inv_freq null) or the sinusoid of sinusoid_pair (inv_freq non-null,
+// pos_weight null, num_positions <= kSinusoidPositions). dim == 0 or an empty table: the check
+// only. n == 0: nothing is launched and `status` is not touched.
+//
 // Types: F32, F16, BF16 (fp32 accumulation) and F64 (fp64 accumulation). idx: int32 or int64;
 // order, seg_offsets, seg_rows: int64. cudaErrorInvalidValue: arguments outside the contract.
 #pragma once
@@ -50,5 +60,8 @@ cudaError_t embedding_check_cuda(const void* idx, bool idx64, int64_t n, int64_t
 // status <- first bad position or -1; out <- weight[idx] when status is -1.
 cudaError_t embedding_fwd_cuda(const EmbeddingFwdParams& p, int64_t* status, cudaStream_t stream);
 cudaError_t embedding_bwd_cuda(const EmbeddingBwdSortedParams& p, cudaStream_t stream);
+// status <- first bad id t, or n + first bad position t, or -1; out <- scale * tok[ids] + pe
+// when status is -1.
+cudaError_t token_pos_fwd_cuda(const TokenPosFwdParams& p, int64_t* status, cudaStream_t stream);
 
 }  // namespace lmk
