@@ -1,13 +1,13 @@
 """Test helper: record the Triton launches a launcher makes, as the JIT would key them, to check
-that a module's ``aot_specs()`` lists every (kernel, signature, constexprs, num_warps) it can
-launch (and nothing it never launches)."""
+that a module's ``aot_specs()`` lists every (kernel, signature, constexprs, num_warps,
+enable_fp_fusion) it can launch (and nothing it never launches)."""
 
 from __future__ import annotations
 
 import torch
 
 _TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int16: "i16",
-       torch.int32: "i32", torch.int64: "i64"}  # fmt: skip
+       torch.int32: "i32", torch.int64: "i64", torch.float64: "fp64"}  # fmt: skip
 
 
 def kernel_name(fn) -> str:
@@ -22,18 +22,21 @@ class Recorder:
         self.kernel, self.seen = kernel, seen
 
     def __getitem__(self, grid):
-        def launch(*args, num_warps, **const):
+        def launch(*args, num_warps, enable_fp_fusion=True, **const):
             names = [a for a in self.kernel.arg_names if a not in const]
             sig = {}
             for name, a in zip(names, args, strict=True):
                 if isinstance(a, torch.Tensor):
                     sig[name] = "*" + _TY[a.dtype]
+                elif isinstance(a, float):
+                    sig[name] = "fp32"  # as the JIT types a Python float
                 else:
                     sig[name] = "i32" if -(2**31) <= a < 2**31 else "i64"
             key = (kernel_name(self.kernel), tuple(sorted(sig.items())),
                    tuple(sorted(const.items())))  # fmt: skip
-            self.seen.add((*key, num_warps))
-            return self.kernel[grid](*args, num_warps=num_warps, **const)
+            self.seen.add((*key, num_warps, enable_fp_fusion))
+            return self.kernel[grid](*args, num_warps=num_warps,
+                                     enable_fp_fusion=enable_fp_fusion, **const)  # fmt: skip
 
         return launch
 
@@ -42,4 +45,5 @@ def spec_key(s: dict) -> tuple:
     """The key of one aot_specs() entry, comparable with Recorder's."""
     sig = {n: t for n, t in s["signature"].items() if t != "constexpr"}
     const = tuple(sorted(s["constexprs"].items()))
-    return (kernel_name(s["kernel"]), tuple(sorted(sig.items())), const, s["num_warps"])
+    return (kernel_name(s["kernel"]), tuple(sorted(sig.items())), const, s["num_warps"],
+            s.get("enable_fp_fusion", True))  # fmt: skip

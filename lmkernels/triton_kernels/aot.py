@@ -79,7 +79,9 @@ def compile_report(
 
     spec: dict with kernel (a triton.jit function), signature, constexprs, num_warps,
     config (a short label) and optionally divisible_by_16 (argument names the JIT would mark
-    16-divisible: 16-byte-aligned pointers, ints that are multiples of 16). Row keys: kernel,
+    16-divisible: 16-byte-aligned pointers, ints that are multiples of 16) and
+    enable_fp_fusion (False for a kernel its launcher runs without FMA contraction; default
+    True, as triton's launch option). Row keys: kernel,
     config, arch, registers, spill_stores, spill_loads, smem (bytes), smem_limit (bytes).
     """
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -116,7 +118,10 @@ def compile_report(
             compiled = triton.compile(
                 src,
                 target=GPUTarget("cuda", arch, 32),
-                options={"num_warps": spec["num_warps"]},
+                options={
+                    "num_warps": spec["num_warps"],
+                    "enable_fp_fusion": spec.get("enable_fp_fusion", True),
+                },
             )
             regs, st, ld = _ptxas_stats(compiled.asm["ptx"], arch)
             rows.append(
