@@ -241,3 +241,112 @@ def rotary(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
     x32, c32, s32 = x.to(acc), cos.to(acc), sin.to(acc)
     rot = rotate_every_two if interleaved else rotate_half
     return (x32 * c32 + rot(x32) * s32).to(out_dtype)
+
+
+# ----------------------------------------------------------------------------------- attention
+
+
+def attention_keep(lq: int, sk: int, window_left: int, window_right: int, bottom_right: bool,
+                   device) -> Tensor | None:  # fmt: skip
+    """Boolean (lq, sk): key j inside the window around query i's diagonal (attention.h), or
+    None when both sides are unbounded."""
+    if window_left < 0 and window_right < 0:
+        return None
+    i = torch.arange(lq, device=device)[:, None] + (sk - lq if bottom_right else 0)
+    j = torch.arange(sk, device=device)[None, :]
+    keep = torch.ones(lq, sk, dtype=torch.bool, device=device)
+    if window_left >= 0:
+        keep &= j >= i - window_left
+    if window_right >= 0:
+        keep &= j <= i + window_right
+    return keep
+
+
+def _attn_scores(q, k, mask, scale, keep):
+    """Scores (B, Hq, L, S) in acc with the mask and window applied (-inf where excluded)."""
+    group = q.shape[1] // k.shape[1]
+    kk = k.repeat_interleave(group, dim=1) if group > 1 else k
+    s = torch.matmul(q, kk.transpose(-1, -2)) * scale
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            s = s.masked_fill(~mask, float("-inf"))
+        else:
+            s = s + mask.to(s.dtype)
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
+    return s
+
+
+def _attn_probs(s):
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None])
+    p = torch.where(torch.isneginf(lse)[..., None], torch.zeros_like(p), p)  # no key: zeros
+    return p, lse
+
+
+def _segments(q, cu_q, cu_k):
+    """(b, q rows, k rows) per sequence: the dense batch, or the varlen pieces of batch 0."""
+    if cu_q is None:
+        return [(b, slice(None), slice(None)) for b in range(q.shape[0])]
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    return [(0, slice(cq[i], cq[i + 1]), slice(ck[i], ck[i + 1])) for i in range(len(cq) - 1)]
+
+
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
+                  window_left: int = -1, window_right: int = -1, bottom_right: bool = False,
+                  cu_q: Tensor | None = None, cu_k: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """attention.h's forward: ``(out, lse)`` for 4-D (B, H, L, E) views (varlen: (1, H, total,
+    E) with cu_q / cu_k), scores in fp32 (fp64 for fp64), the L x S matrix materialised."""
+    acc = _acc_dtype(q.dtype)
+    out = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)
+    for b, rq, rk in _segments(q, cu_q, cu_k):
+        qs, ks, vs = q[b : b + 1, :, rq].to(acc), k[b : b + 1, :, rk].to(acc), v[b : b + 1, :, rk]
+        lq, sk = qs.shape[2], ks.shape[2]
+        if lq == 0:
+            continue
+        m = None if mask is None else mask[b : b + 1]
+        keep = attention_keep(lq, sk, window_left, window_right, bottom_right, q.device)
+        s = _attn_scores(qs, ks, m, scale, keep)
+        p, ls = _attn_probs(s)
+        group = q.shape[1] // k.shape[1]
+        vv = vs.to(acc).repeat_interleave(group, dim=1) if group > 1 else vs.to(acc)
+        out[b : b + 1, :, rq] = torch.matmul(p, vv).to(q.dtype)
+        lse[b : b + 1, :, rq] = ls
+    return out, lse
+
+
+def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                  mask: Tensor | None, scale: float, window_left: int = -1,
+                  window_right: int = -1, bottom_right: bool = False, cu_q: Tensor | None = None,
+                  cu_k: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """attention.h's backward: ``(dq, dk, dv)`` from the forward's ``out`` and ``lse``."""
+    acc = _acc_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+    group = q.shape[1] // k.shape[1]
+    hk = k.shape[1]
+    for b, rq, rk in _segments(q, cu_q, cu_k):
+        qs, ks, vs = (t[b : b + 1, :, r].to(acc) for t, r in ((q, rq), (k, rk), (v, rk)))
+        lq, sk = qs.shape[2], ks.shape[2]
+        if lq == 0 or sk == 0:
+            continue
+        m = None if mask is None else mask[b : b + 1]
+        keep = attention_keep(lq, sk, window_left, window_right, bottom_right, q.device)
+        s = _attn_scores(qs, ks, m, scale, keep)
+        ls = lse[b : b + 1, :, rq].to(acc)
+        p = torch.exp(s - ls[..., None])
+        p = torch.where(torch.isneginf(ls)[..., None], torch.zeros_like(p), p)
+        do = dout[b : b + 1, :, rq].to(acc)
+        d = (do * out[b : b + 1, :, rq].to(acc)).sum(-1, keepdim=True)
+        vv = vs.repeat_interleave(group, dim=1) if group > 1 else vs
+        kk = ks.repeat_interleave(group, dim=1) if group > 1 else ks
+        ds = p * (torch.matmul(do, vv.transpose(-1, -2)) - d)
+        dq[b : b + 1, :, rq] = scale * torch.matmul(ds, kk)
+        dkh = scale * torch.matmul(ds.transpose(-1, -2), qs)  # (1, Hq, S, E)
+        dvh = torch.matmul(p.transpose(-1, -2), do)
+        dk[b : b + 1, :, rk] = dkh.view(1, hk, group, sk, -1).sum(2)
+        dv[b : b + 1, :, rk] = dvh.view(1, hk, group, sk, -1).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

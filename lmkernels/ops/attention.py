@@ -1,0 +1,283 @@
+"""Fused attention as torch.library custom ops: registration, dispatch, autograd.
+
+``lmkernels::attention_fwd(q, k, v, mask, scale, window_left, window_right, bottom_right, cu_q,
+cu_k, max_q, max_k)`` returns ``(out, lse)`` for q (B, Hq, L, E), k (B, Hk, S, E), v (B, Hk, S,
+Ev) strided views (last dim contiguous), an optional (B, Hq, L, S) boolean or additive mask view
+(broadcast dims with zero strides), a window around the diagonal (causal: window_right = 0) and,
+for packed variable-length batches, int32 row offsets cu_q / cu_k (the tensors are then
+(1, H, total, E) views). ``lmkernels::attention_bwd`` returns ``(dq, dk, dv)`` from the
+forward's out and lse. The semantics, shared by every backend, are in
+csrc/include/lmk/attention.h. Outputs use the (B, L, H, D) memory layout: a (B, H, L, D) view of
+it, which is also the (total, H, D) packed layout of a variable-length batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from lmkernels import reference
+from lmkernels.backends import Impl, dispatch
+from lmkernels.ops._common import eager_call
+
+
+@dataclass(frozen=True)
+class AttnOptions:
+    """Everything but the tensors: the softmax scale, the window (-1: unbounded; causal is
+    window_right = 0), its alignment (top-left, or bottom-right: the diagonal of query i at key
+    i + S_b - L_b), and for a packed variable-length batch the int32 row offsets (B + 1 each,
+    on the tensors' device) with the largest lengths."""
+
+    scale: float
+    window_left: int = -1
+    window_right: int = -1
+    bottom_right: bool = False
+    cu_q: Tensor | None = None
+    cu_k: Tensor | None = None
+    max_q: int = 0
+    max_k: int = 0
+
+
+# ------------------------------------------------------------------------------- launchers
+# Every backend's launcher takes strided 4-D views whose last dim is contiguous:
+#   fwd(q, k, v, mask, out, lse, opts)
+#       q (B, Hq, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev), mask None or (B, Hq, L, S) of bool
+#       or q's dtype, out (B, Hq, L, Ev) of q's dtype, lse (B, Hq, L) contiguous fp32 (fp64 for
+#       fp64), both preallocated and overwritten
+#   bwd(dout, q, k, v, out, lse, mask, dq, dk, dv, opts)
+#       dout like out; dq / dk / dv like q / k / v (their own strides), overwritten
+# opts: AttnOptions. Varlen: B == 1, L / S are the packed totals, opts.cu_q / cu_k set.
+
+
+def _reference_fwd(q, k, v, mask, out, lse, o: AttnOptions):
+    res, ls = reference.attention_fwd(q, k, v, mask, o.scale, o.window_left, o.window_right,
+                                      o.bottom_right, o.cu_q, o.cu_k)  # fmt: skip
+    out.copy_(res)
+    lse.copy_(ls)
+
+
+def _reference_bwd(dout, q, k, v, out, lse, mask, dq, dk, dv, o: AttnOptions):
+    grads = reference.attention_bwd(dout, q, k, v, out, lse, mask, o.scale, o.window_left,
+                                    o.window_right, o.bottom_right, o.cu_q, o.cu_k)  # fmt: skip
+    for dst, src in zip((dq, dk, dv), grads, strict=True):
+        dst.copy_(src)
+
+
+def _cpu_fwd(q, k, v, mask, out, lse, o: AttnOptions):
+    torch.ops.lmkernels_cpu.attention_fwd(
+        q, k, v, mask, out, lse, o.scale, o.window_left, o.window_right, o.bottom_right, o.cu_q,
+        o.cu_k, o.max_q, o.max_k,
+    )  # fmt: skip
+
+
+def _cpu_bwd(dout, q, k, v, out, lse, mask, dq, dk, dv, o: AttnOptions):
+    torch.ops.lmkernels_cpu.attention_bwd(
+        dout, q, k, v, out, lse, mask, dq, dk, dv, o.scale, o.window_left, o.window_right,
+        o.bottom_right, o.cu_q, o.cu_k, o.max_q, o.max_k,
+    )  # fmt: skip
+
+
+def _triton_fwd(*args):
+    from lmkernels.triton_kernels import attention as k
+
+    k.attention_fwd(*args)
+
+
+def _triton_bwd(*args):
+    from lmkernels.triton_kernels import attention as k
+
+    k.attention_bwd(*args)
+
+
+# --- cuda launchers (begin)
+def _cuda_fwd(q, k, v, mask, out, lse, o: AttnOptions):
+    raise NotImplementedError
+
+
+def _cuda_bwd(dout, q, k, v, out, lse, mask, dq, dk, dv, o: AttnOptions):
+    raise NotImplementedError
+
+
+# --- cuda launchers (end)
+
+
+def _not_yet(*_) -> str | None:  # (removed from a backend's entry once its kernel lands)
+    return "no attention kernel on this backend yet"
+
+
+_FWD = {
+    "reference": Impl(_reference_fwd),
+    "cpu": Impl(_cpu_fwd, _not_yet),
+    "triton": Impl(_triton_fwd, _not_yet),
+    "cuda": Impl(_cuda_fwd, _not_yet),
+}
+_BWD = {
+    "reference": Impl(_reference_bwd),
+    "cpu": Impl(_cpu_bwd, _not_yet),
+    "triton": Impl(_triton_bwd, _not_yet),
+    "cuda": Impl(_cuda_bwd, _not_yet),
+}
+
+# ----------------------------------------------------------------------------- registered ops
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _blhd(b: int, h: int, length: int, d: int, like: Tensor) -> Tensor:
+    """An uninitialised (b, h, length, d) tensor in the (b, length, h, d) memory layout."""
+    return like.new_empty(b, length, h, d).transpose(1, 2)
+
+
+def _last_contiguous(t: Tensor) -> Tensor:
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def _options(scale, window_left, window_right, bottom_right, cu_q, cu_k, max_q, max_k):
+    return AttnOptions(scale, window_left, window_right, bottom_right, cu_q, cu_k, max_q, max_k)
+
+
+def _run_fwd(q, k, v, mask, opts: AttnOptions) -> tuple[Tensor, Tensor]:
+    b, hq, length, _ = q.shape
+    out = _blhd(b, hq, length, v.shape[-1], q)
+    lse = torch.empty(b, hq, length, dtype=_acc(q.dtype), device=q.device)
+    if q.numel() == 0 and length == 0:
+        return out, lse
+    q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
+    fn = dispatch("attention", _FWD, q.device, q, k, v, mask)
+    fn(q, k, v, mask, out, lse, opts)
+    return out, lse
+
+
+def _run_bwd(dout, q, k, v, out, lse, mask, opts: AttnOptions):
+    dq = _blhd(*q.shape, q)
+    dk = _blhd(*k.shape, k)
+    dv = _blhd(*v.shape, v)
+    fn = dispatch("attention backward", _BWD, q.device, q, k, v, mask)
+    fn(_last_contiguous(dout), _last_contiguous(q), _last_contiguous(k), _last_contiguous(v),
+       out, lse, mask, dq, dk, dv, opts)  # fmt: skip
+    return dq, dk, dv
+
+
+@torch.library.custom_op("lmkernels::attention_fwd", mutates_args=())
+def attention_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    scale: float,
+    window_left: int,
+    window_right: int,
+    bottom_right: bool,
+    cu_q: Tensor | None,
+    cu_k: Tensor | None,
+    max_q: int,
+    max_k: int,
+) -> tuple[Tensor, Tensor]:
+    opts = _options(scale, window_left, window_right, bottom_right, cu_q, cu_k, max_q, max_k)
+    return _run_fwd(q, k, v, mask, opts)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, mask, scale, window_left, window_right, bottom_right, cu_q, cu_k, max_q, max_k):
+    b, hq, length, _ = q.shape
+    out = _blhd(b, hq, length, v.shape[-1], q)
+    return out, q.new_empty(b, hq, length, dtype=_acc(q.dtype))
+
+
+@torch.library.custom_op("lmkernels::attention_bwd", mutates_args=())
+def attention_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    mask: Tensor | None,
+    scale: float,
+    window_left: int,
+    window_right: int,
+    bottom_right: bool,
+    cu_q: Tensor | None,
+    cu_k: Tensor | None,
+    max_q: int,
+    max_k: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    opts = _options(scale, window_left, window_right, bottom_right, cu_q, cu_k, max_q, max_k)
+    return _run_bwd(dout, q, k, v, out, lse, mask, opts)
+
+
+@attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, mask, scale, window_left, window_right, bottom_right, cu_q, cu_k,
+      max_q, max_k):  # fmt: skip
+    return _blhd(*q.shape, q), _blhd(*k.shape, k), _blhd(*v.shape, v)
+
+
+# ------------------------------------------------------------------------------------ autograd
+
+_NON_TENSOR = 8  # the op's arguments after q, k, v, mask
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, *rest = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, mask, rest[4], rest[5])
+    ctx.rest = rest
+    ctx.mark_non_differentiable(lse)
+
+
+def _grads(ctx, dout, dlse, bwd):
+    q, k, v, out, lse, mask, cu_q, cu_k = ctx.saved_tensors
+    scale, wl, wr, br, _, _, max_q, max_k = ctx.rest
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = bwd(dout, q, k, v, out, lse, mask, scale, wl, wr, br, cu_q, cu_k, max_q, max_k)
+    return dq, dk, dv, None, *([None] * _NON_TENSOR)
+
+
+def _bwd_eager(dout, q, k, v, out, lse, mask, scale, wl, wr, br, cu_q, cu_k, max_q, max_k):
+    opts = _options(scale, wl, wr, br, cu_q, cu_k, max_q, max_k)
+    return _run_bwd(dout, q, k, v, out, lse, mask, opts)
+
+
+attention_fwd.register_autograd(
+    lambda ctx, dout, dlse: _grads(ctx, dout, dlse, attention_bwd), setup_context=_setup_context
+)
+
+
+class _AttentionEager(torch.autograd.Function):
+    """The same forward and backward as the registered op, for plain eager calls."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, *rest):
+        out, lse = _run_fwd(q, k, v, mask, _options(*rest))
+        _setup_context(ctx, (q, k, v, mask, *rest), (out, lse))
+        return out, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, dlse):
+        return _grads(ctx, dout, dlse, _bwd_eager)
+
+
+# ------------------------------------------------------------------------------ entry point
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, opts: AttnOptions) -> Tensor:
+    """The attention output (B, Hq, L, Ev) with autograd into q, k and v (not into the mask).
+
+    Arguments as the launchers take them (validated by the public functions). Plain eager calls
+    run the backend directly (:func:`lmkernels.ops._common.eager_call`); everything else goes
+    through the registered ops.
+    """
+    args = (q, k, v, mask, opts.scale, opts.window_left, opts.window_right, opts.bottom_right,
+            opts.cu_q, opts.cu_k, opts.max_q, opts.max_k)  # fmt: skip
+    if not eager_call(q, k, v, mask, opts.cu_q, opts.cu_k):
+        return attention_fwd(*args)[0]
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _AttentionEager.apply(*args)[0]
+    return _run_fwd(q, k, v, mask, opts)[0]
