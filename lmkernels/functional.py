@@ -13,6 +13,8 @@ import warnings
 import torch
 from torch import Tensor
 
+from lmkernels import reference as _reference
+from lmkernels.ops import attention as _attention_ops
 from lmkernels.ops import embedding as _embedding_ops
 from lmkernels.ops import norm as _norm_ops
 from lmkernels.ops import rotary as _rotary_ops
@@ -29,6 +31,8 @@ __all__ = [
     "embedding",
     "token_positional_embedding",
     "apply_rotary",
+    "scaled_dot_product_attention",
+    "varlen_attention",
 ]
 
 
@@ -578,3 +582,242 @@ def apply_rotary(
             )
     cos, sin = cos.to(dtype), sin.to(dtype)  # no-ops unless a table has a narrower dtype
     return _rotary_ops.apply(x.to(dtype), cos, sin, interleaved, inplace)
+
+
+# ------------------------------------------------------------------------------ attention
+
+
+def _check_window(fn: str, window: object) -> tuple[int, int]:
+    """``window`` (None, or (left, right) with -1 for an unbounded side) as two ints."""
+    if window is None:
+        return -1, -1
+    ok = isinstance(window, (tuple, list)) and len(window) == 2
+    ok = ok and all(isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in window)
+    if not ok or any(w < -1 for w in window):
+        raise ValueError(f"{fn}: window must be None or (left, right) with ints >= -1 (-1: "
+                         f"unbounded), got {window!r}")  # fmt: skip
+    return int(window[0]), int(window[1])
+
+
+def _check_scale(fn: str, scale: object, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{fn}: scale must be a real number or None, got {scale!r}")
+    return float(scale)
+
+
+def _check_qkv(fn: str, query, key, value, min_dim: int) -> None:
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _check_float_tensor(fn, name, t)
+        if t.dim() < min_dim:
+            raise ValueError(f"{fn}: {name} must have at least {min_dim} dims, got shape "
+                             f"{list(t.shape)}")  # fmt: skip
+    for name, t in (("key", key), ("value", value)):
+        if t.dtype != query.dtype:
+            raise TypeError(f"{fn}: {name} has dtype {t.dtype} but query has {query.dtype}; "
+                            "they must match")  # fmt: skip
+        if t.device != query.device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but query is on {query.device}")
+    if key.shape[-1] != query.shape[-1]:
+        raise ValueError(f"{fn}: key's last dim (E = {key.shape[-1]}) must equal query's "
+                         f"({query.shape[-1]})")  # fmt: skip
+
+
+def _composite_attention(q, k, v, mask, scale, window_left, window_right, dropout_p):
+    """Attention in differentiable torch ops (the L x S scores in memory), for what no kernel
+    does: dropout, and additive masks that require grad. Rows without keys give zeros."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(acc)
+    keep = _reference.attention_keep(q.shape[2], k.shape[2], window_left,
+                                                   window_right, False, q.device)  # fmt: skip
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    empty = torch.isneginf(lse)
+    p = torch.exp(torch.where(empty, torch.zeros_like(s), s - lse))
+    p = torch.where(empty, torch.zeros_like(p), p)
+    if dropout_p > 0:
+        p = torch.nn.functional.dropout(p, dropout_p)
+    return torch.matmul(p, v.to(acc)).to(q.dtype)
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    window: tuple[int, int] | None = None,
+) -> Tensor:
+    r"""``torch.nn.functional.scaled_dot_product_attention`` (same signature and semantics),
+    computed flash-style: memory O(L), never the L x S score matrix.
+
+    ``query`` (..., Hq, L, E), ``key`` (..., Hk, S, E), ``value`` (..., Hk, S, Ev); leading dims
+    broadcast; heads broadcast too, or with ``enable_gqa`` each group of Hq / Hk query heads
+    shares one key/value head. ``attn_mask``: boolean (True = take part) or an additive mask of
+    query's dtype, broadcastable to (..., Hq, L, S), never expanded in memory. ``is_causal``:
+    key j takes part for query i iff j <= i (top-left aligned, as torch; not together with
+    ``attn_mask``). ``scale`` defaults to 1/sqrt(E). ``window=(left, right)`` (an lmkernels
+    extension, -1 = unbounded) keeps the keys i - left <= j <= i + right (sliding-window
+    attention; with ``is_causal`` the right side is 0).
+
+    Differences from torch, by design: a query row whose keys are all masked gives zeros and
+    zero gradients (torch gives NaN); the output has the (..., L, Hq, Ev) memory layout of
+    torch's flash kernels. ``dropout_p > 0`` and additive masks that require grad run a
+    composite of torch ops that materialises the scores (no kernel here has an RNG yet);
+    dropout uses torch's global generator, as torch does.
+    """
+    fn = "lmkernels.functional.scaled_dot_product_attention"
+    _check_qkv(fn, query, key, value, 2)
+    if key.shape[-2] != value.shape[-2]:
+        raise ValueError(f"{fn}: key has {key.shape[-2]} keys (S) but value has "
+                         f"{value.shape[-2]}")  # fmt: skip
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"{fn}: dropout_p must be a real number, got {dropout_p!r}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"{fn}: dropout_p must be in [0, 1], got {dropout_p}")
+    for name, flag in (("is_causal", is_causal), ("enable_gqa", enable_gqa)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{fn}: {name} must be a bool, got {flag!r}")
+    if is_causal and attn_mask is not None:
+        raise ValueError(f"{fn}: attn_mask must be None when is_causal=True (as in torch)")
+    wl, wr = _check_window(fn, window)
+    if is_causal:
+        wr = 0 if wr < 0 else min(wr, 0)
+    length, e = query.shape[-2], query.shape[-1]
+    sk, ev = key.shape[-2], value.shape[-1]
+    sc = _check_scale(fn, scale, e)
+    hq = query.shape[-3] if query.dim() >= 3 else 1
+    hk = key.shape[-3] if key.dim() >= 3 else 1
+    if value.dim() >= 3 and value.shape[-3] != hk and enable_gqa:
+        raise ValueError(f"{fn}: key has {hk} heads but value has {value.shape[-3]}")
+    q4, k4, v4 = (
+        t.reshape((1,) * max(0, 3 - t.dim()) + tuple(t.shape)) for t in (query, key, value)
+    )
+    batch_q, batch_k, batch_v = q4.shape[:-3], k4.shape[:-3], v4.shape[:-3]
+    try:
+        batch = torch.broadcast_shapes(batch_q, batch_k, batch_v)
+        if not enable_gqa:
+            hq = torch.broadcast_shapes((hq,), (hk,), (v4.shape[-3],))[0]
+            hk = hq
+    except RuntimeError as err:
+        raise ValueError(
+            f"{fn}: the batch and head dims of query {list(query.shape)}, key "
+            f"{list(key.shape)} and value {list(value.shape)} do not broadcast"
+        ) from err
+    if enable_gqa and (hk == 0 or hq % hk):
+        raise ValueError(f"{fn}: with enable_gqa, query's heads ({hq}) must be a multiple of "
+                         f"key's ({hk})")  # fmt: skip
+    nb = math.prod(batch)
+    q4 = q4.expand(*batch, hq, length, e).reshape(nb, hq, length, e)
+    k4 = k4.expand(*batch, hk, sk, e).reshape(nb, hk, sk, e)
+    v4 = v4.expand(*batch, hk, sk, ev).reshape(nb, hk, sk, ev)
+    mask = None
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor):
+            raise TypeError(f"{fn}: attn_mask must be a torch.Tensor or None, got "
+                            f"{type(attn_mask).__name__}")  # fmt: skip
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+            raise TypeError(f"{fn}: attn_mask must be bool or query's dtype {query.dtype}, got "
+                            f"{attn_mask.dtype}")  # fmt: skip
+        if attn_mask.device != query.device:
+            raise ValueError(f"{fn}: attn_mask is on {attn_mask.device} but query is on "
+                             f"{query.device}")  # fmt: skip
+        full = (*batch, hq, length, sk)
+        try:
+            ok = torch.broadcast_shapes(attn_mask.shape, full) == torch.Size(full)
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{fn}: attn_mask of shape {list(attn_mask.shape)} does not "
+                             f"broadcast to {list(full)}")  # fmt: skip
+        mask = attn_mask.expand(full).reshape(nb, hq, length, sk)
+    out_shape = (*batch, hq, length, ev)
+    if dropout_p > 0 or (mask is not None and mask.requires_grad):
+        out = _composite_attention(q4, k4, v4, mask, sc, wl, wr, float(dropout_p))
+        return out.reshape(out_shape)
+    opts = _attention_ops.AttnOptions(sc, wl, wr)
+    return _attention_ops.attention(q4, k4, v4, mask, opts).reshape(out_shape)
+
+
+def varlen_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    window: tuple[int, int] | None = None,
+) -> Tensor:
+    r"""Attention over a packed batch of variable-length sequences, no padding stored.
+
+    ``q`` (total_q, Hq, E), ``k`` (total_k, Hk, E), ``v`` (total_k, Hk, Ev) with Hq a multiple of
+    Hk (GQA / MQA); sequence b holds query rows ``cu_seqlens_q[b] .. cu_seqlens_q[b + 1]`` and key
+    rows ``cu_seqlens_k[b] .. cu_seqlens_k[b + 1]`` (int32, non-decreasing, starting at 0 and
+    ending at the totals; sequences of length 0 are allowed). ``max_seqlen_q`` / ``_k`` must be
+    at least the longest sequence. ``causal`` and ``window=(left, right)`` (-1 = unbounded) are
+    aligned bottom-right, as in FlashAttention: query i of a sequence with Lb queries and Sb keys
+    sits on key i + Sb - Lb. ``scale`` defaults to 1/sqrt(E). Returns (total_q, Hq, Ev); a query
+    with no key gives zeros.
+    """
+    fn = "lmkernels.functional.varlen_attention"
+    _check_qkv(fn, q, k, v, 3)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            raise ValueError(f"{fn}: {name} must be 3-D (total, heads, head_dim), got shape "
+                             f"{list(t.shape)}")  # fmt: skip
+    if k.shape[:2] != v.shape[:2]:
+        raise ValueError(f"{fn}: k {list(k.shape)} and v {list(v.shape)} must agree in "
+                         "(total_k, heads)")  # fmt: skip
+    hq, hk = q.shape[1], k.shape[1]
+    if hk == 0 or hq % hk:
+        raise ValueError(f"{fn}: q's heads ({hq}) must be a multiple of k's ({hk})")
+    if not isinstance(causal, bool):
+        raise TypeError(f"{fn}: causal must be a bool, got {causal!r}")
+    wl, wr = _check_window(fn, window)
+    if causal:
+        wr = 0 if wr < 0 else min(wr, 0)
+    sc = _check_scale(fn, scale, q.shape[-1])
+    lens = []
+    sides = (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+             ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k))  # fmt: skip
+    for name, cu, total, mx in sides:
+        if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1:
+            raise TypeError(f"{fn}: {name} must be a 1-D int32 tensor")
+        if cu.device != q.device:
+            raise ValueError(f"{fn}: {name} is on {cu.device} but q is on {q.device}")
+        if cu.numel() < 1:
+            raise ValueError(f"{fn}: {name} must hold at least one offset")
+        host = cu.tolist()
+        steps = [b - a for a, b in zip(host[:-1], host[1:], strict=True)]
+        if host[0] != 0 or host[-1] != total or any(d < 0 for d in steps):
+            raise ValueError(f"{fn}: {name} must be non-decreasing from 0 to {total}, got "
+                             f"{host[:8]}{'...' if len(host) > 8 else ''}")  # fmt: skip
+        longest = max(steps, default=0)
+        if isinstance(mx, bool) or not isinstance(mx, numbers.Integral) or mx < longest:
+            raise ValueError(f"{fn}: max_seqlen for {name} must be an int >= the longest "
+                             f"sequence ({longest}), got {mx!r}")  # fmt: skip
+        lens.append(len(host))
+    if lens[0] != lens[1]:
+        raise ValueError(f"{fn}: cu_seqlens_q has {lens[0]} offsets but cu_seqlens_k has "
+                         f"{lens[1]}")  # fmt: skip
+    opts = _attention_ops.AttnOptions(sc, wl, wr, True, cu_seqlens_q.contiguous(),
+                                      cu_seqlens_k.contiguous(), int(max_seqlen_q),
+                                      int(max_seqlen_k))  # fmt: skip
+    q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    out = _attention_ops.attention(q4, k4, v4, None, opts)  # (1, Hq, total, Ev)
+    return out.squeeze(0).transpose(0, 1)
