@@ -673,9 +673,10 @@ def scaled_dot_product_attention(
 
     Differences from torch, by design: a query row whose keys are all masked gives zeros and
     zero gradients (torch gives NaN); the output has the (..., L, Hq, Ev) memory layout of
-    torch's flash kernels. ``dropout_p > 0`` and additive masks that require grad run a
-    composite of torch ops that materialises the scores (no kernel here has an RNG yet);
-    dropout uses torch's global generator, as torch does.
+    torch's flash kernels. ``dropout_p > 0``, additive masks that require grad and float32
+    masks on fp16/bf16 data run a composite of torch ops that materialises the scores (no
+    kernel here has an RNG or reads fp32 masks of 16-bit data yet); dropout uses torch's
+    global generator, as torch does.
     """
     fn = "lmkernels.functional.scaled_dot_product_attention"
     _check_qkv(fn, query, key, value, 2)
@@ -727,9 +728,9 @@ def scaled_dot_product_attention(
         if not isinstance(attn_mask, Tensor):
             raise TypeError(f"{fn}: attn_mask must be a torch.Tensor or None, got "
                             f"{type(attn_mask).__name__}")  # fmt: skip
-        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
-            raise TypeError(f"{fn}: attn_mask must be bool or query's dtype {query.dtype}, got "
-                            f"{attn_mask.dtype}")  # fmt: skip
+        if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+            raise TypeError(f"{fn}: attn_mask must be bool, float32 or query's dtype "
+                            f"{query.dtype}, got {attn_mask.dtype}")  # fmt: skip
         if attn_mask.device != query.device:
             raise ValueError(f"{fn}: attn_mask is on {attn_mask.device} but query is on "
                              f"{query.device}")  # fmt: skip
@@ -743,7 +744,12 @@ def scaled_dot_product_attention(
                              f"broadcast to {list(full)}")  # fmt: skip
         mask = attn_mask.expand(full).reshape(nb, hq, length, sk)
     out_shape = (*batch, hq, length, ev)
-    if dropout_p > 0 or (mask is not None and mask.requires_grad):
+    # an fp32 mask on fp64 data widens exactly; on 16-bit data the kernels (masks of bool or
+    # the data's dtype) would round it, so the composite adds it in fp32 instead
+    if mask is not None and mask.dtype == torch.float32 and query.dtype == torch.float64:
+        mask = mask.to(torch.float64)
+    wide_mask = mask is not None and mask.is_floating_point() and mask.dtype != query.dtype
+    if dropout_p > 0 or wide_mask or (mask is not None and mask.requires_grad):
         out = _composite_attention(q4, k4, v4, mask, sc, wl, wr, float(dropout_p))
         return out.reshape(out_shape)
     opts = _attention_ops.AttnOptions(sc, wl, wr)
