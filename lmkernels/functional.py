@@ -671,9 +671,9 @@ def scaled_dot_product_attention(
     extension, -1 = unbounded) keeps the keys i - left <= j <= i + right (sliding-window
     attention; with ``is_causal`` the right side is 0).
 
-    Differences from torch, by design: a query row whose keys are all masked gives zeros and
-    zero gradients (torch gives NaN); the output has the (..., L, Hq, Ev) memory layout of
-    torch's flash kernels. ``dropout_p > 0``, additive masks that require grad and float32
+    A query row whose keys are all masked gives zeros and zero gradients, never NaN (as torch
+    2.13 does; older torch versions gave NaN). The output has the (..., L, Hq, Ev) memory
+    layout of torch's flash kernels. ``dropout_p > 0``, additive masks that require grad and float32
     masks on fp16/bf16 data run a composite of torch ops that materialises the scores (no
     kernel here has an RNG or reads fp32 masks of 16-bit data yet); dropout uses torch's
     global generator, as torch does.

@@ -1,0 +1,215 @@
+"""Attention semantics beyond the conformance grid: fully masked rows (zeros and zero
+gradients), dropout statistics and seeding, bad arguments, torch.library
+integration (opcheck, compile), and the varlen API against per-sequence calls."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lmkernels
+import lmkernels.functional as LF
+from lmkernels.ops import attention as attn_ops
+
+HOST_BACKENDS = ["reference", "cpu"]
+
+
+def _needs(backend):
+    reason = lmkernels.backends.availability(backend, "cpu")
+    if reason is not None:
+        pytest.skip(f"backend {backend} unavailable here: {reason}")
+    reason = attn_ops._FWD[backend].supports(torch.empty(0), None, None, None)
+    if reason is not None:
+        pytest.skip(f"backend {backend}: {reason}")
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_fully_masked_rows_give_zeros_and_zero_gradients(backend):
+    _needs(backend)
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 5, 8, requires_grad=True)
+    k = torch.randn(1, 2, 6, 8, requires_grad=True)
+    v = torch.randn(1, 2, 6, 8, requires_grad=True)
+    mask = torch.rand(5, 6) > 0.3
+    mask[1] = False
+    with lmkernels.use_backend(backend):
+        out = LF.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert torch.equal(out[:, :, 1], torch.zeros(1, 2, 8))
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert torch.equal(grads[0][:, :, 1], torch.zeros(1, 2, 8))
+    # as torch 2.13 (older torch versions gave NaN rows)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_no_keys_at_all_gives_zeros(backend):
+    _needs(backend)
+    q, k, v = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 0, 8), torch.randn(2, 3, 0, 5)
+    with lmkernels.use_backend(backend):
+        out = LF.scaled_dot_product_attention(q, k, v)
+    assert out.shape == (2, 3, 4, 5) and torch.count_nonzero(out) == 0
+
+
+def test_dropout_is_seeded_by_torch_and_unbiased():
+    torch.manual_seed(0)
+    q, k = torch.randn(4, 8, 256, 16), torch.randn(4, 8, 1, 16)
+    v = torch.ones(4, 8, 1, 1)  # 8192 dropout draws
+    torch.manual_seed(123)
+    a = LF.scaled_dot_product_attention(q, k, v, dropout_p=0.25)
+    torch.manual_seed(123)
+    b = LF.scaled_dot_product_attention(q, k, v, dropout_p=0.25)
+    assert torch.equal(a, b)
+    # one key: out = v / (1 - p) where kept, 0 where dropped
+    kept = (a != 0).float().mean().item()
+    assert abs(kept - 0.75) < 0.02, kept  # (4.5 standard deviations)
+    torch.testing.assert_close(a[a != 0], torch.full_like(a[a != 0], 1 / 0.75))
+    c = LF.scaled_dot_product_attention(q, k, v, dropout_p=0.25)
+    assert not torch.equal(a, c)
+
+
+def test_dropout_mean_matches_no_dropout():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 1, 3, 8), torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 4)
+    want = LF.scaled_dot_product_attention(q, k, v)
+    runs = torch.stack([LF.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+                        for _ in range(4000)])  # fmt: skip
+    torch.testing.assert_close(runs.mean(0), want, atol=0.08, rtol=0)
+
+
+def test_mask_gradient_flows_like_torch():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    m = torch.randn(4, 6, requires_grad=True)
+    (g,) = torch.autograd.grad(LF.scaled_dot_product_attention(q, k, v, attn_mask=m).sum(), m)
+    (want,) = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, attn_mask=m).sum(), m)
+    torch.testing.assert_close(g, want)
+
+
+def _bad_calls():
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    f = LF.scaled_dot_product_attention
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    qv, kv = torch.randn(5, 2, 8), torch.randn(5, 2, 8)
+    g = LF.varlen_attention
+    return [
+        (lambda: f(q, k[:1].expand(3, 2, 6, 8), v), ValueError, "broadcast"),
+        (lambda: f(q, k[..., :4], v), ValueError, "key"),
+        (lambda: f(q, k, v[:, :, :5]), ValueError, "value"),
+        (lambda: f(q, k.double(), v), TypeError, "key"),
+        (lambda: f(q, k, v, enable_gqa=False), ValueError, "broadcast"),
+        (
+            lambda: f(q, k[:, :1].expand(2, 3, 6, 8), v[:, :1].expand(2, 3, 6, 8), enable_gqa=True),
+            ValueError,
+            "enable_gqa",
+        ),  # fmt: skip
+        (
+            lambda: f(q, q, q, attn_mask=torch.ones(5, 4, dtype=torch.bool)),
+            ValueError,
+            "attn_mask",
+        ),  # fmt: skip
+        (
+            lambda: f(q, q, q, attn_mask=torch.ones(5, 5, dtype=torch.int32)),
+            TypeError,
+            "attn_mask",
+        ),  # fmt: skip
+        (lambda: f(q, q, q, attn_mask=torch.ones(5, 5).half()), TypeError, "attn_mask"),
+        (
+            lambda: f(q, q, q, attn_mask=torch.ones(5, 5, dtype=torch.bool), is_causal=True),
+            ValueError,
+            "attn_mask",
+        ),  # fmt: skip
+        (lambda: f(q, q, q, dropout_p=1.5), ValueError, "dropout_p"),
+        (lambda: f(q, q, q, scale="x"), TypeError, "scale"),
+        (lambda: f(q, q, q, is_causal=1), TypeError, "is_causal"),
+        (lambda: f(q, q, q, window=(2,)), ValueError, "window"),
+        (lambda: f(q, q, q, window=(-2, 3)), ValueError, "window"),
+        (lambda: f(q.long(), q, q), TypeError, "query"),
+        (lambda: g(qv, kv, kv, cu.long(), cu, 3, 3), TypeError, "cu_seqlens_q"),
+        (
+            lambda: g(qv, kv, kv, cu, torch.tensor([0, 4, 2, 5], dtype=torch.int32), 3, 3),
+            ValueError,
+            "cu_seqlens_k",
+        ),  # fmt: skip
+        (
+            lambda: g(
+                qv, kv, kv, cu, torch.tensor([0, 3, 2, 5], dtype=torch.int32)[[0, 2, 1]], 3, 3
+            ),
+            ValueError,
+            "cu_seqlens_k",
+        ),  # fmt: skip
+        (
+            lambda: g(qv, kv, kv, torch.tensor([0, 5], dtype=torch.int32), cu, 5, 3),
+            ValueError,
+            "cu_seqlens_k",
+        ),  # fmt: skip
+        (lambda: g(qv, kv, kv, cu, cu, 2, 3), ValueError, "max_seqlen"),
+        (lambda: g(qv[None], kv, kv, cu, cu, 3, 3), ValueError, "q"),
+        (lambda: g(torch.randn(5, 3, 8), kv, kv, cu, cu, 3, 3), ValueError, "multiple"),
+        (lambda: g(qv, kv, kv, cu, cu, 3, 3, window=(1, 2, 3)), ValueError, "window"),
+    ]
+
+
+@pytest.mark.parametrize("i", range(len(_bad_calls())))
+def test_bad_input_raises_naming_the_argument(i):
+    call, exc, name = _bad_calls()[i]
+    with pytest.raises(exc, match=name):
+        call()
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_varlen_equals_one_call_per_sequence(backend):
+    """Each packed sequence is its own bottom-right aligned causal attention."""
+    _needs(backend)
+    torch.manual_seed(0)
+    lq, lk = [3, 0, 6], [5, 2, 6]
+    cu_q = torch.tensor([0, 3, 3, 9], dtype=torch.int32)
+    cu_k = torch.tensor([0, 5, 7, 13], dtype=torch.int32)
+    q, k, v = torch.randn(9, 4, 8), torch.randn(13, 2, 8), torch.randn(13, 2, 8)
+    with lmkernels.use_backend(backend):
+        out = LF.varlen_attention(q, k, v, cu_q, cu_k, 6, 6, causal=True)
+        for b in range(3):
+            if lq[b] == 0:
+                continue
+            qs = q[cu_q[b] : cu_q[b + 1]].transpose(0, 1)
+            ks = k[cu_k[b] : cu_k[b + 1]].transpose(0, 1)
+            vs = v[cu_k[b] : cu_k[b + 1]].transpose(0, 1)
+            keep = torch.ones(lq[b], lk[b], dtype=torch.bool).tril(lk[b] - lq[b])
+            want = LF.scaled_dot_product_attention(qs, ks, vs, attn_mask=keep, enable_gqa=True)
+            torch.testing.assert_close(out[cu_q[b] : cu_q[b + 1]], want.transpose(0, 1))
+
+
+# ------------------------------------------------------------------ torch.library integration
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_opcheck(backend):
+    _needs(backend)
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 5, 8, requires_grad=True)
+    k = torch.randn(2, 2, 7, 8, requires_grad=True)
+    v = torch.randn(2, 2, 7, 6, requires_grad=True)
+    mask = (torch.rand(5, 7) > 0.2).expand(2, 4, 5, 7)
+    with lmkernels.use_backend(backend):
+        for m, wl, wr in ((None, -1, -1), (mask, -1, -1), (None, 2, 0)):
+            torch.library.opcheck(torch.ops.lmkernels.attention_fwd.default,
+                                  (q, k, v, m, 0.3, wl, wr, False, None, None, 0, 0))  # fmt: skip
+
+
+def test_compile_fullgraph_no_graph_break():
+    torch._dynamo.reset()
+
+    def f(q, k, v):
+        return LF.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True) * 2
+
+    q = torch.randn(1, 4, 6, 8, requires_grad=True)
+    k = torch.randn(1, 2, 6, 8, requires_grad=True)
+    v = torch.randn(1, 2, 6, 8, requires_grad=True)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out, ref = compiled(q, k, v), f(q, k, v)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g),
+                    strict=True):  # fmt: skip
+        torch.testing.assert_close(a, b)
+    assert torch._dynamo.explain(f)(q, k, v).graph_break_count == 0
