@@ -227,6 +227,31 @@ def test_wrong_provider_is_failed_and_not_timed_and_unavailable_is_skipped():
     assert "**FAILED**: max relative error" in md and "**skipped**: fp16 only" in md
 
 
+def test_attention_flop_model_and_tflops_column():
+    """The standard count: 4 B H L S D forward, halved for causal, backward 2.5x; rows of a
+    bench with a FLOP model report TFLOP/s = flops / time, and its table has the column."""
+    full, causal = _bench("attention").flops, _bench("attention_causal").flops
+    fwd = 4 * 4 * 8 * 1024 * 1024 * 64
+    assert full((4, 8, 1024, 64), F32, "fwd") == fwd
+    assert causal((4, 8, 1024, 64), F32, "fwd") == fwd // 2
+    assert full((4, 8, 1024, 64), F32, "bwd") == fwd * 5 // 2
+    assert full((4, 8, 1024, 64), BF16, "fwdbwd") == fwd * 7 // 2
+    cfg = runner.Config(reps=3, device=CPU, ops=["attention"], modes=["fwd"], dtypes=[F32],
+                        providers=["torch"], shapes=[(1, 1, 16, 8)])  # fmt: skip
+    doc = runner.run(runner.select(spec.discover(), cfg.ops), cfg, progress=False)
+    (row,) = [r for r in doc["results"] if r["provider"] == "torch"]
+    assert row["tflops"] == pytest.approx(row["flops"] / (row["median_ms"] * 1e-3) / 1e12)
+    assert "| TFLOP/s |" in report.markdown(doc)
+    assert "| TFLOP/s |" not in report.markdown(
+        {
+            **doc,
+            "results": [
+                {k: v for k, v in r.items() if k not in ("flops", "tflops")} for r in doc["results"]
+            ],
+        }
+    )
+
+
 def test_lmkernels_providers_report_why_a_backend_is_skipped():
     provs = {p.name: p for p in spec.lmkernels_providers(CPU, lambda x: x)}
     assert set(provs) == {"lmkernels-cpu", "lmkernels-triton", "lmkernels-cuda"}

@@ -34,12 +34,13 @@ def _f(v, fmt: str) -> str:
     return "" if v is None else format(v, fmt)
 
 
-def _md_row(r: dict) -> str:
+def _md_row(r: dict, flops: bool = False) -> str:
     if r["status"] in ("ok", "roofline"):
         status = "" if r["status"] == "ok" else "roofline"
         cells = [
             _f(r.get("median_ms"), ".3f"),
             f"{r['p20_ms']:.3f}–{r['p80_ms']:.3f}" if "p20_ms" in r else "",
+            *([_f(r.get("tflops"), ".3f")] if flops else []),
             _f(r.get("gbps"), ".1f"),
             _f(r.get("frac_roofline"), ".2f"),
             _f(r.get("peak_mib"), ".1f"),
@@ -49,7 +50,7 @@ def _md_row(r: dict) -> str:
         ]
     else:
         reason = str(r.get("reason", "")).replace("|", "/").replace("\n", " ")
-        cells = [""] * 7 + [f"**{r['status']}**: {reason}"]
+        cells = [""] * (8 if flops else 7) + [f"**{r['status']}**: {reason}"]
     return "| " + " | ".join([_shape(r), r["provider"], *cells]) + " |"
 
 
@@ -87,7 +88,8 @@ def markdown(doc: dict) -> str:
             + (f"{peak:.0f} GB/s" if peak else "unknown (no fraction reported)")
         )
     lines += [
-        "- times in ms: median and p20–p80; GB/s from the spec's byte model; peak MiB held "
+        "- times in ms: median and p20–p80; GB/s from the spec's byte model (TFLOP/s from its "
+        "FLOP model, for compute-bound ops); peak MiB held "
         "during one call; `vs eager` / `vs compile` = that provider's median / ours",
         "",
     ]
@@ -96,16 +98,19 @@ def markdown(doc: dict) -> str:
         for s in doc["skipped_providers"]:
             lines.append(f"| {s['bench']} | {s['provider']} | {s['reason']} |")
         lines.append("")
-    head = (
-        "| shape | provider | median ms | p20–p80 ms | GB/s | of roof | peak MiB "
-        "| vs eager | vs compile | status |"
-    )
     for bench, modes in _groups(doc).items():
         lines += [f"## {bench}", ""]
         for mode, dtypes in modes.items():
             for dtype, rows in dtypes.items():
-                lines += [f"### {bench} · {mode} · {dtype}", "", head, "|" + "---|" * 10]
-                lines += [_md_row(r) for r in rows]
+                flops = any("tflops" in r for r in rows)  # a compute-bound op's FLOP model
+                head = (
+                    "| shape | provider | median ms | p20–p80 ms | "
+                    + ("TFLOP/s | " if flops else "")
+                    + "GB/s | of roof | peak MiB | vs eager | vs compile | status |"
+                )
+                lines += [f"### {bench} · {mode} · {dtype}", "", head]
+                lines += ["|" + "---|" * (11 if flops else 10)]
+                lines += [_md_row(r, flops) for r in rows]
                 lines.append("")
     return "\n".join(lines)
 

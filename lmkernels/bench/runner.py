@@ -250,6 +250,9 @@ def measure_case(
         row = rows[name]
         row.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, samples=t.samples)
         row["gbps"] = roofline.gbps(row["bytes"], t.median_ms)
+        if bench.flops is not None and name != COPY:
+            row["flops"] = bench.flops(shape, dtype, mode)
+            row["tflops"] = row["flops"] / (t.median_ms * 1e-3) / 1e12
     roof = copy_row["gbps"] if copy_row else peak_gbps
     for row in rows.values():
         if "gbps" in row and roof:

@@ -100,6 +100,9 @@ class Bench:
     providers: Callable[[torch.device], list[Provider]]
     family: str = ""
     modes: tuple[str, ...] = MODES
+    # Optional FLOP model (shape, dtype, mode) -> int for compute-bound ops: rows then report
+    # TFLOP/s as well.
+    flops: Callable[[Shape, torch.dtype, str], int] | None = None
     # Loose sanity tolerance per dtype for the correctness check before timing: the largest
     # |provider - fp32 reference| relative to the largest |reference| (a wrong axis, a missing
     # scale or a garbage output fails by orders of magnitude; rounding does not).
