@@ -7,7 +7,15 @@ from torch import Tensor
 
 from lmkernels import functional as F
 
-__all__ = ["Softmax", "LogSoftmax", "LayerNorm", "RMSNorm", "Embedding", "TokenPositionalEmbedding"]
+__all__ = [
+    "Softmax",
+    "LogSoftmax",
+    "LayerNorm",
+    "RMSNorm",
+    "Embedding",
+    "TokenPositionalEmbedding",
+    "MultiheadAttention",
+]
 
 
 class Softmax(torch.nn.Softmax):
@@ -116,3 +124,100 @@ class TokenPositionalEmbedding(torch.nn.Module):
         if self.padding_idx is not None:
             s += f", padding_idx={self.padding_idx}"
         return s
+
+
+def _keep_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """torch.nn.MultiheadAttention's mask convention (bool True = ignore, or additive float)
+    as scaled_dot_product_attention's (bool True = take part, or additive of ``dtype``)."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return ~mask
+    return mask.to(dtype)
+
+
+def _merge_masks(a: Tensor | None, b: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    if a is None or b is None:
+        return a if b is None else b
+    if a.dtype == torch.bool and b.dtype == torch.bool:
+        return a & b
+    to_add = [m if m.dtype != torch.bool else
+              torch.zeros((), dtype=dtype, device=m.device).masked_fill(~m, float("-inf"))
+              for m in (a, b)]  # fmt: skip
+    return to_add[0] + to_add[1]
+
+
+class MultiheadAttention(torch.nn.MultiheadAttention):
+    """``torch.nn.MultiheadAttention`` (same constructor, parameters and state_dict keys) whose
+    attention runs :func:`lmkernels.functional.scaled_dot_product_attention`.
+
+    ``batch_first``, unbatched inputs, ``kdim`` / ``vdim``, ``key_padding_mask`` and
+    ``attn_mask`` (bool True = ignore, or additive; (L, S) or (N * num_heads, L, S)) and the
+    ``is_causal`` hint follow torch (``is_causal`` needs ``attn_mask``, which it then replaces
+    unless there is a key_padding_mask). The heads are strided views of the projections (no
+    copies); when both masks are given they are merged into one (N, num_heads, L, S) mask, as
+    torch does. ``need_weights=True`` (torch's default), ``add_bias_kv`` and ``add_zero_attn``
+    run torch's own implementation, which returns the attention weights exactly.
+    """
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        if need_weights or self.bias_k is not None or self.add_zero_attn:
+            return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                   average_attn_weights, is_causal)  # fmt: skip
+        if is_causal and attn_mask is None:
+            raise RuntimeError(
+                "lmkernels.nn.MultiheadAttention: is_causal is a hint that attn_mask is the "
+                "causal mask; pass attn_mask too (as torch requires)"
+            )
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        n, length, e = query.shape
+        s, h = key.shape[1], self.num_heads
+        hd = e // h
+        if self._qkv_same_embed_dim:
+            wq, wk, wv = self.in_proj_weight.chunk(3)
+        else:
+            wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        bq = bk = bv = None
+        if self.in_proj_bias is not None:
+            bq, bk, bv = self.in_proj_bias.chunk(3)
+        q = torch.nn.functional.linear(query, wq, bq)
+        k = torch.nn.functional.linear(key, wk, bk)
+        v = torch.nn.functional.linear(value, wv, bv)
+        q, k, v = (t.view(n, t.shape[1], h, hd).transpose(1, 2) for t in (q, k, v))
+        causal = is_causal and key_padding_mask is None
+        mask = None
+        if not causal:
+            am = _keep_mask(attn_mask, q.dtype)
+            if am is not None:
+                am = am.view(1, 1, length, s) if am.dim() == 2 else am.view(n, h, length, s)
+            kpm = _keep_mask(key_padding_mask, q.dtype)
+            if kpm is not None:
+                kpm = kpm.view(n, 1, 1, s)
+            mask = _merge_masks(am, kpm, q.dtype)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=causal,
+        )  # fmt: skip
+        out = out.transpose(1, 2).reshape(n, length, e)
+        out = torch.nn.functional.linear(out, self.out_proj.weight, self.out_proj.bias)
+        if not batched:
+            out = out.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, None

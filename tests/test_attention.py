@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import lmkernels
 import lmkernels.functional as LF
+import lmkernels.nn as LN
 from lmkernels.ops import attention as attn_ops
 
 HOST_BACKENDS = ["reference", "cpu"]
@@ -213,3 +214,72 @@ def test_compile_fullgraph_no_graph_break():
                     strict=True):  # fmt: skip
         torch.testing.assert_close(a, b)
     assert torch._dynamo.explain(f)(q, k, v).graph_break_count == 0
+
+
+# ----------------------------------------------------------------------- MultiheadAttention
+
+
+def _mha_pair(**kw):
+    torch.manual_seed(0)
+    ref = torch.nn.MultiheadAttention(16, 4, **kw)
+    ours = LN.MultiheadAttention(16, 4, **kw)
+    ours.load_state_dict(ref.state_dict())
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    return ref.eval(), ours.eval()
+
+
+@pytest.mark.parametrize(
+    "kw, masks",
+    [
+        (dict(), {}),
+        (dict(batch_first=True), {"kpm": "bool"}),
+        (dict(batch_first=True), {"attn": "bool2d", "kpm": "bool"}),
+        (dict(), {"attn": "float3d"}),
+        (dict(kdim=12, vdim=10), {"kpm": "float"}),
+        (dict(bias=False, batch_first=True), {"attn": "causal", "is_causal": True}),
+        (dict(batch_first=True), {"attn": "causal", "is_causal": True, "kpm": "bool"}),
+    ],
+)
+def test_multihead_attention_matches_torch(kw, masks):
+    ref, ours = _mha_pair(**kw)
+    n, length, s = 2, 5, 7 if not masks.get("is_causal") else 5
+    bf = kw.get("batch_first", False)
+    shape = (lambda t, d: (n, t, d)) if bf else (lambda t, d: (t, n, d))
+    q = torch.randn(shape(length, 16), requires_grad=True)
+    k = torch.randn(shape(s, kw.get("kdim", 16)), requires_grad=True)
+    v = torch.randn(shape(s, kw.get("vdim", 16)), requires_grad=True)
+    args = {}
+    if masks.get("kpm") == "bool":
+        kpm = torch.zeros(n, s, dtype=torch.bool)
+        kpm[0, -2:] = True
+        args["key_padding_mask"] = kpm
+    elif masks.get("kpm") == "float":
+        args["key_padding_mask"] = torch.randn(n, s)
+    if masks.get("attn") == "bool2d":
+        args["attn_mask"] = torch.rand(length, s) > 0.8
+    elif masks.get("attn") == "float3d":
+        args["attn_mask"] = torch.randn(n * 4, length, s)
+    elif masks.get("attn") == "causal":
+        args["attn_mask"] = torch.ones(length, s, dtype=torch.bool).triu(1)
+        args["is_causal"] = True
+    want, _ = ref(q, k, v, need_weights=False, **args)
+    got, w = ours(q, k, v, need_weights=False, **args)
+    assert w is None
+    torch.testing.assert_close(got, want)
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v, *ours.parameters()), g),
+                    torch.autograd.grad(want, (q, k, v, *ref.parameters()), g),
+                    strict=True):  # fmt: skip
+        torch.testing.assert_close(a, b)
+
+
+def test_multihead_attention_unbatched_and_need_weights():
+    ref, ours = _mha_pair()
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(ours(x, x, x, need_weights=False)[0],
+                               ref(x, x, x, need_weights=False)[0])  # fmt: skip
+    got, w = ours(x, x, x)  # need_weights=True: torch's own path, weights exact
+    want, w_ref = ref(x, x, x)
+    assert torch.equal(w, w_ref) and torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="attn_mask"):
+        ours(x, x, x, need_weights=False, is_causal=True)
