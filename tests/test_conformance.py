@@ -34,7 +34,7 @@ NARROWER = {("triton", op): {torch.float32, torch.float16, torch.bfloat16} for o
 NARROWER |= {("triton", op): {torch.float32, torch.float16, torch.bfloat16}
              for op in ("embedding", "token_positional_embedding", "apply_rotary")}  # fmt: skip
 # Attention kernels not wired yet on these backends (their ops entries refuse with a reason).
-NARROWER |= {(b, op): set() for b in ("cpu", "triton", "cuda")
+NARROWER |= {(b, op): set() for b in ("triton", "cuda")
              for op in ("attention", "varlen_attention")}  # fmt: skip
 
 

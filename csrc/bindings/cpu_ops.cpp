@@ -5,6 +5,7 @@
 //
 // Also the Python extension module `lmkernels._C`: it has no Python-level content, importing it
 // loads the library and runs the registrations below.
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <Python.h>
@@ -17,6 +18,7 @@
 #include <optional>
 #include <string>
 
+#include "lmk/attention.h"
 #include "lmk/embedding.h"
 #include "lmk/norm.h"
 #include "lmk/rotary.h"
@@ -32,6 +34,8 @@ void softmax_fwd(const SoftmaxFwdParams& p);
 void softmax_bwd(const SoftmaxBwdParams& p);
 void norm_fwd(const NormFwdParams& p);
 void norm_bwd(const NormBwdParams& p);
+void attention_fwd(const AttnParams& p);
+void attention_bwd(const AttnBwdParams& p);
 }  // namespace DEFAULT
 namespace AVX2 {
 void rotary(const RotaryParams& p);
@@ -42,6 +46,8 @@ void softmax_fwd(const SoftmaxFwdParams& p);
 void softmax_bwd(const SoftmaxBwdParams& p);
 void norm_fwd(const NormFwdParams& p);
 void norm_bwd(const NormBwdParams& p);
+void attention_fwd(const AttnParams& p);
+void attention_bwd(const AttnBwdParams& p);
 }  // namespace AVX2
 }  // namespace lmk::cpu
 
@@ -505,6 +511,175 @@ void rotary(const at::Tensor& x, const at::Tensor& out, const at::Tensor& cos,
   }
 }
 
+// ------------------------------------------------------------------ attention (lmk/attention.h)
+
+// A 4-D CPU tensor with a contiguous last dim (any other strides).
+void attn_4d(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "lmkernels_cpu: ", name, " must be a CPU tensor, got ",
+              t.device());
+  TORCH_CHECK(t.dim() == 4, "lmkernels_cpu: ", name, " must be 4-D (B, H, L, D), got ", t.dim(),
+              "-D");
+  TORCH_CHECK(t.size(3) <= 1 || t.stride(3) == 1, "lmkernels_cpu: ", name,
+              " must have a contiguous last dim, got strides ", t.strides());
+}
+
+// t is 4-D with ref's dtype and the given shape.
+void attn_like(const at::Tensor& t, const char* name, const at::Tensor& ref,
+               at::IntArrayRef shape) {
+  attn_4d(t, name);
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "lmkernels_cpu: ", name,
+              " must have q's dtype ", ref.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, "lmkernels_cpu: ", name, " must have shape ", shape, ", got ",
+              t.sizes());
+}
+
+// An output the kernels write: no element may alias another (e.g. an expanded view).
+void attn_output(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, "lmkernels_cpu: ", name,
+              " must not overlap itself (an expanded view?), got strides ", t.strides());
+}
+
+// Row offsets of a varlen batch: contiguous int32 (nseq + 1), 0, non-decreasing, ending at
+// total; max_len must be at least the longest sequence. Returns the pointer.
+const int32_t* cu_arg(const at::Tensor& cu, const char* name, int64_t total, int64_t max_len,
+                      const char* max_name) {
+  TORCH_CHECK(cu.device().is_cpu(), "lmkernels_cpu: ", name, " must be a CPU tensor");
+  TORCH_CHECK(cu.scalar_type() == at::kInt, "lmkernels_cpu: ", name, " must be int32, got ",
+              cu.scalar_type());
+  TORCH_CHECK(cu.dim() == 1 && cu.size(0) >= 1 && cu.is_contiguous(), "lmkernels_cpu: ", name,
+              " must be a contiguous 1-D tensor of nseq + 1 >= 1 offsets, got shape ", cu.sizes());
+  const int32_t* c = cu.data_ptr<int32_t>();
+  TORCH_CHECK(c[0] == 0, "lmkernels_cpu: ", name, "[0] must be 0, got ", c[0]);
+  int64_t longest = 0;
+  for (int64_t i = 1; i < cu.size(0); ++i) {
+    TORCH_CHECK(c[i] >= c[i - 1], "lmkernels_cpu: ", name, " must be non-decreasing, got ",
+                c[i - 1], " then ", c[i], " at ", i);
+    longest = std::max<int64_t>(longest, c[i] - c[i - 1]);
+  }
+  TORCH_CHECK(c[cu.size(0) - 1] == total, "lmkernels_cpu: ", name,
+              " must end at the packed length ", total, ", got ", c[cu.size(0) - 1]);
+  TORCH_CHECK(max_len >= longest, "lmkernels_cpu: ", max_name,
+              " must be at least the longest sequence (", longest, "), got ", max_len);
+  return c;
+}
+
+// Checks q, k, v, out, lse, mask and the options and fills p (out may be the backward's input).
+void attn_params(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const std::optional<at::Tensor>& mask, const at::Tensor& out,
+                 const at::Tensor& lse, double scale, int64_t window_left, int64_t window_right,
+                 bool bottom_right, const std::optional<at::Tensor>& cu_q,
+                 const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k) {
+  attn_4d(q, "q");
+  p.dtype = data_dtype(q, "q");
+  const int64_t B = q.size(0), Hq = q.size(1), L = q.size(2), E = q.size(3);
+  attn_4d(k, "k");
+  TORCH_CHECK(k.size(0) == B && k.size(3) == E, "lmkernels_cpu: k must have shape (", B,
+              ", Hk, S, ", E, ") for q of shape ", q.sizes(), ", got ", k.sizes());
+  const int64_t Hk = k.size(1), S = k.size(2);
+  attn_like(k, "k", q, k.sizes());
+  TORCH_CHECK(Hk >= 1 && Hq % Hk == 0, "lmkernels_cpu: q's heads (", Hq,
+              ") must be a multiple of k's heads (", Hk, ")");
+  attn_4d(v, "v");
+  const int64_t Ev = v.size(3);
+  attn_like(v, "v", q, {B, Hk, S, Ev});
+  attn_like(out, "out", q, {B, Hq, L, Ev});
+  attn_output(out, "out");
+  const at::ScalarType acc = acc_type(q.scalar_type());
+  TORCH_CHECK(lse.device().is_cpu(), "lmkernels_cpu: lse must be a CPU tensor");
+  TORCH_CHECK(lse.scalar_type() == acc, "lmkernels_cpu: lse must be ", acc, ", got ",
+              lse.scalar_type());
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == Hq && lse.size(2) == L &&
+                  lse.is_contiguous(),
+              "lmkernels_cpu: lse must be a contiguous (", B, ", ", Hq, ", ", L, ") tensor, got ",
+              lse.sizes());
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.o = out.data_ptr();
+  p.lse = lse.data_ptr();
+  p.q_sb = q.stride(0), p.q_sh = q.stride(1), p.q_sl = q.stride(2);
+  p.k_sb = k.stride(0), p.k_sh = k.stride(1), p.k_sl = k.stride(2);
+  p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_sl = v.stride(2);
+  p.o_sb = out.stride(0), p.o_sh = out.stride(1), p.o_sl = out.stride(2);
+  p.B = B, p.Hq = Hq, p.Hk = Hk, p.L = L, p.S = S, p.E = E, p.Ev = Ev;
+  p.scale = scale;
+  p.window_left = window_left < 0 ? -1 : window_left;
+  p.window_right = window_right < 0 ? -1 : window_right;
+  p.bottom_right = bottom_right;
+  TORCH_CHECK(cu_q.has_value() == cu_k.has_value(),
+              "lmkernels_cpu: cu_q and cu_k must be given together");
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(!cu_q.has_value(), "lmkernels_cpu: mask is not supported with cu_q / cu_k");
+    TORCH_CHECK(m.device().is_cpu(), "lmkernels_cpu: mask must be a CPU tensor");
+    TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == q.scalar_type(),
+                "lmkernels_cpu: mask must be bool or q's dtype ", q.scalar_type(), ", got ",
+                m.scalar_type());
+    TORCH_CHECK(m.dim() == 4 && m.sizes() == at::IntArrayRef({B, Hq, L, S}),
+                "lmkernels_cpu: mask must have shape (", B, ", ", Hq, ", ", L, ", ", S, "), got ",
+                m.sizes());
+    p.mask = m.data_ptr();
+    p.mask_bool = m.scalar_type() == at::kBool;
+    p.m_sb = m.stride(0), p.m_sh = m.stride(1), p.m_sl = m.stride(2), p.m_ss = m.stride(3);
+  }
+  if (cu_q.has_value()) {
+    TORCH_CHECK(B == 1, "lmkernels_cpu: a varlen batch (cu_q / cu_k) must have B == 1, got ", B);
+    TORCH_CHECK(cu_q->numel() == cu_k->numel(), "lmkernels_cpu: cu_q has ", cu_q->numel(),
+                " offsets but cu_k has ", cu_k->numel());
+    p.cu_q = cu_arg(*cu_q, "cu_q", L, max_q, "max_q");
+    p.cu_k = cu_arg(*cu_k, "cu_k", S, max_k, "max_k");
+    p.B = cu_q->numel() - 1;
+    p.L = max_q;
+    p.S = max_k;
+  }
+}
+
+void attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const std::optional<at::Tensor>& mask, const at::Tensor& out,
+                   const at::Tensor& lse, double scale, int64_t window_left, int64_t window_right,
+                   bool bottom_right, const std::optional<at::Tensor>& cu_q,
+                   const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k) {
+  AttnParams p;
+  attn_params(p, q, k, v, mask, out, lse, scale, window_left, window_right, bottom_right, cu_q,
+              cu_k, max_q, max_k);
+  if (use_avx2()) {
+    cpu::AVX2::attention_fwd(p);
+  } else {
+    cpu::DEFAULT::attention_fwd(p);
+  }
+}
+
+void attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                   const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                   const std::optional<at::Tensor>& mask, const at::Tensor& dq,
+                   const at::Tensor& dk, const at::Tensor& dv, double scale, int64_t window_left,
+                   int64_t window_right, bool bottom_right, const std::optional<at::Tensor>& cu_q,
+                   const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k) {
+  AttnBwdParams p;
+  attn_params(p.fwd, q, k, v, mask, out, lse, scale, window_left, window_right, bottom_right, cu_q,
+              cu_k, max_q, max_k);
+  attn_like(dout, "dout", q, out.sizes());
+  attn_like(dq, "dq", q, q.sizes());
+  attn_like(dk, "dk", q, k.sizes());
+  attn_like(dv, "dv", q, v.sizes());
+  attn_output(dq, "dq");
+  attn_output(dk, "dk");
+  attn_output(dv, "dv");
+  p.dout = dout.data_ptr();
+  p.do_sb = dout.stride(0), p.do_sh = dout.stride(1), p.do_sl = dout.stride(2);
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dq_sb = dq.stride(0), p.dq_sh = dq.stride(1), p.dq_sl = dq.stride(2);
+  p.dk_sb = dk.stride(0), p.dk_sh = dk.stride(1), p.dk_sl = dk.stride(2);
+  p.dv_sb = dv.stride(0), p.dv_sh = dv.stride(1), p.dv_sl = dv.stride(2);
+  if (use_avx2()) {
+    cpu::AVX2::attention_bwd(p);
+  } else {
+    cpu::DEFAULT::attention_bwd(p);
+  }
+}
+
 }  // namespace
 }  // namespace lmk
 
@@ -529,6 +704,15 @@ TORCH_LIBRARY(lmkernels_cpu, m) {
   m.def(
       "norm_bwd(Tensor dy, Tensor? dh_out, Tensor h, Tensor? weight, Tensor? mean, Tensor rstd, "
       "Tensor(a!) dh, Tensor(b!)? dw, Tensor(c!)? db, bool rms) -> ()");
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor(a!) out, Tensor(b!) lse, "
+      "float scale, int window_left, int window_right, bool bottom_right, Tensor? cu_q, "
+      "Tensor? cu_k, int max_q, int max_k) -> ()");
+  m.def(
+      "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? mask, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, float scale, int window_left, "
+      "int window_right, bool bottom_right, Tensor? cu_q, Tensor? cu_k, int max_q, int max_k) "
+      "-> ()");
   m.def("capability() -> str", &lmk::capability);
 }
 
@@ -541,6 +725,8 @@ TORCH_LIBRARY_IMPL(lmkernels_cpu, CPU, m) {
   m.impl("softmax_bwd", &lmk::softmax_bwd);
   m.impl("norm_fwd", &lmk::norm_fwd);
   m.impl("norm_bwd", &lmk::norm_bwd);
+  m.impl("attention_fwd", &lmk::attention_fwd);
+  m.impl("attention_bwd", &lmk::attention_bwd);
 }
 
 // Importable as `lmkernels._C` (an empty module; loading it registers the ops above).

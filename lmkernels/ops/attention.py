@@ -93,12 +93,85 @@ def _triton_bwd(*args):
 
 
 # --- cuda launchers (begin)
+# csrc/cuda/attention.cu through lmkernels._cuda: tensor-core flash forward for fp16 / bf16 (head
+# dims padded to 64 / 128 / 256), an fp32 SIMT forward, and a deterministic FA2-style backward
+# (D = rowsum(dO * O) into an fp32 workspace, then dk / dv per key block, dq per query block).
+# E and Ev up to 256; fp64 is not supported (the binding raises ValueError).
+
+
+def _cuda_supports(q, k, v, mask) -> str | None:
+    """None when the CUDA kernels can serve this call, else why not (for the dispatch table)."""
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"the CUDA attention kernels take fp32, fp16 or bf16, not {q.dtype}"
+    if q.shape[-1] > 256 or v.shape[-1] > 256:
+        return (f"the CUDA attention kernels take head dims up to 256, got E={q.shape[-1]}, "
+                f"Ev={v.shape[-1]}")  # fmt: skip
+    return None
+
+
+def _cuda_geometry(q, k, v, o: AttnOptions) -> tuple[int, int, int, int, int, int, int]:
+    """(B, Hq, Hk, L, S, E, Ev) as the kernels take them: for a packed varlen batch B is the
+    number of sequences and L / S the longest lengths (from the offsets when not given)."""
+    b, hq, length, e = q.shape
+    hk, s, ev = k.shape[1], k.shape[2], v.shape[-1]
+    if o.cu_q is not None:
+        b = o.cu_q.numel() - 1
+        length, s = o.max_q, o.max_k
+        if b > 0 and (length <= 0 or s <= 0):  # not given: the longest sequences (one sync)
+            length = int((o.cu_q[1:] - o.cu_q[:-1]).max()) if length <= 0 else length
+            s = int((o.cu_k[1:] - o.cu_k[:-1]).max()) if s <= 0 else s
+    return b, hq, hk, length, s, e, ev
+
+
+def _cuda_mask(mask, dtype_code):
+    """(pointer, dtype code, 4 element strides) of an optional mask view."""
+    from lmkernels.ops._common import DTYPE_CODE
+
+    if mask is None:
+        return 0, dtype_code, [0, 0, 0, 0]
+    return mask.data_ptr(), DTYPE_CODE[mask.dtype], list(mask.stride())
+
+
+def _cuda_ptr(t) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
 def _cuda_fwd(q, k, v, mask, out, lse, o: AttnOptions):
-    raise NotImplementedError
+    from lmkernels import _cuda
+    from lmkernels.ops._common import DTYPE_CODE
+
+    b, hq, hk, length, s, e, ev = _cuda_geometry(q, k, v, o)
+    code = DTYPE_CODE[q.dtype]
+    m_ptr, m_code, m_strides = _cuda_mask(mask, code)
+    with torch.cuda.device(q.device):
+        _cuda.attention_fwd(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), m_ptr,
+            code, m_code, list(q.stride()[:3]), list(k.stride()[:3]), list(v.stride()[:3]),
+            list(out.stride()[:3]), m_strides, b, hq, hk, length, s, e, ev, float(o.scale),
+            int(o.window_left), int(o.window_right), bool(o.bottom_right), _cuda_ptr(o.cu_q),
+            _cuda_ptr(o.cu_k), torch.cuda.current_stream(q.device).cuda_stream,
+        )  # fmt: skip
 
 
 def _cuda_bwd(dout, q, k, v, out, lse, mask, dq, dk, dv, o: AttnOptions):
-    raise NotImplementedError
+    from lmkernels import _cuda
+    from lmkernels.ops._common import DTYPE_CODE
+
+    b, hq, hk, length, s, e, ev = _cuda_geometry(q, k, v, o)
+    code = DTYPE_CODE[q.dtype]
+    m_ptr, m_code, m_strides = _cuda_mask(mask, code)
+    workspace = torch.empty(max(lse.numel(), 1), dtype=torch.float32, device=q.device)
+    with torch.cuda.device(q.device):
+        _cuda.attention_bwd(
+            dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+            lse.data_ptr(), m_ptr, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+            workspace.data_ptr(), code, m_code, list(dout.stride()[:3]), list(q.stride()[:3]),
+            list(k.stride()[:3]), list(v.stride()[:3]), list(out.stride()[:3]),
+            list(dq.stride()[:3]), list(dk.stride()[:3]), list(dv.stride()[:3]), m_strides, b, hq,
+            hk, length, s, e, ev, float(o.scale), int(o.window_left), int(o.window_right),
+            bool(o.bottom_right), _cuda_ptr(o.cu_q), _cuda_ptr(o.cu_k),
+            torch.cuda.current_stream(q.device).cuda_stream,
+        )  # fmt: skip
 
 
 # --- cuda launchers (end)
@@ -110,13 +183,13 @@ def _not_yet(*_) -> str | None:  # (removed from a backend's entry once its kern
 
 _FWD = {
     "reference": Impl(_reference_fwd),
-    "cpu": Impl(_cpu_fwd, _not_yet),
+    "cpu": Impl(_cpu_fwd),
     "triton": Impl(_triton_fwd, _not_yet),
     "cuda": Impl(_cuda_fwd, _not_yet),
 }
 _BWD = {
     "reference": Impl(_reference_bwd),
-    "cpu": Impl(_cpu_bwd, _not_yet),
+    "cpu": Impl(_cpu_bwd),
     "triton": Impl(_triton_bwd, _not_yet),
     "cuda": Impl(_cuda_bwd, _not_yet),
 }
