@@ -14,7 +14,7 @@ import importlib
 import json
 
 # one entry per op module in lmkernels/triton_kernels that has aot_specs()
-TRITON_MODULES = ("softmax", "norm", "embedding", "rotary")
+TRITON_MODULES = ("softmax", "norm", "embedding", "rotary", "attention")
 
 
 def triton_report(archs: tuple[int, ...] = (80, 90)) -> list[dict]:

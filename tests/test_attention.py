@@ -283,3 +283,14 @@ def test_multihead_attention_unbatched_and_need_weights():
     assert torch.equal(w, w_ref) and torch.equal(got, want)
     with pytest.raises(RuntimeError, match="attn_mask"):
         ours(x, x, x, need_weights=False, is_causal=True)
+
+
+@pytest.mark.parametrize("dtype, e, what", [(torch.float64, 16, "float64"),
+                                            (torch.float32, 264, "head dim 264")])  # fmt: skip
+def test_triton_refuses_what_it_cannot_run_with_a_reason(dtype, e, what):
+    reason = lmkernels.backends.availability("triton", "cpu")
+    if reason is not None:
+        pytest.skip(f"backend triton unavailable here: {reason}")
+    q = torch.randn(1, 1, 4, e, dtype=dtype)
+    with lmkernels.use_backend("triton"), pytest.raises(lmkernels.BackendUnavailable, match=what):
+        LF.scaled_dot_product_attention(q, q, q)

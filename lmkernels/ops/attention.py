@@ -177,6 +177,18 @@ def _cuda_bwd(dout, q, k, v, out, lse, mask, dq, dk, dv, o: AttnOptions):
 # --- cuda launchers (end)
 
 
+GPU_MAX_HEAD_DIM = 256  # the largest head dim of the triton and cuda kernels
+
+
+def _gpu_supports(q: Tensor, k: Tensor, v: Tensor, *_) -> str | None:
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype} is not supported (supported: float32, float16, bfloat16)"
+    if max(q.shape[-1], v.shape[-1]) > GPU_MAX_HEAD_DIM:
+        return (f"head dim {max(q.shape[-1], v.shape[-1])} is above the supported maximum "
+                f"{GPU_MAX_HEAD_DIM}")  # fmt: skip
+    return None
+
+
 def _not_yet(*_) -> str | None:  # (removed from a backend's entry once its kernel lands)
     return "no attention kernel on this backend yet"
 
@@ -184,13 +196,13 @@ def _not_yet(*_) -> str | None:  # (removed from a backend's entry once its kern
 _FWD = {
     "reference": Impl(_reference_fwd),
     "cpu": Impl(_cpu_fwd),
-    "triton": Impl(_triton_fwd, _not_yet),
+    "triton": Impl(_triton_fwd, _gpu_supports),
     "cuda": Impl(_cuda_fwd, _not_yet),
 }
 _BWD = {
     "reference": Impl(_reference_bwd),
     "cpu": Impl(_cpu_bwd),
-    "triton": Impl(_triton_bwd, _not_yet),
+    "triton": Impl(_triton_bwd, _gpu_supports),
     "cuda": Impl(_cuda_bwd, _not_yet),
 }
 

@@ -1,0 +1,465 @@
+"""The Triton attention launchers (lmkernels.triton_kernels.attention) called directly, as the
+ops layer calls them: forward (out, lse) and backward (dq, dk, dv) against reference.attention_*
+on fp64 copies (the oracle). fp32 must match to 1e-5 of the largest oracle value; fp16 / bf16
+follow lmkernels.testing's 2x rule against torch's own attention in that dtype (matmul and
+softmax in fp16 / bf16, the same mask). Shapes cover L != S, L or S = 1, odd lengths, head dims
+16, 20, 40, 80, 96 / 192 and Ev != E, causal (top-left and bottom-right, L < S and L > S), a
+window, bool and additive masks with broadcast strides, fully masked rows (zeros, lse -inf, zero
+gradients), GQA, packed variable-length batches with empty and one-token sequences, NaN rows,
+non-contiguous and unaligned tensors (the padded-copy path, bitwise equal to the direct one),
+determinism, the launchers' ValueErrors, and that aot_specs() lists every launch.
+
+On a machine without a GPU the kernels run in the Triton interpreter on CPU tensors
+(tests/conftest.py sets TRITON_INTERPRET=1): most cases run with small tiles (SMALL_TILES) so
+that a 40-key sequence spans several blocks (skipped, edge and interior ones); a few run with the
+module's own tiles.
+"""
+
+import launch_recorder
+import pytest
+import torch
+from launch_recorder import Recorder, kernel_name, spec_key
+
+from conftest import device_for
+from lmkernels import reference
+from lmkernels.backends import availability
+from lmkernels.ops.attention import AttnOptions
+from lmkernels.testing import max_err
+
+_REASON = availability("triton", device_for("triton"))
+if _REASON is not None:
+    pytest.skip(f"triton unavailable: {_REASON}", allow_module_level=True)
+
+from lmkernels.triton_kernels import attention as A  # noqa: E402
+
+DEV = device_for("triton")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DT_IDS = ("fp32", "fp16", "bf16")
+SENTINEL = 1234.0
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """16 / 32-row tiles for every kernel, so short sequences span several blocks."""
+    tiles = {}
+    for key in A._TILES:
+        tiles[key] = {"fwd": (16, 32, 4), "dkdv": (16, 32, 4), "dq": (32, 16, 4)}[key[0]]
+    monkeypatch.setattr(A, "_TILES", tiles)
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _blhd(b, h, n, d, dtype, fill=None):
+    """A (b, h, n, d) view of (b, n, h, d) memory, as the ops layer allocates outputs."""
+    t = torch.empty(b, n, h, d, dtype=dtype, device=DEV).transpose(1, 2)
+    if fill is not None:
+        t.fill_(fill)
+    return t
+
+
+def _make(b, hq, hk, length, s, e, ev, dtype, gen):
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype).to(DEV)
+
+    return rnd(b, hq, length, e), rnd(b, hk, s, e), rnd(b, hk, s, ev)
+
+
+def _opts(e, cu_q=None, cu_k=None, **kw):
+    return AttnOptions(scale=e**-0.5, cu_q=cu_q, cu_k=cu_k, **kw)
+
+
+def _ours_fwd(q, k, v, mask, opts):
+    b, hq, length, _ = q.shape
+    out = _blhd(b, hq, length, v.shape[-1], q.dtype, SENTINEL)
+    lse = torch.full((b, hq, length), SENTINEL, device=DEV)
+    A.attention_fwd(q, k, v, mask, out, lse, opts)
+    return out, lse
+
+
+def _ours_bwd(dout, q, k, v, out, lse, mask, opts):
+    dq = _blhd(*q.shape, q.dtype, SENTINEL)
+    dk = _blhd(*k.shape, k.dtype, SENTINEL)
+    dv = _blhd(*v.shape, v.dtype, SENTINEL)
+    A.attention_bwd(dout, q, k, v, out, lse, mask, dq, dk, dv, opts)
+    return dq, dk, dv
+
+
+def _ref_args(opts):
+    return (opts.scale, opts.window_left, opts.window_right, opts.bottom_right, opts.cu_q,
+            opts.cu_k)  # fmt: skip
+
+
+def _oracle(q, k, v, mask, dout, opts):
+    """reference forward and backward on fp64 copies."""
+    q64, k64, v64, do64 = (t.double() for t in (q, k, v, dout))
+    m64 = mask if mask is None or mask.dtype == torch.bool else mask.double()
+    out, lse = reference.attention_fwd(q64, k64, v64, m64, *_ref_args(opts))
+    grads = reference.attention_bwd(do64, q64, k64, v64, out, lse, m64, *_ref_args(opts))
+    return out, lse, grads
+
+
+def _torch_math(q, k, v, mask, dout, opts):
+    """torch's own attention in q's dtype (matmul, softmax, matmul; rows without keys give
+    zeros) with autograd: the baseline of the 2x rule."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    outs = []
+    for b, rq, rk in reference._segments(q, opts.cu_q, opts.cu_k):
+        qs, ks, vs = q[b : b + 1, :, rq], k[b : b + 1, :, rk], v[b : b + 1, :, rk]
+        ks, vs = ks.repeat_interleave(group, 1), vs.repeat_interleave(group, 1)
+        s = torch.matmul(qs, ks.transpose(-1, -2)) * opts.scale
+        if mask is not None:
+            m = mask[b : b + 1]
+            s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m
+        keep = reference.attention_keep(s.shape[2], s.shape[3], opts.window_left,
+                                        opts.window_right, opts.bottom_right, DEV)  # fmt: skip
+        if keep is not None:
+            s = s.masked_fill(~keep, float("-inf"))
+        p = s
+        if s.shape[-1]:  # rows without keys: zeros (their scores replaced first: no NaN grads)
+            empty = torch.isneginf(s).all(-1, keepdim=True)
+            p = torch.softmax(s.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0)
+        outs.append((b, rq, torch.matmul(p, vs)))
+    out = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=DEV)
+    for b, rq, o in outs:
+        out[b : b + 1, :, rq] = o
+    grads = torch.autograd.grad(out, (q, k, v), dout, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, (q, k, v), strict=True)]
+    return out.detach(), grads
+
+
+def _absmax(*ts) -> float:
+    vals = [float(t[torch.isfinite(t)].abs().max()) for t in ts if torch.isfinite(t).any()]
+    return max(vals, default=0.0)
+
+
+def _assert_close(ours, oracle, bases, dtype, what, scale):
+    """max |ours - oracle| <= 2 * (the larger error of the baselines: torch's own attention in
+    dtype, the fp32 reference) + 1e-5 (fp32) or 1 ulp (fp16 / bf16) of scale (max |oracle|; for
+    a gradient the largest of dq, dk, dv: with S = 1, dq and dk cancel to rounding noise): the 2x
+    rule of lmkernels.testing. NaN / Inf patterns must match exactly."""
+    err = max_err(ours, oracle, what)
+    base = max(max_err(b, oracle, f"{what} (baseline)") for b in bases)
+    rel = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
+    bound = 2 * base + rel * scale
+    assert err <= bound, (
+        f"{what}: max error {err:.3g} > {bound:.3g} (baseline {base:.3g}, scale {scale:.3g})"
+    )
+
+
+def _check(q, k, v, mask, opts, what, gen):
+    """Forward and backward of ours against the oracle; returns ours (out, lse, grads)."""
+    dtype = q.dtype
+    out, lse = _ours_fwd(q, k, v, mask, opts)
+    dout = torch.randn(out.shape, generator=gen).to(dtype).to(DEV)
+    r_out, r_lse, r_grads = _oracle(q, k, v, mask, dout, opts)
+    t_out, t_grads = _torch_math(q, k, v, mask, dout, opts)
+    f_out, f_lse = reference.attention_fwd(q, k, v, mask, *_ref_args(opts))
+    f_grads = reference.attention_bwd(dout, q, k, v, f_out, f_lse, mask, *_ref_args(opts))
+    _assert_close(out, r_out, (t_out, f_out), dtype, what + " out", _absmax(r_out))
+    # lse is fp32 for every T: within fp32 noise of the fp64 one (rows without keys: -inf)
+    err = max_err(lse, r_lse, what + " lse")
+    finite = r_lse[torch.isfinite(r_lse)]
+    assert err <= 1e-5 * max(1.0, float(finite.abs().max()) if finite.numel() else 0.0), what
+    grads = _ours_bwd(dout, q, k, v, out, lse, mask, opts)
+    for name, g, r, tg, fg in zip(("dq", "dk", "dv"), grads, r_grads, t_grads, f_grads,
+                                  strict=True):  # fmt: skip
+        assert g.dtype == dtype and g.shape == r.shape, name
+        _assert_close(g, r, (tg, fg), dtype, f"{what} {name}", _absmax(*r_grads))
+    return out, lse, grads
+
+
+# (B, Hq, Hk, L, S, E, Ev, options, mask): mask None, "bool" (broadcast over batch and heads,
+# with fully masked rows and columns) or "add" (broadcast over heads, -inf entries and finite
+# biases, fully masked rows)
+CASES = {
+    "plain": (2, 2, 2, 17, 33, 16, 16, {}, None),
+    "l_gt_s_gqa2_e40": (1, 2, 1, 33, 17, 40, 24, {}, None),
+    "l1": (1, 2, 2, 1, 33, 16, 16, {}, None),
+    "s1": (1, 2, 2, 17, 1, 16, 16, {}, None),
+    "causal_l_lt_s": (1, 2, 2, 17, 40, 16, 16, {"window_right": 0}, None),
+    "causal_l_gt_s": (1, 2, 2, 40, 17, 16, 8, {"window_right": 0}, None),
+    "causal_br_l_lt_s": (
+        1,
+        2,
+        2,
+        17,
+        40,
+        16,
+        16,
+        {"window_right": 0, "bottom_right": True},
+        None,
+    ),  # fmt: skip
+    "causal_br_l_gt_s": (
+        1,
+        2,
+        2,
+        40,
+        17,
+        16,
+        16,
+        {"window_right": 0, "bottom_right": True},
+        None,
+    ),  # fmt: skip
+    "window_e80": (1, 2, 2, 33, 40, 80, 80, {"window_left": 5, "window_right": 3}, None),
+    "window_br_left_only": (
+        1,
+        2,
+        1,
+        40,
+        33,
+        16,
+        16,
+        {"window_left": 7, "bottom_right": True},
+        None,
+    ),  # fmt: skip
+    "bool_mask": (2, 2, 1, 17, 40, 16, 16, {}, "bool"),
+    "add_mask_causal": (2, 4, 2, 33, 17, 16, 16, {"window_right": 0}, "add"),
+    "gqa4_e20_ev5": (1, 4, 1, 33, 40, 20, 5, {"window_right": 0}, None),
+    "e96_ev192": (1, 2, 2, 17, 20, 96, 192, {"window_right": 2}, "bool"),
+}
+
+
+def _mask(kind, b, hq, length, s, dtype, gen):
+    if kind is None:
+        return None
+    if kind == "bool":
+        m = torch.rand(1, 1, length, s, generator=gen) > 0.3
+        m[0, 0, 1] = False  # a fully masked row
+        m[0, 0, :, 2] = False  # a key nobody sees
+        return m.to(DEV).expand(b, hq, length, s)
+    m = torch.randn(b, 1, length, s, generator=gen) * 2
+    m[torch.rand(b, 1, length, s, generator=gen) > 0.7] = float("-inf")
+    m[:, :, 3] = float("-inf")  # fully masked rows
+    return m.to(dtype).to(DEV).expand(b, hq, length, s)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference(case, dtype, small_tiles):
+    b, hq, hk, length, s, e, ev, kw, mask_kind = CASES[case]
+    gen = torch.Generator().manual_seed(list(CASES).index(case))
+    q, k, v = _make(b, hq, hk, length, s, e, ev, dtype, gen)
+    mask = _mask(mask_kind, b, hq, length, s, dtype, gen)
+    out, lse, (dq, dk, dv) = _check(q, k, v, mask, _opts(e, **kw), f"{case} {dtype}", gen)
+    if case == "causal_br_l_gt_s":  # the first L - S rows see no key
+        assert torch.all(out[:, :, : length - s] == 0) and torch.all(dq[:, :, : length - s] == 0)
+        assert torch.all(torch.isneginf(lse[:, :, : length - s]))
+    if mask_kind == "bool":
+        assert torch.all(out[:, :, 1] == 0) and torch.all(torch.isneginf(lse[:, :, 1]))
+        assert torch.all(dq[:, :, 1] == 0)
+        if kw.get("window_right") is None:
+            assert torch.all(dk[:, :, 2] == 0) and torch.all(dv[:, :, 2] == 0)
+    if mask_kind == "add":
+        assert torch.all(out[:, :, 3] == 0) and torch.all(torch.isneginf(lse[:, :, 3]))
+        assert torch.all(dq[:, :, 3] == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("e", [16, 80, 192])
+def test_module_tiles(e, dtype):
+    """The module's own configs (one block of 32..128 rows here) for the three head buckets."""
+    gen = torch.Generator().manual_seed(e)
+    q, k, v = _make(2, 2, 1, 33, 40, e, e, dtype, gen)
+    _check(q, k, v, None, _opts(e, window_right=0, bottom_right=True), f"e{e} {dtype}", gen)
+
+
+VARLEN = {  # (query lengths, key lengths, options)
+    "plain": ([0, 1, 17, 5, 0, 23], [3, 1, 20, 0, 0, 37], {}),
+    "causal_br": ([4, 1, 17, 0, 23], [9, 0, 20, 2, 37], {"window_right": 0, "bottom_right": True}),
+    "window": ([1, 17, 23], [1, 20, 37], {"window_left": 3, "window_right": 5}),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("case", list(VARLEN))
+def test_varlen(case, dtype, small_tiles):
+    lq, lk, kw = VARLEN[case]
+    gen = torch.Generator().manual_seed(7)
+    cu_q = torch.tensor([0, *torch.tensor(lq).cumsum(0).tolist()], dtype=torch.int32).to(DEV)
+    cu_k = torch.tensor([0, *torch.tensor(lk).cumsum(0).tolist()], dtype=torch.int32).to(DEV)
+    q, k, v = _make(1, 4, 2, sum(lq), sum(lk), 16, 24, dtype, gen)
+    max_q = max(lq) if case != "window" else 0  # 0: the launcher bounds the grid by the total
+    opts = _opts(16, cu_q, cu_k, max_q=max_q, max_k=max(lk), **kw)
+    out, lse, (dq, dk, dv) = _check(q, k, v, None, opts, f"varlen {case} {dtype}", gen)
+    if case == "plain":  # sequence 3 has 5 queries and no key
+        rows = slice(18, 23)
+        assert torch.all(out[:, :, rows] == 0) and torch.all(torch.isneginf(lse[:, :, rows]))
+        assert torch.all(dq[:, :, rows] == 0)
+
+
+def test_fully_masked_everything(small_tiles):
+    """A mask with no True: zeros, lse -inf, zero gradients, never NaN; S == 0 likewise."""
+    gen = torch.Generator().manual_seed(3)
+    for dtype in DTYPES:
+        q, k, v = _make(1, 2, 2, 17, 20, 16, 16, dtype, gen)
+        mask = torch.zeros(1, 1, 1, 1, dtype=torch.bool, device=DEV).expand(1, 2, 17, 20)
+        out, lse = _ours_fwd(q, k, v, mask, _opts(16))
+        assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
+        dq, dk, dv = _ours_bwd(torch.randn_like(out), q, k, v, out, lse, mask, _opts(16))
+        assert all(torch.all(g == 0) for g in (dq, dk, dv))
+        q0, k0, v0 = _make(1, 2, 2, 5, 0, 16, 16, dtype, gen)
+        out, lse = _ours_fwd(q0, k0, v0, None, _opts(16))
+        assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
+        dq, dk, dv = _ours_bwd(torch.randn_like(out), q0, k0, v0, out, lse, None, _opts(16))
+        assert torch.all(dq == 0) and dk.numel() == 0
+        # no queries: nothing forward; dk, dv are zeros
+        q0, k0, v0 = _make(1, 2, 2, 0, 7, 16, 16, dtype, gen)
+        out, lse = _ours_fwd(q0, k0, v0, None, _opts(16))
+        dq, dk, dv = _ours_bwd(out, q0, k0, v0, out, lse, None, _opts(16))
+        assert torch.all(dk == 0) and torch.all(dv == 0)
+
+
+def test_nan_row_stays_in_its_row(small_tiles):
+    gen = torch.Generator().manual_seed(4)
+    for dtype in DTYPES:
+        q, k, v = _make(1, 2, 2, 17, 20, 16, 16, dtype, gen)
+        q[0, 1, 5, 3] = float("nan")
+        out, lse = _ours_fwd(q, k, v, None, _opts(16, window_right=0))
+        assert torch.isnan(out[0, 1, 5]).all() and torch.isnan(lse[0, 1, 5])
+        assert torch.isfinite(out[0, 1, torch.arange(17) != 5]).all()
+        assert torch.isfinite(out[0, 0]).all() and torch.isfinite(lse[0, 0]).all()
+
+
+def _wide(shape, dtype):
+    """(an unaligned view of shape, columns 1 .. d of SENTINEL-filled memory, that memory)"""
+    buf = torch.full((*shape[:-1], shape[-1] + 3), SENTINEL, dtype=dtype, device=DEV)
+    return buf[..., 1 : 1 + shape[-1]], buf
+
+
+def _untouched(buf, d):
+    return bool(torch.all(buf[..., 0] == SENTINEL) and torch.all(buf[..., 1 + d :] == SENTINEL))
+
+
+def _strided(t, layout):
+    """t's values in a non-contiguous view: 'blhd' (the (B, L, H, D) memory layout, aligned) or
+    'slice' (a column slice of a wider buffer: unaligned start and odd row strides)."""
+    b, h, n, d = t.shape
+    if layout == "blhd":
+        view = torch.empty(b, n, h, d, dtype=t.dtype, device=DEV).transpose(1, 2)
+    else:
+        view = _wide(t.shape, t.dtype)[0]
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_layouts_and_determinism(dtype, small_tiles):
+    """Non-contiguous and unaligned q / k / v / dout, and unaligned outputs (a padded aligned
+    copy, scratch outputs copied back): bitwise the contiguous results; nothing is written
+    outside the output views; a repeated backward gives the same bits."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = _make(2, 4, 2, 33, 40, 40, 24, dtype, gen)
+    mask = _mask("add", 2, 4, 33, 40, dtype, gen)
+    opts = _opts(40, window_left=9, window_right=0, bottom_right=True)
+    out, lse = _ours_fwd(q, k, v, mask, opts)
+    dout = torch.randn(out.shape, generator=gen).to(dtype).to(DEV)
+    grads = _ours_bwd(dout, q, k, v, out, lse, mask, opts)
+    again = _ours_bwd(dout, q, k, v, out, lse, mask, opts)
+    for g, h in zip(grads, again, strict=True):
+        assert torch.equal(g, h), "the backward is not deterministic"
+    for layout in ("blhd", "slice"):
+        qs, ks, vs, dos = (_strided(t, layout) for t in (q, k, v, dout))
+        if layout == "slice":
+            o2, o_buf = _wide(out.shape, dtype)
+            gs, g_bufs = zip(*(_wide(t.shape, dtype) for t in (q, k, v)), strict=True)
+        else:
+            o2, gs = _blhd(2, 4, 33, 24, dtype), [_strided(t, layout) for t in (q, k, v)]
+        lse2 = torch.empty_like(lse)
+        A.attention_fwd(qs, ks, vs, mask, o2, lse2, opts)
+        assert torch.equal(o2, out) and torch.equal(lse2, lse), layout
+        A.attention_bwd(dos, qs, ks, vs, o2, lse2, mask, *gs, opts)
+        for g, h in zip(gs, grads, strict=True):
+            assert torch.equal(g, h), layout
+        if layout == "slice":
+            assert _untouched(o_buf, 24), "written outside out"
+            for g, buf in zip(gs, g_bufs, strict=True):
+                assert _untouched(buf, g.shape[-1]), "written outside a gradient"
+
+
+def test_launcher_errors():
+    q, k, v = _make(1, 4, 2, 5, 6, 16, 8, torch.float32, torch.Generator().manual_seed(0))
+    out, lse = torch.empty(1, 4, 5, 8), torch.empty(1, 4, 5)
+    opts = _opts(16)
+
+    def bad(match, q=q, k=k, v=v, mask=None, out=out, lse=lse, opts=opts):
+        with pytest.raises(ValueError, match="attention_fwd: " + match):
+            A.attention_fwd(q, k, v, mask, out, lse, opts)
+
+    bad("dtype torch.float64", q=q.double(), k=k.double(), v=v.double(), out=out.double())
+    bad("k must be", k=k.half())
+    bad("Hq .4. must be a multiple of Hk .3.", k=torch.randn(1, 3, 6, 16),
+        v=torch.randn(1, 3, 6, 8))  # fmt: skip
+    bad("k must be", k=torch.randn(1, 2, 6, 15))
+    bad("head dims", q=torch.randn(1, 4, 5, 300), k=torch.randn(1, 2, 6, 300))
+    bad("q.s last dim must be contiguous", q=torch.randn(1, 4, 16, 5).transpose(2, 3))
+    bad("out must be", out=torch.empty(1, 4, 5, 9))
+    bad("lse must be", lse=torch.empty(1, 4, 5, dtype=torch.float16))
+    bad("lse must be contiguous", lse=torch.empty(1, 5, 4).transpose(1, 2))
+    bad("mask must be bool or", mask=torch.zeros(1, 4, 5, 6, dtype=torch.int32))
+    bad("mask must be a", mask=torch.zeros(1, 4, 5, 5, dtype=torch.bool))
+    cu = torch.tensor([0, 5], dtype=torch.int32)
+    bad("cu_q and cu_k must be given together", opts=_opts(16, cu_q=cu))
+    bad("cu_q must be a non-empty 1-D int32", opts=_opts(16, cu_q=cu.long(), cu_k=cu))
+    bad("a mask is only for dense", mask=torch.ones(1, 4, 5, 6, dtype=torch.bool),
+        opts=_opts(16, cu_q=cu, cu_k=torch.tensor([0, 6], dtype=torch.int32)))  # fmt: skip
+    bad("a packed .varlen. batch has B == 1", q=q.expand(2, 4, 5, 16), k=k.expand(2, 2, 6, 16),
+        v=v.expand(2, 2, 6, 8), out=torch.empty(2, 4, 5, 8), lse=torch.empty(2, 4, 5),
+        opts=_opts(16, cu_q=cu, cu_k=torch.tensor([0, 6], dtype=torch.int32)))  # fmt: skip
+    with pytest.raises(ValueError, match="attention_bwd: dq must be"):
+        A.attention_bwd(out, q, k, v, out, lse, None, torch.empty(1, 4, 5, 8), torch.empty_like(k),
+                        torch.empty_like(v), opts)  # fmt: skip
+    with pytest.raises(ValueError, match="attention_config: kernel"):
+        A.attention_config("bwd", 64, torch.float16)
+    with pytest.raises(ValueError, match="attention_config: arch"):
+        A.attention_config("fwd", 64, torch.float16, arch=75)
+
+
+# --------------------------------------------------------------------------------- AOT specs
+
+
+def test_aot_specs_cover_every_launch(monkeypatch):
+    """Every launch (types, constexprs, num_warps) over head dims, dtypes, mask kinds, windows
+    and varlen is one of aot_specs(), and none is dead; every config the heuristic picks for
+    any head dim, dtype and arch is listed."""
+    specs = A.aot_specs()
+    listed = {spec_key(s) for s in specs}
+    assert len(listed) == len(specs) == 90
+    monkeypatch.setitem(launch_recorder._TY, torch.uint8, "u8")  # bool masks are read as u8
+    seen: set = set()
+    for name in ("_attn_fwd_kernel", "_attn_bwd_pre_kernel", "_attn_bwd_dkdv_kernel",
+                 "_attn_bwd_dq_kernel"):  # fmt: skip
+        monkeypatch.setattr(A, name, Recorder(getattr(A, name), seen))
+    gen = torch.Generator().manual_seed(9)
+    for dtype in DTYPES:
+        for e, ev in ((16, 8), (72, 128), (129, 256)):  # one per head bucket
+            q, k, v = _make(1, 2, 1, 5, 4, e, ev, dtype, gen)
+            for mask_kind in (None, "bool", "add"):
+                mask = _mask(mask_kind, 1, 2, 5, 4, dtype, gen)
+                out, lse = _ours_fwd(q, k, v, mask, _opts(e, window_right=0))
+                _ours_bwd(out, q, k, v, out, lse, mask, _opts(e, window_right=0))
+            cu = torch.tensor([0, 1, 5], dtype=torch.int32)
+            cu_k = torch.tensor([0, 2, 4], dtype=torch.int32)
+            opts = _opts(e, cu, cu_k, max_q=2, max_k=2, window_left=1, bottom_right=True)
+            out, lse = _ours_fwd(q, k, v, None, opts)
+            _ours_bwd(out, q, k, v, out, lse, None, opts)
+    assert seen == listed, (sorted(seen - listed)[:2], sorted(listed - seen)[:2])
+
+    def masked(s):
+        return dict(s[2]).get("MASK", 0) != 0
+
+    by_config = {(s[0], dict(s[2])["BLOCK_M"], dict(s[2]).get("BLOCK_N"), dict(s[2])["BLOCK_D"],
+                  s[3], masked(s)) for s in listed}  # fmt: skip
+    names = {"fwd": "_attn_fwd_kernel", "pre": "_attn_bwd_pre_kernel",
+             "dkdv": "_attn_bwd_dkdv_kernel", "dq": "_attn_bwd_dq_kernel"}  # fmt: skip
+    for d in range(1, 257):
+        for dtype in DTYPES:
+            for arch in A.ARCHS:
+                for kernel, name in names.items():
+                    for mask in (False, True) if kernel != "pre" else (False,):
+                        c = A.attention_config(kernel, d, dtype, arch, mask)
+                        bn = None if kernel == "pre" else c.block_n
+                        assert (name, c.block_m, bn, c.block_d, c.num_warps, mask) in by_config
+    assert len(A.aot_specs(aligned=True)) == len(specs)
+    assert all(kernel_name(s["kernel"]) in names.values() for s in specs)
