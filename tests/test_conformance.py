@@ -33,11 +33,9 @@ NARROWER = {("triton", op): {torch.float32, torch.float16, torch.bfloat16} for o
 # tested in test_embedding.py / test_token_positional.py / test_rotary.py).
 NARROWER |= {("triton", op): {torch.float32, torch.float16, torch.bfloat16}
              for op in ("embedding", "token_positional_embedding", "apply_rotary")}  # fmt: skip
-# Triton attention: fp32/fp16/bf16 (BackendUnavailable naming the dtype); cuda: not wired yet
-# (its ops entry refuses with a reason).
+# Triton attention: fp32/fp16/bf16 (BackendUnavailable naming the dtype).
 NARROWER |= {("triton", op): {torch.float32, torch.float16, torch.bfloat16}
              for op in ("attention", "varlen_attention")}  # fmt: skip
-NARROWER |= {("cuda", op): set() for op in ("attention", "varlen_attention")}
 
 
 def _enter(backend: str, case, dtype):

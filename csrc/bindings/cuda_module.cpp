@@ -12,6 +12,8 @@
 #include <string>
 #include <vector>
 
+#include "lmk/attention.h"
+#include "lmk/attention_cuda.h"
 #include "lmk/embedding.h"
 #include "lmk/embedding_cuda.h"
 #include "lmk/norm.h"
@@ -452,6 +454,199 @@ void rotary(uint64_t x, uint64_t out, uint64_t cos, uint64_t sin, uint64_t cos_o
   check_cuda(lmk::rotary_cuda(p, as_stream(stream)), op);
 }
 
+// ------------------------------------------------------------------ attention
+
+// Element strides of a 4-D view: n values (batch, head, sequence; the mask adds its key stride).
+std::vector<int64_t> attn_strides(const char* op, const char* arg, const std::vector<int64_t>& s,
+                                  size_t n) {
+  if (s.size() != n) {
+    value_error(
+        op, arg,
+        "expected " + std::to_string(n) + " element strides, got " + std::to_string(s.size()));
+  }
+  for (int64_t v : s) {
+    if (v < 0) value_error(op, arg, "expected strides >= 0, got " + std::to_string(v));
+  }
+  return s;
+}
+
+// The checks shared by attention_fwd and attention_bwd, filling p's shapes and options. Returns
+// false when there is nothing to launch (B, Hq or, for the forward, L is zero).
+bool attn_common(const char* op, lmk::AttnParams& p, int64_t dtype, uint64_t mask,
+                 int64_t mask_dtype, const std::vector<int64_t>& mask_strides, int64_t B,
+                 int64_t Hq, int64_t Hk, int64_t L, int64_t S, int64_t E, int64_t Ev, double scale,
+                 int64_t window_left, int64_t window_right, bool bottom_right, uint64_t cu_q,
+                 uint64_t cu_k) {
+  p.dtype = data_dtype(op, dtype);
+  check_nonnegative(op, "B", B);
+  check_nonnegative(op, "Hq", Hq);
+  check_nonnegative(op, "Hk", Hk);
+  check_nonnegative(op, "L", L);
+  check_nonnegative(op, "S", S);
+  check_nonnegative(op, "E", E);
+  check_nonnegative(op, "Ev", Ev);
+  const std::string max_dim = std::to_string(lmk::kAttnMaxHeadDim);
+  if (E > lmk::kAttnMaxHeadDim) {
+    value_error(op, "E",
+                "expected <= " + max_dim + " (the CUDA kernels' largest head dim), got " +
+                    std::to_string(E));
+  }
+  if (Ev > lmk::kAttnMaxHeadDim) {
+    value_error(op, "Ev",
+                "expected <= " + max_dim + " (the CUDA kernels' largest head dim), got " +
+                    std::to_string(Ev));
+  }
+  if (Hq > 0 && (Hk < 1 || Hq % Hk != 0)) {
+    value_error(op, "Hk",
+                "expected a divisor of Hq (" + std::to_string(Hq) + "), got " + std::to_string(Hk));
+  }
+  if (B > INT32_MAX || Hq > INT32_MAX) {
+    value_error(op, B > INT32_MAX ? "B" : "Hq", "expected < 2^31");
+  }
+  if (window_left < -1) {
+    value_error(op, "window_left",
+                "expected >= -1 (-1: unbounded), got " + std::to_string(window_left));
+  }
+  if (window_right < -1) {
+    value_error(op, "window_right",
+                "expected >= -1 (-1: unbounded), got " + std::to_string(window_right));
+  }
+  if ((cu_q == 0) != (cu_k == 0)) {
+    value_error(op, cu_q == 0 ? "cu_q" : "cu_k",
+                "cu_q and cu_k are given together (varlen) or not at all");
+  }
+  if (cu_q != 0) {
+    check_aligned(op, "cu_q", cu_q, 4);
+    check_aligned(op, "cu_k", cu_k, 4);
+  }
+  const auto ms = attn_strides(op, "mask_strides", mask_strides, 4);
+  if (mask != 0) {
+    if (cu_q != 0) value_error(op, "mask", "a mask is only supported for dense batches (cu_q = 0)");
+    const bool is_bool = mask_dtype == static_cast<int64_t>(lmk::DType::Bool);
+    if (!is_bool && mask_dtype != dtype) {
+      value_error(op, "mask_dtype",
+                  "expected Bool=4 or the data dtype (" + std::to_string(dtype) + "), got " +
+                      std::to_string(mask_dtype));
+    }
+    check_aligned(op, "mask", mask, is_bool ? 1 : lmk::dtype_size(p.dtype));
+    p.mask = reinterpret_cast<const void*>(mask);
+    p.mask_bool = is_bool;
+    p.m_sb = ms[0], p.m_sh = ms[1], p.m_sl = ms[2], p.m_ss = ms[3];
+  }
+  p.B = B, p.Hq = Hq, p.Hk = Hk, p.L = L, p.S = S, p.E = E, p.Ev = Ev;
+  p.scale = scale;
+  p.window_left = window_left;
+  p.window_right = window_right;
+  p.bottom_right = bottom_right;
+  p.cu_q = reinterpret_cast<const int32_t*>(cu_q);
+  p.cu_k = reinterpret_cast<const int32_t*>(cu_k);
+  return B > 0 && Hq > 0;
+}
+
+// A data tensor's pointer: non-null and aligned when it has elements.
+void attn_pointer(const char* op, const char* arg, uint64_t ptr, bool needed, lmk::DType dtype) {
+  if (!needed) return;
+  check_pointer(op, arg, ptr);
+  check_aligned(op, arg, ptr, lmk::dtype_size(dtype));
+}
+
+void attention_fwd(uint64_t q, uint64_t k, uint64_t v, uint64_t out, uint64_t lse, uint64_t mask,
+                   int64_t dtype, int64_t mask_dtype, const std::vector<int64_t>& q_strides,
+                   const std::vector<int64_t>& k_strides, const std::vector<int64_t>& v_strides,
+                   const std::vector<int64_t>& out_strides,
+                   const std::vector<int64_t>& mask_strides, int64_t B, int64_t Hq, int64_t Hk,
+                   int64_t L, int64_t S, int64_t E, int64_t Ev, double scale, int64_t window_left,
+                   int64_t window_right, bool bottom_right, uint64_t cu_q, uint64_t cu_k,
+                   uint64_t stream) {
+  const char* op = "attention_fwd";
+  lmk::AttnParams p;
+  const auto qs = attn_strides(op, "q_strides", q_strides, 3);
+  const auto ks = attn_strides(op, "k_strides", k_strides, 3);
+  const auto vs = attn_strides(op, "v_strides", v_strides, 3);
+  const auto os = attn_strides(op, "out_strides", out_strides, 3);
+  if (!attn_common(op, p, dtype, mask, mask_dtype, mask_strides, B, Hq, Hk, L, S, E, Ev, scale,
+                   window_left, window_right, bottom_right, cu_q, cu_k) ||
+      L == 0) {
+    return;  // nothing to launch
+  }
+  attn_pointer(op, "q", q, E > 0, p.dtype);
+  attn_pointer(op, "k", k, E > 0 && S > 0, p.dtype);
+  attn_pointer(op, "v", v, Ev > 0 && S > 0, p.dtype);
+  attn_pointer(op, "out", out, Ev > 0, p.dtype);
+  attn_pointer(op, "lse", lse, true, lmk::DType::F32);
+  p.q = reinterpret_cast<const void*>(q);
+  p.k = reinterpret_cast<const void*>(k);
+  p.v = reinterpret_cast<const void*>(v);
+  p.o = reinterpret_cast<void*>(out);
+  p.lse = reinterpret_cast<void*>(lse);
+  p.q_sb = qs[0], p.q_sh = qs[1], p.q_sl = qs[2];
+  p.k_sb = ks[0], p.k_sh = ks[1], p.k_sl = ks[2];
+  p.v_sb = vs[0], p.v_sh = vs[1], p.v_sl = vs[2];
+  p.o_sb = os[0], p.o_sh = os[1], p.o_sl = os[2];
+  check_cuda(lmk::attention_fwd_cuda(p, as_stream(stream)), op);
+}
+
+void attention_bwd(uint64_t dout, uint64_t q, uint64_t k, uint64_t v, uint64_t out, uint64_t lse,
+                   uint64_t mask, uint64_t dq, uint64_t dk, uint64_t dv, uint64_t workspace,
+                   int64_t dtype, int64_t mask_dtype, const std::vector<int64_t>& dout_strides,
+                   const std::vector<int64_t>& q_strides, const std::vector<int64_t>& k_strides,
+                   const std::vector<int64_t>& v_strides, const std::vector<int64_t>& out_strides,
+                   const std::vector<int64_t>& dq_strides, const std::vector<int64_t>& dk_strides,
+                   const std::vector<int64_t>& dv_strides, const std::vector<int64_t>& mask_strides,
+                   int64_t B, int64_t Hq, int64_t Hk, int64_t L, int64_t S, int64_t E, int64_t Ev,
+                   double scale, int64_t window_left, int64_t window_right, bool bottom_right,
+                   uint64_t cu_q, uint64_t cu_k, uint64_t stream) {
+  const char* op = "attention_bwd";
+  lmk::AttnBwdParams p;
+  lmk::AttnParams& f = p.fwd;
+  const auto dos = attn_strides(op, "dout_strides", dout_strides, 3);
+  const auto qs = attn_strides(op, "q_strides", q_strides, 3);
+  const auto ks = attn_strides(op, "k_strides", k_strides, 3);
+  const auto vs = attn_strides(op, "v_strides", v_strides, 3);
+  const auto os = attn_strides(op, "out_strides", out_strides, 3);
+  const auto dqs = attn_strides(op, "dq_strides", dq_strides, 3);
+  const auto dks = attn_strides(op, "dk_strides", dk_strides, 3);
+  const auto dvs = attn_strides(op, "dv_strides", dv_strides, 3);
+  if (!attn_common(op, f, dtype, mask, mask_dtype, mask_strides, B, Hq, Hk, L, S, E, Ev, scale,
+                   window_left, window_right, bottom_right, cu_q, cu_k) ||
+      (L == 0 && S == 0)) {
+    return;  // nothing to launch
+  }
+  const bool rows = L > 0, keys = S > 0;
+  attn_pointer(op, "dout", dout, rows && Ev > 0, f.dtype);
+  attn_pointer(op, "q", q, rows && E > 0, f.dtype);
+  attn_pointer(op, "k", k, keys && E > 0, f.dtype);
+  attn_pointer(op, "v", v, keys && Ev > 0, f.dtype);
+  attn_pointer(op, "out", out, rows && Ev > 0, f.dtype);
+  attn_pointer(op, "lse", lse, rows, lmk::DType::F32);
+  attn_pointer(op, "dq", dq, rows && E > 0, f.dtype);
+  attn_pointer(op, "dk", dk, keys && E > 0, f.dtype);
+  attn_pointer(op, "dv", dv, keys && Ev > 0, f.dtype);
+  if (rows) {
+    check_pointer(op, "workspace", workspace);
+    check_aligned(op, "workspace", workspace, 4);
+  }
+  f.q = reinterpret_cast<const void*>(q);
+  f.k = reinterpret_cast<const void*>(k);
+  f.v = reinterpret_cast<const void*>(v);
+  f.o = reinterpret_cast<void*>(out);
+  f.lse = reinterpret_cast<void*>(lse);
+  f.q_sb = qs[0], f.q_sh = qs[1], f.q_sl = qs[2];
+  f.k_sb = ks[0], f.k_sh = ks[1], f.k_sl = ks[2];
+  f.v_sb = vs[0], f.v_sh = vs[1], f.v_sl = vs[2];
+  f.o_sb = os[0], f.o_sh = os[1], f.o_sl = os[2];
+  p.dout = reinterpret_cast<const void*>(dout);
+  p.do_sb = dos[0], p.do_sh = dos[1], p.do_sl = dos[2];
+  p.dq = reinterpret_cast<void*>(dq);
+  p.dk = reinterpret_cast<void*>(dk);
+  p.dv = reinterpret_cast<void*>(dv);
+  p.dq_sb = dqs[0], p.dq_sh = dqs[1], p.dq_sl = dqs[2];
+  p.dk_sb = dks[0], p.dk_sh = dks[1], p.dk_sl = dks[2];
+  p.dv_sb = dvs[0], p.dv_sh = dvs[1], p.dv_sl = dvs[2];
+  check_cuda(lmk::attention_bwd_cuda(p, reinterpret_cast<float*>(workspace), as_stream(stream)),
+             op);
+}
+
 // What this module was built for. Never raises and never needs a GPU.
 py::dict build_info() {
   std::vector<std::string> archs;
@@ -472,9 +667,10 @@ py::dict build_info() {
   d["driver_version"] = driver;  // 0: no driver
   d["cudart"] = "static";
   d["dtypes"] = std::vector<std::string>{"F32", "F16", "BF16"};
-  d["ops"] = std::vector<std::string>{"softmax_fwd",   "softmax_bwd",     "norm_fwd",
-                                      "norm_bwd",      "embedding_check", "embedding_fwd",
-                                      "embedding_bwd", "token_pos_fwd",   "rotary"};
+  d["ops"] =
+      std::vector<std::string>{"softmax_fwd",     "softmax_bwd",   "norm_fwd",      "norm_bwd",
+                               "embedding_check", "embedding_fwd", "embedding_bwd", "token_pos_fwd",
+                               "rotary",          "attention_fwd", "attention_bwd"};
   return d;
 }
 
@@ -564,6 +760,36 @@ PYBIND11_MODULE(_cuda, m) {
       "stride. dtype F32=0, F16=1, BF16=2, F64=3 (x, out); cs_dtype (cos, sin): dtype, or F32\n"
       "for 16-bit data. fp32 math (fp64 for F64), rounded once. out may equal x.\n"
       "Asynchronous on `stream`.");
+  m.def("attention_fwd", &attention_fwd, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
+        py::arg("lse"), py::arg("mask"), py::arg("dtype"), py::arg("mask_dtype"),
+        py::arg("q_strides"), py::arg("k_strides"), py::arg("v_strides"), py::arg("out_strides"),
+        py::arg("mask_strides"), py::arg("B"), py::arg("Hq"), py::arg("Hk"), py::arg("L"),
+        py::arg("S"), py::arg("E"), py::arg("Ev"), py::arg("scale"), py::arg("window_left"),
+        py::arg("window_right"), py::arg("bottom_right"), py::arg("cu_q"), py::arg("cu_k"),
+        py::arg("stream"),
+        "Flash attention forward (lmk/attention.h): out (B, Hq, L, Ev) and lse (B, Hq, L) fp32\n"
+        "contiguous from q (B, Hq, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev): device pointers of\n"
+        "dtype F32=0, F16=1 or BF16=2, each with (batch, head, sequence) element strides and a\n"
+        "contiguous last dim; E, Ev <= 256; Hq a multiple of Hk (GQA). mask: 0 or a (B, Hq, L, S)\n"
+        "view (4 strides, 0 for broadcast dims) of Bool=4 (false = -inf) or the data dtype\n"
+        "(added to the scaled scores). window_left / window_right: -1 unbounded (causal:\n"
+        "window_right = 0), around the diagonal i (+ S_b - L_b with bottom_right). cu_q / cu_k:\n"
+        "0, or device int32 offsets (B + 1 each) of a packed varlen batch (then L / S are the\n"
+        "longest lengths, lse is (1, Hq, total_q), no mask). Rows without keys: zeros and\n"
+        "lse = -inf. Asynchronous on `stream`.");
+  m.def("attention_bwd", &attention_bwd, py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("out"), py::arg("lse"), py::arg("mask"), py::arg("dq"), py::arg("dk"),
+        py::arg("dv"), py::arg("workspace"), py::arg("dtype"), py::arg("mask_dtype"),
+        py::arg("dout_strides"), py::arg("q_strides"), py::arg("k_strides"), py::arg("v_strides"),
+        py::arg("out_strides"), py::arg("dq_strides"), py::arg("dk_strides"), py::arg("dv_strides"),
+        py::arg("mask_strides"), py::arg("B"), py::arg("Hq"), py::arg("Hk"), py::arg("L"),
+        py::arg("S"), py::arg("E"), py::arg("Ev"), py::arg("scale"), py::arg("window_left"),
+        py::arg("window_right"), py::arg("bottom_right"), py::arg("cu_q"), py::arg("cu_k"),
+        py::arg("stream"),
+        "Flash attention backward (lmk/attention.h): dq, dk, dv (their own strides) from dout,\n"
+        "the forward's inputs and its out and lse; arguments as attention_fwd. workspace: fp32\n"
+        "device memory laid out like lse (B * Hq * L elements; varlen Hq * total_q).\n"
+        "Deterministic (no atomics). Asynchronous on `stream`.");
   m.def("build_info", &build_info,
         "dict: archs (machine code), ptx_arch, cuda_version (CUDART_VERSION), driver_version\n"
         "(0 = no driver), cudart, dtypes, ops.");

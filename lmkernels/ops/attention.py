@@ -99,16 +99,6 @@ def _triton_bwd(*args):
 # E and Ev up to 256; fp64 is not supported (the binding raises ValueError).
 
 
-def _cuda_supports(q, k, v, mask) -> str | None:
-    """None when the CUDA kernels can serve this call, else why not (for the dispatch table)."""
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return f"the CUDA attention kernels take fp32, fp16 or bf16, not {q.dtype}"
-    if q.shape[-1] > 256 or v.shape[-1] > 256:
-        return (f"the CUDA attention kernels take head dims up to 256, got E={q.shape[-1]}, "
-                f"Ev={v.shape[-1]}")  # fmt: skip
-    return None
-
-
 def _cuda_geometry(q, k, v, o: AttnOptions) -> tuple[int, int, int, int, int, int, int]:
     """(B, Hq, Hk, L, S, E, Ev) as the kernels take them: for a packed varlen batch B is the
     number of sequences and L / S the longest lengths (from the offsets when not given)."""
@@ -189,21 +179,17 @@ def _gpu_supports(q: Tensor, k: Tensor, v: Tensor, *_) -> str | None:
     return None
 
 
-def _not_yet(*_) -> str | None:  # (removed from a backend's entry once its kernel lands)
-    return "no attention kernel on this backend yet"
-
-
 _FWD = {
     "reference": Impl(_reference_fwd),
     "cpu": Impl(_cpu_fwd),
     "triton": Impl(_triton_fwd, _gpu_supports),
-    "cuda": Impl(_cuda_fwd, _not_yet),
+    "cuda": Impl(_cuda_fwd, _gpu_supports),
 }
 _BWD = {
     "reference": Impl(_reference_bwd),
     "cpu": Impl(_cpu_bwd),
     "triton": Impl(_triton_bwd, _gpu_supports),
-    "cuda": Impl(_cuda_bwd, _not_yet),
+    "cuda": Impl(_cuda_bwd, _gpu_supports),
 }
 
 # ----------------------------------------------------------------------------- registered ops
