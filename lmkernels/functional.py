@@ -44,6 +44,14 @@ def _check_float_tensor(fn: str, name: str, t: object) -> Tensor:
     return t
 
 
+def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """Whether ``shape`` broadcasts to exactly ``target``."""
+    try:
+        return torch.broadcast_shapes(shape, target) == torch.Size(target)
+    except RuntimeError:
+        return False
+
+
 def _check_dim(fn: str, dim: object, ndim: int) -> int:
     if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
         raise TypeError(f"{fn}: dim must be an int, got {type(dim).__name__}")
@@ -148,11 +156,7 @@ def scaled_masked_softmax(
             raise TypeError(f"{fn}: mask must be bool or floating point, got dtype {mask.dtype}")
         if mask.device != x.device:
             raise ValueError(f"{fn}: mask is on {mask.device} but x is on {x.device}")
-        try:
-            ok = torch.broadcast_shapes(mask.shape, x.shape) == x.shape
-        except RuntimeError:
-            ok = False
-        if not ok:
+        if not _broadcasts_to(mask.shape, x.shape):
             raise ValueError(
                 f"{fn}: mask of shape {tuple(mask.shape)} is not broadcastable to x's shape "
                 f"{tuple(x.shape)}"
@@ -512,11 +516,7 @@ def token_positional_embedding(
         _check_indices(fn, "positions", positions)
         if positions.device != ids.device:
             raise ValueError(f"{fn}: positions is on {positions.device} but ids is on {ids.device}")
-        try:
-            ok = torch.broadcast_shapes(positions.shape, ids.shape) == ids.shape
-        except RuntimeError:
-            ok = False
-        if not ok:
+        if not _broadcasts_to(positions.shape, ids.shape):
             raise ValueError(f"{fn}: positions of shape {list(positions.shape)} do not broadcast "
                              f"to ids' shape {list(ids.shape)}")  # fmt: skip
     pos = positions.expand(ids.shape).reshape(-1)
@@ -553,11 +553,7 @@ def apply_rotary(
     for name, t in (("cos", cos), ("sin", sin)):
         if t.device != x.device:
             raise ValueError(f"{fn}: {name} is on {t.device} but x is on {x.device}")
-        try:
-            ok = torch.broadcast_shapes(t.shape, x.shape) == x.shape
-        except RuntimeError:
-            ok = False
-        if not ok:
+        if not _broadcasts_to(t.shape, x.shape):
             raise ValueError(
                 f"{fn}: {name} of shape {list(t.shape)} does not broadcast to x's shape "
                 f"{list(x.shape)}"
@@ -735,11 +731,7 @@ def scaled_dot_product_attention(
             raise ValueError(f"{fn}: attn_mask is on {attn_mask.device} but query is on "
                              f"{query.device}")  # fmt: skip
         full = (*batch, hq, length, sk)
-        try:
-            ok = torch.broadcast_shapes(attn_mask.shape, full) == torch.Size(full)
-        except RuntimeError:
-            ok = False
-        if not ok:
+        if not _broadcasts_to(attn_mask.shape, full):
             raise ValueError(f"{fn}: attn_mask of shape {list(attn_mask.shape)} does not "
                              f"broadcast to {list(full)}")  # fmt: skip
         mask = attn_mask.expand(full).reshape(nb, hq, length, sk)
