@@ -620,9 +620,23 @@ def _check_qkv(fn: str, query, key, value, min_dim: int) -> None:
                          f"({query.shape[-1]})")  # fmt: skip
 
 
-def _composite_attention(q, k, v, mask, scale, window_left, window_right, dropout_p):
-    """Attention in differentiable torch ops (the L x S scores in memory), for what no kernel
-    does: dropout, and additive masks that require grad. Rows without keys give zeros."""
+def _check_dropout(fn: str, dropout_p: object) -> None:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"{fn}: dropout_p must be a real number, got {dropout_p!r}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"{fn}: dropout_p must be in [0, 1], got {dropout_p}")
+
+
+def _all_dropped(q: Tensor, k: Tensor, v: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """dropout_p = 1 drops every probability (the kernels' threshold stops short of 2^32): zeros
+    of ``shape``, with zero gradients for q, k and v (empty sums keep them in the graph)."""
+    return v.new_zeros(shape) + (q[:0].sum() + k[:0].sum() + v[:0].sum()).to(v.dtype)
+
+
+def _composite_attention(q, k, v, mask, scale, window_left, window_right, dropout_p, seed):
+    """Attention in differentiable torch ops (the L x S scores in memory), for additive masks
+    that require grad (no kernel returns the mask's gradient). Dropout draws the kernels' keep
+    bits (lmk/philox.h). Rows without keys give zeros."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     group = q.shape[1] // k.shape[1]
     if group > 1:
@@ -639,8 +653,27 @@ def _composite_attention(q, k, v, mask, scale, window_left, window_right, dropou
     p = torch.exp(torch.where(empty, torch.zeros_like(s), s - lse))
     p = torch.where(empty, torch.zeros_like(p), p)
     if dropout_p > 0:
-        p = torch.nn.functional.dropout(p, dropout_p)
+        b, h, length, sk = p.shape
+        threshold = _reference.dropout_threshold(dropout_p)
+        bh = torch.arange(b * h, device=q.device).view(b, h, 1, 1)
+        rows = torch.arange(length, device=q.device).view(1, 1, length, 1)
+        cols = torch.arange(sk, device=q.device).view(1, 1, 1, sk)
+        keep = _reference.attention_dropout_keep(int(seed) & (2**64 - 1), threshold, bh, rows,
+                                                 cols)  # fmt: skip
+        p = p * (keep.to(acc) * _reference.dropout_scale(threshold))
     return torch.matmul(p, v.to(acc)).to(q.dtype)
+
+
+def _dropout_seed(fn: str, generator: object) -> Tensor:
+    """A fresh 64-bit dropout key as a 0-dim int64 CPU tensor, drawn from ``generator`` (torch's
+    default CPU generator when None, so torch.manual_seed makes dropout repeatable)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{fn}: generator must be a torch.Generator or None, got "
+                        f"{type(generator).__name__}")  # fmt: skip
+    device = "cpu" if generator is None else generator.device
+    seed = torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64, device=device,
+                         generator=generator)  # fmt: skip
+    return seed.cpu()
 
 
 def scaled_dot_product_attention(
@@ -654,6 +687,7 @@ def scaled_dot_product_attention(
     enable_gqa: bool = False,
     *,
     window: tuple[int, int] | None = None,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     r"""``torch.nn.functional.scaled_dot_product_attention`` (same signature and semantics),
     computed flash-style: memory O(L), never the L x S score matrix.
@@ -661,7 +695,8 @@ def scaled_dot_product_attention(
     ``query`` (..., Hq, L, E), ``key`` (..., Hk, S, E), ``value`` (..., Hk, S, Ev); leading dims
     broadcast; heads broadcast too, or with ``enable_gqa`` each group of Hq / Hk query heads
     shares one key/value head. ``attn_mask``: boolean (True = take part) or an additive mask of
-    query's dtype, broadcastable to (..., Hq, L, S), never expanded in memory. ``is_causal``:
+    query's dtype or float32 (added in fp32, unrounded), broadcastable to (..., Hq, L, S), never
+    expanded in memory. ``is_causal``:
     key j takes part for query i iff j <= i (top-left aligned, as torch; not together with
     ``attn_mask``). ``scale`` defaults to 1/sqrt(E). ``window=(left, right)`` (an lmkernels
     extension, -1 = unbounded) keeps the keys i - left <= j <= i + right (sliding-window
@@ -669,20 +704,23 @@ def scaled_dot_product_attention(
 
     A query row whose keys are all masked gives zeros and zero gradients, never NaN (as torch
     2.13 does; older torch versions gave NaN). The output has the (..., L, Hq, Ev) memory
-    layout of torch's flash kernels. ``dropout_p > 0``, additive masks that require grad and float32
-    masks on fp16/bf16 data run a composite of torch ops that materialises the scores (no
-    kernel here has an RNG or reads fp32 masks of 16-bit data yet); dropout uses torch's
-    global generator, as torch does.
+    layout of torch's flash kernels.
+
+    ``dropout_p`` drops each attention probability independently inside the kernels (memory
+    stays O(L)) and scales the kept ones by the inverse keep probability. Its random bits come
+    from a counter-based generator (Philox4x32-10, lmk/philox.h) keyed by a 64-bit seed drawn
+    from ``generator`` (an lmkernels extension; default: torch's default CPU generator, so
+    ``torch.manual_seed`` makes a call repeatable); every backend draws the same bits for the
+    same seed, and the backward redraws them instead of storing a mask. The probability is
+    quantised to multiples of 2^-32. Additive masks that require grad and ``dropout_p = 1`` run a
+    composite of torch ops that materialises the scores.
     """
     fn = "lmkernels.functional.scaled_dot_product_attention"
     _check_qkv(fn, query, key, value, 2)
     if key.shape[-2] != value.shape[-2]:
         raise ValueError(f"{fn}: key has {key.shape[-2]} keys (S) but value has "
                          f"{value.shape[-2]}")  # fmt: skip
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
-        raise TypeError(f"{fn}: dropout_p must be a real number, got {dropout_p!r}")
-    if not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"{fn}: dropout_p must be in [0, 1], got {dropout_p}")
+    _check_dropout(fn, dropout_p)
     for name, flag in (("is_causal", is_causal), ("enable_gqa", enable_gqa)):
         if not isinstance(flag, bool):
             raise TypeError(f"{fn}: {name} must be a bool, got {flag!r}")
@@ -736,16 +774,18 @@ def scaled_dot_product_attention(
                              f"broadcast to {list(full)}")  # fmt: skip
         mask = attn_mask.expand(full).reshape(nb, hq, length, sk)
     out_shape = (*batch, hq, length, ev)
-    # an fp32 mask on fp64 data widens exactly; on 16-bit data the kernels (masks of bool or
-    # the data's dtype) would round it, so the composite adds it in fp32 instead
+    # an fp32 mask on fp64 data widens exactly (the kernels take masks of bool, the data's
+    # dtype, or fp32 on 16-bit data)
     if mask is not None and mask.dtype == torch.float32 and query.dtype == torch.float64:
         mask = mask.to(torch.float64)
-    wide_mask = mask is not None and mask.is_floating_point() and mask.dtype != query.dtype
-    if dropout_p > 0 or wide_mask or (mask is not None and mask.requires_grad):
-        out = _composite_attention(q4, k4, v4, mask, sc, wl, wr, float(dropout_p))
+    seed = _dropout_seed(fn, generator) if dropout_p > 0 else None
+    if dropout_p >= 1:
+        return _all_dropped(query, key, value, out_shape)
+    if mask is not None and mask.requires_grad:
+        out = _composite_attention(q4, k4, v4, mask, sc, wl, wr, float(dropout_p), seed)
         return out.reshape(out_shape)
-    opts = _attention_ops.AttnOptions(sc, wl, wr)
-    return _attention_ops.attention(q4, k4, v4, mask, opts).reshape(out_shape)
+    opts = _attention_ops.AttnOptions(sc, wl, wr, dropout_p=float(dropout_p))
+    return _attention_ops.attention(q4, k4, v4, mask, opts, seed).reshape(out_shape)
 
 
 def varlen_attention(
@@ -760,6 +800,8 @@ def varlen_attention(
     causal: bool = False,
     scale: float | None = None,
     window: tuple[int, int] | None = None,
+    dropout_p: float = 0.0,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     r"""Attention over a packed batch of variable-length sequences, no padding stored.
 
@@ -769,8 +811,9 @@ def varlen_attention(
     ending at the totals; sequences of length 0 are allowed). ``max_seqlen_q`` / ``_k`` must be
     at least the longest sequence. ``causal`` and ``window=(left, right)`` (-1 = unbounded) are
     aligned bottom-right, as in FlashAttention: query i of a sequence with Lb queries and Sb keys
-    sits on key i + Sb - Lb. ``scale`` defaults to 1/sqrt(E). Returns (total_q, Hq, Ev); a query
-    with no key gives zeros.
+    sits on key i + Sb - Lb. ``scale`` defaults to 1/sqrt(E). ``dropout_p`` and ``generator``
+    as in :func:`scaled_dot_product_attention` (the random bits are those of the packed
+    positions). Returns (total_q, Hq, Ev); a query with no key gives zeros.
     """
     fn = "lmkernels.functional.varlen_attention"
     _check_qkv(fn, q, k, v, 3)
@@ -790,6 +833,7 @@ def varlen_attention(
     if causal:
         wr = 0 if wr < 0 else min(wr, 0)
     sc = _check_scale(fn, scale, q.shape[-1])
+    _check_dropout(fn, dropout_p)
     lens = []
     sides = (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
              ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k))  # fmt: skip
@@ -813,9 +857,12 @@ def varlen_attention(
     if lens[0] != lens[1]:
         raise ValueError(f"{fn}: cu_seqlens_q has {lens[0]} offsets but cu_seqlens_k has "
                          f"{lens[1]}")  # fmt: skip
+    if dropout_p >= 1:
+        return _all_dropped(q, k, v, (q.shape[0], hq, v.shape[-1]))
+    seed = _dropout_seed(fn, generator) if dropout_p > 0 else None
     opts = _attention_ops.AttnOptions(sc, wl, wr, True, cu_seqlens_q.contiguous(),
                                       cu_seqlens_k.contiguous(), int(max_seqlen_q),
-                                      int(max_seqlen_k))  # fmt: skip
+                                      int(max_seqlen_k), float(dropout_p))  # fmt: skip
     q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-    out = _attention_ops.attention(q4, k4, v4, None, opts)  # (1, Hq, total, Ev)
+    out = _attention_ops.attention(q4, k4, v4, None, opts, seed)  # (1, Hq, total, Ev)
     return out.squeeze(0).transpose(0, 1)

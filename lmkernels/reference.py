@@ -284,24 +284,89 @@ def _attn_probs(s):
     return p, lse
 
 
+# ------------------------------------------------------------------ dropout RNG (lmk/philox.h)
+
+_U32 = 0xFFFFFFFF
+
+
+def _mulhilo32(m: int, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(high, low) 32 bits of the 64-bit product m * x for uint32 values held in int64 (the
+    product is split in 16-bit halves so that nothing overflows int64)."""
+    lo16 = m * (x & 0xFFFF)
+    hi16 = m * (x >> 16)
+    return (hi16 + (lo16 >> 16)) >> 16, (lo16 + ((hi16 & 0xFFFF) << 16)) & _U32
+
+
+def philox4x32_10(c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, k0: int, k1: int):
+    """Philox4x32-10 on int64 tensors holding uint32 counters (broadcast together) and a key:
+    the four uint32 outputs as int64 tensors, bit for bit those of lmk/philox.h."""
+    c0, c1, c2, c3 = torch.broadcast_tensors(c0, c1, c2, c3)
+    for r in range(10):
+        if r:
+            k0, k1 = (k0 + 0x9E3779B9) & _U32, (k1 + 0xBB67AE85) & _U32
+        hi0, lo0 = _mulhilo32(0xD2511F53, c0)
+        hi1, lo1 = _mulhilo32(0xCD9E8D57, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+def dropout_threshold(p: float) -> int:
+    """The uint32 threshold of dropout probability p (lmk/philox.h): round(p * 2^32), at most
+    2^32 - 1; 0 keeps everything."""
+    return min(round(float(p) * 2.0**32), _U32)
+
+
+def dropout_scale(threshold: int) -> float:
+    """The factor of the kept scores: 2^32 / (2^32 - threshold), the inverse keep probability."""
+    return 2.0**32 / (2.0**32 - threshold)
+
+
+def attention_dropout_keep(seed: int, threshold: int, bh: Tensor, rows: Tensor,
+                           cols: Tensor) -> Tensor:  # fmt: skip
+    """Boolean keep bits of the scores (bh, i, j) for int64 index tensors that broadcast
+    together (bh = b * Hq + h of the op's view, i and j its query and key positions)."""
+    lanes = philox4x32_10(cols >> 2, rows, bh, torch.zeros_like(cols), seed & _U32,
+                          (seed >> 32) & _U32)  # fmt: skip
+    lane = (cols & 3).expand(lanes[0].shape)
+    r = torch.where(lane == 0, lanes[0], lanes[1])
+    r = torch.where(lane == 2, lanes[2], r)
+    r = torch.where(lane == 3, lanes[3], r)
+    return r >= threshold
+
+
+def _dropout_factor(seg, hq: int, lq: int, sk: int, threshold: int, seed: int, acc, device):
+    """Z = keep * drop_scale (1, Hq, lq, sk) of one segment, or None without dropout."""
+    if threshold == 0:
+        return None
+    b, r0, c0 = seg
+    bh = (b * hq + torch.arange(hq, device=device)).view(1, hq, 1, 1)
+    rows = (r0 + torch.arange(lq, device=device)).view(1, 1, lq, 1)
+    cols = (c0 + torch.arange(sk, device=device)).view(1, 1, 1, sk)
+    keep = attention_dropout_keep(seed, threshold, bh, rows, cols)
+    return keep.to(acc) * dropout_scale(threshold)
+
+
 def _segments(q, cu_q, cu_k):
-    """(b, q rows, k rows) per sequence: the dense batch, or the varlen pieces of batch 0."""
+    """(b, q rows, k rows, (b, first row, first key)) per sequence: the dense batch, or the
+    varlen pieces of batch 0 (their positions in the packed view for the dropout RNG)."""
     if cu_q is None:
-        return [(b, slice(None), slice(None)) for b in range(q.shape[0])]
+        return [(b, slice(None), slice(None), (b, 0, 0)) for b in range(q.shape[0])]
     cq, ck = cu_q.tolist(), cu_k.tolist()
-    return [(0, slice(cq[i], cq[i + 1]), slice(ck[i], ck[i + 1])) for i in range(len(cq) - 1)]
+    return [(0, slice(cq[i], cq[i + 1]), slice(ck[i], ck[i + 1]), (0, cq[i], ck[i]))
+            for i in range(len(cq) - 1)]  # fmt: skip
 
 
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
                   window_left: int = -1, window_right: int = -1, bottom_right: bool = False,
-                  cu_q: Tensor | None = None, cu_k: Tensor | None = None
-                  ) -> tuple[Tensor, Tensor]:  # fmt: skip
+                  cu_q: Tensor | None = None, cu_k: Tensor | None = None, *,
+                  drop_threshold: int = 0, seed: int = 0) -> tuple[Tensor, Tensor]:  # fmt: skip
     """attention.h's forward: ``(out, lse)`` for 4-D (B, H, L, E) views (varlen: (1, H, total,
-    E) with cu_q / cu_k), scores in fp32 (fp64 for fp64), the L x S matrix materialised."""
+    E) with cu_q / cu_k), scores in fp32 (fp64 for fp64), the L x S matrix materialised;
+    dropout by the lmk/philox.h keep bits when ``drop_threshold`` > 0."""
     acc = _acc_dtype(q.dtype)
     out = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)
-    for b, rq, rk in _segments(q, cu_q, cu_k):
+    for b, rq, rk, seg in _segments(q, cu_q, cu_k):
         qs, ks, vs = q[b : b + 1, :, rq].to(acc), k[b : b + 1, :, rk].to(acc), v[b : b + 1, :, rk]
         lq, sk = qs.shape[2], ks.shape[2]
         if lq == 0:
@@ -310,6 +375,9 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: f
         keep = attention_keep(lq, sk, window_left, window_right, bottom_right, q.device)
         s = _attn_scores(qs, ks, m, scale, keep)
         p, ls = _attn_probs(s)
+        z = _dropout_factor(seg, q.shape[1], lq, sk, drop_threshold, seed, acc, q.device)
+        if z is not None:
+            p = p * z
         group = q.shape[1] // k.shape[1]
         vv = vs.to(acc).repeat_interleave(group, dim=1) if group > 1 else vs.to(acc)
         out[b : b + 1, :, rq] = torch.matmul(p, vv).to(q.dtype)
@@ -320,7 +388,8 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: f
 def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   mask: Tensor | None, scale: float, window_left: int = -1,
                   window_right: int = -1, bottom_right: bool = False, cu_q: Tensor | None = None,
-                  cu_k: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+                  cu_k: Tensor | None = None, *, drop_threshold: int = 0,
+                  seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """attention.h's backward: ``(dq, dk, dv)`` from the forward's ``out`` and ``lse``."""
     acc = _acc_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
@@ -328,7 +397,7 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
     group = q.shape[1] // k.shape[1]
     hk = k.shape[1]
-    for b, rq, rk in _segments(q, cu_q, cu_k):
+    for b, rq, rk, seg in _segments(q, cu_q, cu_k):
         qs, ks, vs = (t[b : b + 1, :, r].to(acc) for t, r in ((q, rq), (k, rk), (v, rk)))
         lq, sk = qs.shape[2], ks.shape[2]
         if lq == 0 or sk == 0:
@@ -343,10 +412,15 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
         d = (do * out[b : b + 1, :, rq].to(acc)).sum(-1, keepdim=True)
         vv = vs.repeat_interleave(group, dim=1) if group > 1 else vs
         kk = ks.repeat_interleave(group, dim=1) if group > 1 else ks
-        ds = p * (torch.matmul(do, vv.transpose(-1, -2)) - d)
+        dp = torch.matmul(do, vv.transpose(-1, -2))
+        pz = p
+        z = _dropout_factor(seg, q.shape[1], lq, sk, drop_threshold, seed, acc, q.device)
+        if z is not None:
+            dp, pz = dp * z, p * z
+        ds = p * (dp - d)
         dq[b : b + 1, :, rq] = scale * torch.matmul(ds, kk)
         dkh = scale * torch.matmul(ds.transpose(-1, -2), qs)  # (1, Hq, S, E)
-        dvh = torch.matmul(p.transpose(-1, -2), do)
+        dvh = torch.matmul(pz.transpose(-1, -2), do)
         dk[b : b + 1, :, rk] = dkh.view(1, hk, group, sk, -1).sum(2)
         dv[b : b + 1, :, rk] = dvh.view(1, hk, group, sk, -1).sum(2)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

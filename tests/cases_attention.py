@@ -5,7 +5,9 @@ answer: L != S, L or S = 1, odd lengths, head dims 16 to 256 and Ev != E, causal
 L > S, boolean and additive masks of several broadcast shapes, GQA and MQA groups, broadcast
 heads, q/k/v as strided views of a fused QKV projection, a NaN-poisoned tail. Where torch gives
 NaN (fully masked rows) or has no such option (sliding window, varlen) the torch function is
-the same math written in torch ops (`torch_attention`): rows without keys give zeros.
+the same math written in torch ops (`torch_attention`): rows without keys give zeros. Dropout
+cases pass a seed; their oracle applies the keep bits of lmk/philox.h
+(`reference.attention_dropout_keep`) to the probabilities in torch ops.
 """
 
 from __future__ import annotations
@@ -14,11 +16,26 @@ import torch
 import torch.nn.functional as F
 
 import lmkernels.functional as LF
+from lmkernels import reference
 from lmkernels.testing import Case, poison_tail, register
 
 
-def torch_attention(q, k, v, keep=None, scale=None, enable_gqa=False):
-    """softmax(scale * q k^T, masked by ``keep``) v in torch ops, rows without keys -> zeros."""
+def _generator(drop_seed):
+    return torch.Generator().manual_seed(drop_seed)
+
+
+def dropout_factor(dropout_p, drop_seed, bh, rows, cols, dtype):
+    """keep * inverse keep probability for the scores (bh, rows, cols) (int64 index tensors
+    that broadcast), the key drawn as the functional API draws it from a seeded generator."""
+    seed = int(LF._dropout_seed("test", _generator(drop_seed))) & (2**64 - 1)
+    threshold = reference.dropout_threshold(dropout_p)
+    keep = reference.attention_dropout_keep(seed, threshold, bh, rows, cols)
+    return keep.to(dtype) * reference.dropout_scale(threshold)
+
+
+def torch_attention(q, k, v, keep=None, scale=None, enable_gqa=False, drop=None):
+    """softmax(scale * q k^T, masked by ``keep``) v in torch ops, rows without keys -> zeros;
+    ``drop``: a factor of the probabilities (dropout)."""
     if enable_gqa:
         g = q.shape[-3] // k.shape[-3]
         k, v = k.repeat_interleave(g, dim=-3), v.repeat_interleave(g, dim=-3)
@@ -29,7 +46,8 @@ def torch_attention(q, k, v, keep=None, scale=None, enable_gqa=False):
     lse = torch.logsumexp(s, dim=-1, keepdim=True)
     empty = torch.isneginf(lse)
     p = torch.exp(torch.where(empty, torch.zeros_like(s), s - lse))
-    return torch.matmul(torch.where(empty, torch.zeros_like(p), p), v)
+    p = torch.where(empty, torch.zeros_like(p), p)
+    return torch.matmul(p if drop is None else p * drop, v)
 
 
 def _band(lq, sk, left, right, offset, device):
@@ -51,6 +69,28 @@ def torch_sdpa_window(q, k, v, window, is_causal=False, enable_gqa=False):
     return torch_attention(q, k, v, keep, enable_gqa=enable_gqa)
 
 
+def sdpa_dropout(q, k, v, attn_mask=None, *, dropout_p, drop_seed, **kw):
+    return LF.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p,
+                                           generator=_generator(drop_seed), **kw)  # fmt: skip
+
+
+def torch_sdpa_dropout(q, k, v, attn_mask=None, *, dropout_p, drop_seed, is_causal=False,
+                       enable_gqa=False, window=(-1, -1)):  # fmt: skip
+    """4-D (B, H, L, E) inputs; dropout bits of the (B, H, L, S) score grid."""
+    b, h, lq, sk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    left, right = window
+    if is_causal:
+        right = 0 if right < 0 else min(right, 0)
+    keep = _band(lq, sk, left, right, 0, q.device)
+    if attn_mask is not None:
+        keep = keep & attn_mask
+    bh = torch.arange(b * h, device=q.device).view(b, h, 1, 1)
+    rows = torch.arange(lq, device=q.device).view(1, 1, lq, 1)
+    cols = torch.arange(sk, device=q.device).view(1, 1, 1, sk)
+    drop = dropout_factor(dropout_p, drop_seed, bh, rows, cols, q.dtype)
+    return torch_attention(q, k, v, keep, enable_gqa=enable_gqa, drop=drop)
+
+
 def torch_sdpa_fp32_mask(q, k, v, attn_mask):
     """torch with an fp32 additive mask; for fp64 q the mask widened first (torch 2.13 gives
     wrong results for an fp32 mask on fp64 q when L != S: measured 2.4 off)."""
@@ -63,8 +103,10 @@ def torch_sdpa_masked(q, k, v, attn_mask, enable_gqa=False):
     return torch_attention(q, k, v, attn_mask, enable_gqa=enable_gqa)
 
 
-def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=False, window=None):
-    """Per sequence: bottom-right aligned causal / window, in torch ops."""
+def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=False, window=None, dropout_p=0.0,
+                 drop_seed=None):  # fmt: skip
+    """Per sequence: bottom-right aligned causal / window, in torch ops; dropout bits of the
+    packed positions."""
     left, right = window if window is not None else (-1, -1)
     if causal:
         right = 0 if right < 0 else min(right, 0)
@@ -75,7 +117,14 @@ def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=False, window=None):
         ks, vs = k[ck[b] : ck[b + 1]].transpose(0, 1), v[ck[b] : ck[b + 1]].transpose(0, 1)
         lq, sk = qs.shape[1], ks.shape[1]
         keep = _band(lq, sk, left, right, sk - lq, q.device)
-        outs.append(torch_attention(qs, ks, vs, keep, enable_gqa=True).transpose(0, 1))
+        drop = None
+        if dropout_p > 0:
+            bh = torch.arange(qs.shape[0], device=q.device).view(-1, 1, 1)
+            rows = (cq[b] + torch.arange(lq, device=q.device)).view(1, -1, 1)
+            cols = (ck[b] + torch.arange(sk, device=q.device)).view(1, 1, -1)
+            drop = dropout_factor(dropout_p, drop_seed, bh, rows, cols, q.dtype)
+        outs.append(torch_attention(qs, ks, vs, keep, enable_gqa=True,
+                                    drop=drop).transpose(0, 1))  # fmt: skip
     return torch.cat(outs, 0)
 
 
@@ -87,6 +136,9 @@ def _case(name, b, hq, hk, lq, sk, e, ev=None, *, torch_fn=F.scaled_dot_product_
           mask=None, mask_shape=None, qkv_view=False, poison=False, small=True, backward=True,
           **kwargs):  # fmt: skip
     ev = e if ev is None else ev
+    ours = LF.scaled_dot_product_attention
+    if "dropout_p" in kwargs:
+        ours, torch_fn = sdpa_dropout, torch_sdpa_dropout
 
     def make(dtype, device, gen):
         if qkv_view:  # views of a fused (b, l, 3, h, e) projection
@@ -112,8 +164,13 @@ def _case(name, b, hq, hk, lq, sk, e, ev=None, *, torch_fn=F.scaled_dot_product_
             kw["attn_mask"] = m
         return args, kw
 
-    return Case("attention", name, make, LF.scaled_dot_product_attention, torch_fn,
-                elementwise=False, small=small, backward=backward)  # fmt: skip
+    return Case("attention", name, make, ours, torch_fn, elementwise=False, small=small,
+                backward=backward)  # fmt: skip
+
+
+def varlen_dropout(q, k, v, cu_q, cu_k, max_q, max_k, *, dropout_p, drop_seed, **kw):
+    return LF.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=dropout_p,
+                               generator=_generator(drop_seed), **kw)  # fmt: skip
 
 
 def _varlen_case(name, lens_q, lens_k, hq, hk, e, ev=None, small=True, **kwargs):
@@ -129,8 +186,9 @@ def _varlen_case(name, lens_q, lens_k, hq, hk, e, ev=None, small=True, **kwargs)
         v = _rand((sum(lens_k), hk, ev), dtype, device, gen)
         return (q, k, v, cu_q, cu_k, max(lens_q), max(lens_k)), dict(kwargs)
 
-    return Case("varlen_attention", name, make, LF.varlen_attention, torch_varlen,
-                elementwise=False, small=small)  # fmt: skip
+    ours = varlen_dropout if "dropout_p" in kwargs else LF.varlen_attention
+    return Case("varlen_attention", name, make, ours, torch_varlen, elementwise=False,
+                small=small)  # fmt: skip
 
 
 register(
@@ -209,4 +267,61 @@ register(
     _varlen_case("varlen_causal_gqa", [9, 17], [17, 9], 4, 1, 32, causal=True),
     _varlen_case("varlen_window", [20, 13], [20, 16], 2, 2, 16, window=(4, 2)),
     _varlen_case("varlen_ev", [7, 3], [5, 8], 2, 2, 16, 24),
+    _case(
+        "additive_mask_fp32_ls_s",
+        2,
+        2,
+        2,
+        9,
+        33,
+        32,
+        mask="additive_fp32",
+        mask_shape=(2, 1, 9, 33),
+        torch_fn=torch_sdpa_fp32_mask,
+    ),  # fmt: skip
+    _case("dropout", 2, 3, 3, 17, 19, 16, dropout_p=0.2, drop_seed=1),
+    _case("dropout_odd_77_80", 1, 2, 2, 77, 70, 80, dropout_p=0.1, drop_seed=2),
+    _case(
+        "dropout_causal_gqa",
+        1,
+        4,
+        2,
+        33,
+        40,
+        32,
+        dropout_p=0.3,
+        drop_seed=3,
+        is_causal=True,
+        enable_gqa=True,
+    ),  # fmt: skip
+    _case(
+        "dropout_bool_mask_window",
+        2,
+        2,
+        2,
+        24,
+        24,
+        16,
+        dropout_p=0.5,
+        drop_seed=4,
+        mask="bool",
+        mask_shape=(2, 1, 24, 24),
+        window=(6, 2),
+    ),  # fmt: skip
+    _case("dropout_head_dim_128", 1, 2, 2, 19, 37, 128, dropout_p=0.25, drop_seed=5),
+    _case("dropout_l_600", 1, 2, 2, 600, 600, 64, dropout_p=0.15, drop_seed=6, small=False),
+    _varlen_case(
+        "varlen_dropout", [5, 9, 0, 3], [7, 9, 2, 4], 2, 2, 16, dropout_p=0.3, drop_seed=7
+    ),  # fmt: skip
+    _varlen_case(
+        "varlen_dropout_causal_gqa",
+        [9, 17],
+        [17, 9],
+        4,
+        2,
+        32,
+        causal=True,
+        dropout_p=0.2,
+        drop_seed=8,
+    ),  # fmt: skip
 )

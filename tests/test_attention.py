@@ -1,6 +1,7 @@
 """Attention semantics beyond the conformance grid: fully masked rows (zeros and zero
-gradients), dropout statistics and seeding, bad arguments, torch.library
-integration (opcheck, compile), and the varlen API against per-sequence calls."""
+gradients), the dropout RNG (Philox known answers, statistics, seeding, generators, gradients),
+bad arguments, torch.library integration (opcheck, compile), and the varlen API against
+per-sequence calls."""
 
 import pytest
 import torch
@@ -9,16 +10,20 @@ import torch.nn.functional as F
 import lmkernels
 import lmkernels.functional as LF
 import lmkernels.nn as LN
+from lmkernels import reference
 from lmkernels.ops import attention as attn_ops
 
 HOST_BACKENDS = ["reference", "cpu"]
 
 
-def _needs(backend):
+def _needs(backend, dropout=False):
     reason = lmkernels.backends.availability(backend, "cpu")
     if reason is not None:
         pytest.skip(f"backend {backend} unavailable here: {reason}")
-    reason = attn_ops._FWD[backend].supports(torch.empty(0), None, None, None)
+    t = torch.empty(1, 1, 1, 8)
+    reason = attn_ops._FWD[backend].supports(
+        t, t, t, None, attn_ops.AttnOptions(1.0, dropout_p=0.1 * dropout)
+    )
     if reason is not None:
         pytest.skip(f"backend {backend}: {reason}")
 
@@ -76,6 +81,133 @@ def test_dropout_mean_matches_no_dropout():
     runs = torch.stack([LF.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
                         for _ in range(4000)])  # fmt: skip
     torch.testing.assert_close(runs.mean(0), want, atol=0.08, rtol=0)
+
+
+def test_philox_known_answers():
+    """The Philox4x32-10 known-answer vectors of Salmon et al.'s Random123 distribution."""
+    vectors = [
+        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        (
+            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+            (0xA4093822, 0x299F31D0),
+            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+        ),
+    ]
+    for ctr, key, want in vectors:
+        got = reference.philox4x32_10(*(torch.tensor(c) for c in ctr), *key)
+        assert [int(x) for x in got] == list(want)
+
+
+def test_dropout_bits_are_uniform_and_independent():
+    """Keep rates at several p within 5 standard deviations, and no correlation between the
+    four lanes of one Philox call, neighbouring rows or heads."""
+    bh = torch.arange(4).view(4, 1, 1)
+    rows, cols = torch.arange(64).view(1, 64, 1), torch.arange(256).view(1, 1, 256)
+    n = 4 * 64 * 256
+    for p in (0.1, 0.5, 0.9):
+        thr = reference.dropout_threshold(p)
+        keep = reference.attention_dropout_keep(2**63 + 12345, thr, bh, rows, cols).double()
+        assert abs(keep.mean().item() - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5
+        x = (keep - keep.mean()) / keep.std()
+        for a, b in ((x[..., :-1], x[..., 1:]), (x[:, :-1], x[:, 1:]), (x[:-1], x[1:])):
+            assert abs((a * b).mean().item()) < 5 / a.numel() ** 0.5
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_dropout_gradcheck(backend):
+    """With a fixed generator seed, dropout attention is a fixed function: fp64 gradcheck of
+    the kernels' backward (causal, GQA) and of varlen."""
+    _needs(backend, dropout=True)
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 6, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, 7, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 2, 7, 5, dtype=torch.float64, requires_grad=True)
+
+    def f(q, k, v):
+        gen = torch.Generator().manual_seed(11)
+        return LF.scaled_dot_product_attention(q, k, v, dropout_p=0.4, is_causal=True,
+                                               enable_gqa=True, generator=gen)  # fmt: skip
+
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    cu_k = torch.tensor([0, 4, 7], dtype=torch.int32)
+
+    def g(q, k, v):
+        gen = torch.Generator().manual_seed(12)
+        return LF.varlen_attention(q[0].transpose(0, 1), k[0].transpose(0, 1),
+                                   v[0].transpose(0, 1), cu, cu_k, 4, 4, causal=True,
+                                   dropout_p=0.3, generator=gen)  # fmt: skip
+
+    with lmkernels.use_backend(backend):
+        out = f(q, k, v)
+        assert torch.equal(out, f(q, k, v))
+        assert torch.count_nonzero(out == 0) > 0  # something was dropped
+        assert torch.autograd.gradcheck(f, (q, k, v))
+        assert torch.autograd.gradcheck(g, (q, k, v))
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_dropout_follows_the_reference_bits(backend):
+    """The output is the reference's with the key drawn from the generator: the kernels and
+    the oracle use the same lmk/philox.h bits."""
+    _needs(backend, dropout=True)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 2, 9, 16), torch.randn(2, 2, 13, 16), torch.randn(2, 2, 13, 16)
+    with lmkernels.use_backend(backend):
+        gen = torch.Generator().manual_seed(3)
+        out = LF.scaled_dot_product_attention(q, k, v, dropout_p=0.35, generator=gen)
+    seed = int(LF._dropout_seed("t", torch.Generator().manual_seed(3))) & (2**64 - 1)
+    thr = reference.dropout_threshold(0.35)
+    want, _ = reference.attention_fwd(q, k, v, None, 0.25, drop_threshold=thr, seed=seed)
+    torch.testing.assert_close(out, want)
+    nodrop, _ = reference.attention_fwd(q, k, v, None, 0.25)
+    assert (out - nodrop).abs().max() > 0.1
+
+
+def test_dropout_generator_argument():
+    q = torch.randn(1, 2, 8, 8)
+    f = LF.scaled_dot_product_attention
+    a = f(q, q, q, dropout_p=0.5, generator=torch.Generator().manual_seed(1))
+    b = f(q, q, q, dropout_p=0.5, generator=torch.Generator().manual_seed(1))
+    c = f(q, q, q, dropout_p=0.5, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    gen = torch.Generator().manual_seed(1)
+    first, second = (
+        f(q, q, q, dropout_p=0.5, generator=gen),
+        f(q, q, q, dropout_p=0.5, generator=gen),
+    )
+    assert torch.equal(first, a) and not torch.equal(second, a)  # the generator advances
+    with pytest.raises(TypeError, match="generator"):
+        f(q, q, q, dropout_p=0.5, generator=1)
+
+
+def test_dropout_one_gives_zeros_and_zero_gradients():
+    q = torch.randn(1, 2, 5, 8, requires_grad=True)
+    kv = torch.randn(7, 2, 8, requires_grad=True)
+    cu, cu_q = (
+        torch.tensor([0, 3, 7], dtype=torch.int32),
+        torch.tensor([0, 2, 5], dtype=torch.int32),
+    )
+    outs = [
+        LF.scaled_dot_product_attention(q, q, q, dropout_p=1.0),
+        LF.varlen_attention(q[0].transpose(0, 1), kv, kv, cu_q, cu, 3, 4, dropout_p=1.0),
+    ]  # fmt: skip
+    for out, inputs in zip(outs, ((q,), (q, kv)), strict=True):
+        assert torch.count_nonzero(out) == 0
+        grads = torch.autograd.grad(out.sum(), inputs)
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
+def test_dropout_with_a_mask_that_requires_grad_draws_the_same_bits():
+    """The composite path (a mask needing its gradient) drops the same probabilities as the
+    kernels."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 6, 8), torch.randn(2, 3, 9, 8), torch.randn(2, 3, 9, 4)
+    m = torch.randn(6, 9)
+    f = LF.scaled_dot_product_attention
+    want = f(q, k, v, m, 0.3, generator=torch.Generator().manual_seed(9))
+    got = f(q, k, v, m.requires_grad_(), 0.3, generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(got, want)
 
 
 def test_mask_gradient_flows_like_torch():
@@ -148,6 +280,8 @@ def _bad_calls():
         (lambda: g(qv[None], kv, kv, cu, cu, 3, 3), ValueError, "q"),
         (lambda: g(torch.randn(5, 3, 8), kv, kv, cu, cu, 3, 3), ValueError, "multiple"),
         (lambda: g(qv, kv, kv, cu, cu, 3, 3, window=(1, 2, 3)), ValueError, "window"),
+        (lambda: g(qv, kv, kv, cu, cu, 3, 3, dropout_p=-0.1), ValueError, "dropout_p"),
+        (lambda: g(qv, kv, kv, cu, cu, 3, 3, dropout_p=0.1, generator="g"), TypeError, "generator"),
     ]
 
 
@@ -192,9 +326,12 @@ def test_opcheck(backend):
     v = torch.randn(2, 2, 7, 6, requires_grad=True)
     mask = (torch.rand(5, 7) > 0.2).expand(2, 4, 5, 7)
     with lmkernels.use_backend(backend):
-        for m, wl, wr in ((None, -1, -1), (mask, -1, -1), (None, 2, 0)):
+        seed = torch.tensor(-12345)
+        for m, wl, wr, p in ((None, -1, -1, 0.0), (mask, -1, -1, 0.0), (None, 2, 0, 0.0),
+                             (mask.float(), 1, 1, 0.25)):  # fmt: skip
             torch.library.opcheck(torch.ops.lmkernels.attention_fwd.default,
-                                  (q, k, v, m, 0.3, wl, wr, False, None, None, 0, 0))  # fmt: skip
+                                  (q, k, v, m, 0.3, wl, wr, False, None, None, 0, 0, p,
+                                   seed if p else None))  # fmt: skip
 
 
 def test_compile_fullgraph_no_graph_break():
@@ -214,6 +351,26 @@ def test_compile_fullgraph_no_graph_break():
                     strict=True):  # fmt: skip
         torch.testing.assert_close(a, b)
     assert torch._dynamo.explain(f)(q, k, v).graph_break_count == 0
+
+
+def test_compile_with_dropout_is_seeded_like_eager():
+    torch._dynamo.reset()
+
+    def f(q, k, v):
+        return LF.scaled_dot_product_attention(q, k, v, dropout_p=0.3, is_causal=True)
+
+    q, k, v = (torch.randn(1, 2, 6, 8, requires_grad=True) for _ in range(3))
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(5)
+    out = compiled(q, k, v)
+    torch.manual_seed(5)
+    ref = f(q, k, v)
+    assert torch.count_nonzero(ref == 0) > 0
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g),
+                    strict=True):  # fmt: skip
+        torch.testing.assert_close(a, b)
 
 
 # ----------------------------------------------------------------------- MultiheadAttention
@@ -294,3 +451,24 @@ def test_triton_refuses_what_it_cannot_run_with_a_reason(dtype, e, what):
     q = torch.randn(1, 1, 4, e, dtype=dtype)
     with lmkernels.use_backend("triton"), pytest.raises(lmkernels.BackendUnavailable, match=what):
         LF.scaled_dot_product_attention(q, q, q)
+
+
+def test_multihead_attention_dropout_in_training_only():
+    """Training mode drops attention probabilities in the kernels (repeatable under
+    torch.manual_seed); eval mode is exact."""
+    torch.manual_seed(0)
+    mha = LN.MultiheadAttention(16, 4, dropout=0.3, batch_first=True)
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    mha.eval()
+    exact = mha(x, x, x, need_weights=False)[0]
+    ref = torch.nn.MultiheadAttention(16, 4, dropout=0.3, batch_first=True)
+    ref.load_state_dict(mha.state_dict())
+    torch.testing.assert_close(exact, ref.eval()(x, x, x, need_weights=False)[0])
+    mha.train()
+    torch.manual_seed(1)
+    a = mha(x, x, x, need_weights=False)[0]
+    torch.manual_seed(1)
+    b = mha(x, x, x, need_weights=False)[0]
+    assert torch.equal(a, b) and (a - exact).abs().max() > 1e-3
+    (g,) = torch.autograd.grad(a.sum(), x)
+    assert torch.isfinite(g).all()

@@ -1,6 +1,7 @@
 """The CPU flash-attention kernels (torch.ops.lmkernels_cpu.attention_fwd / _bwd) against the
 reference (lmkernels.reference.attention_fwd / _bwd): shapes, windows, masks, GQA, varlen,
-strided views, 16-bit dtypes, special rows, determinism and argument errors."""
+strided views, 16-bit dtypes, fp32 masks on 16-bit data, dropout, special rows, determinism and
+argument errors."""
 
 import os
 import subprocess
@@ -24,29 +25,39 @@ def _blhd(b, h, length, d, like, dtype=None):
     return torch.empty(b, length, h, d, dtype=dtype or like.dtype).transpose(1, 2)
 
 
+def _drop_args(seed, thr):
+    """The op's dropout arguments: the 64-bit seed as an int64 bit pattern, the threshold and
+    the scale."""
+    return (seed - 2**64 if seed >= 2**63 else seed), thr, reference.dropout_scale(thr)
+
+
 def run_fwd(q, k, v, mask=None, scale=None, wl=-1, wr=-1, br=False, cu_q=None, cu_k=None,
-            max_q=0, max_k=0):  # fmt: skip
+            max_q=0, max_k=0, seed=0, thr=0):  # fmt: skip
     b, hq, length, e = q.shape
     scale = e**-0.5 if scale is None else scale
     out = _blhd(b, hq, length, v.shape[-1], q)
     lse = torch.empty(b, hq, length, dtype=_acc(q.dtype))
-    OPS.attention_fwd(q, k, v, mask, out, lse, scale, wl, wr, br, cu_q, cu_k, max_q, max_k)
+    OPS.attention_fwd(q, k, v, mask, out, lse, scale, wl, wr, br, cu_q, cu_k, max_q, max_k,
+                      *_drop_args(seed, thr))  # fmt: skip
     return out, lse
 
 
 def run_bwd(do, q, k, v, out, lse, mask=None, scale=None, wl=-1, wr=-1, br=False, cu_q=None,
-            cu_k=None, max_q=0, max_k=0):  # fmt: skip
+            cu_k=None, max_q=0, max_k=0, seed=0, thr=0):  # fmt: skip
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     dq, dk, dv = _blhd(*q.shape, q), _blhd(*k.shape, k), _blhd(*v.shape, v)
     OPS.attention_bwd(do, q, k, v, out, lse, mask, dq, dk, dv, scale, wl, wr, br, cu_q, cu_k,
-                      max_q, max_k)  # fmt: skip
+                      max_q, max_k, *_drop_args(seed, thr))  # fmt: skip
     return dq, dk, dv
 
 
-def ref_all(q, k, v, do, mask=None, scale=None, wl=-1, wr=-1, br=False, cu_q=None, cu_k=None):
+def ref_all(q, k, v, do, mask=None, scale=None, wl=-1, wr=-1, br=False, cu_q=None, cu_k=None,
+            seed=0, thr=0):  # fmt: skip
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out, lse = reference.attention_fwd(q, k, v, mask, scale, wl, wr, br, cu_q, cu_k)
-    grads = reference.attention_bwd(do, q, k, v, out, lse, mask, scale, wl, wr, br, cu_q, cu_k)
+    d = dict(drop_threshold=thr, seed=seed)
+    out, lse = reference.attention_fwd(q, k, v, mask, scale, wl, wr, br, cu_q, cu_k, **d)
+    grads = reference.attention_bwd(do, q, k, v, out, lse, mask, scale, wl, wr, br, cu_q, cu_k,
+                                    **d)  # fmt: skip
     return out, lse, grads
 
 
@@ -62,7 +73,8 @@ def make(b, hq, hk, length, s, e, ev, dtype=torch.float64, seed=0):
 def check_fp64(q, k, v, do, tol=1e-12, **kw):
     out, lse = run_fwd(q, k, v, **kw)
     grads = run_bwd(do, q, k, v, out, lse, **kw)
-    rkw = {n: kw[n] for n in ("mask", "scale", "wl", "wr", "br", "cu_q", "cu_k") if n in kw}
+    names = ("mask", "scale", "wl", "wr", "br", "cu_q", "cu_k", "seed", "thr")
+    rkw = {n: kw[n] for n in names if n in kw}
     r_out, r_lse, r_grads = ref_all(q, k, v, do, **rkw)
     torch.testing.assert_close(out, r_out, atol=tol, rtol=tol)
     torch.testing.assert_close(lse, r_lse, atol=tol, rtol=tol)
@@ -379,7 +391,6 @@ def _bad_fwd_cases():
         (dict(out=torch.empty(2, 4, 1, 16).expand(2, 4, 8, 16)), "out must not overlap"),
         (dict(lse=torch.empty(2, 4, 8, dtype=torch.float64)), "lse must be"),
         (dict(lse=torch.empty(2, 4, 9)), "lse must be a contiguous"),
-        (dict(mask=torch.ones(2, 4, 8, 9, dtype=torch.float64)), "mask must be bool or q's"),
         (dict(mask=torch.ones(2, 4, 8, 8, dtype=torch.bool)), "mask must have shape"),
         (dict(cu_q=cu), "cu_q and cu_k must be given together"),
         (dict(cu_q=cu, cu_k=cuk, mq=8, mk=9), "B == 1"),
@@ -422,3 +433,298 @@ def test_bad_arguments_name_the_argument():
         with pytest.raises(RuntimeError, match=msg):
             OPS.attention_bwd(a["do"], q, k, v, a["out"], lse, None, a["dq"], a["dk"], a["dv"],
                               0.25, -1, -1, False, None, None, 0, 0)  # fmt: skip
+
+
+def test_bad_mask_dtype_names_mask():
+    """A mask must be bool, q's dtype, or fp32 on fp16 / bf16 data (TypeError naming mask)."""
+    for qd, md in ((torch.float32, torch.float64), (torch.bfloat16, torch.float16),
+                   (torch.float16, torch.bfloat16), (torch.float64, torch.float32),
+                   (torch.float32, torch.int32)):  # fmt: skip
+        q, k, v, do = make(1, 2, 2, 8, 9, 16, 16, qd)
+        mask = torch.zeros(1, 2, 8, 9, dtype=md)
+        with pytest.raises(TypeError, match="mask must be bool, q's dtype"):
+            run_fwd(q, k, v, mask=mask)
+        out, lse = run_fwd(q, k, v)
+        with pytest.raises(TypeError, match="mask must be bool, q's dtype"):
+            run_bwd(do, q, k, v, out, lse, mask=mask)
+
+
+def test_bad_dropout_arguments():
+    q, k, v, _ = make(1, 2, 2, 8, 9, 16, 16, torch.float32)
+    out, lse = torch.empty(1, 2, 8, 16), torch.empty(1, 2, 8)
+    for thr, sc, msg in ((2**32, 1.0, "drop_threshold must be in"),
+                         (-1, 1.0, "drop_threshold must be in"),
+                         (2**31, float("inf"), "drop_scale must be finite"),
+                         (2**31, 0.5, "drop_scale must be finite")):  # fmt: skip
+        with pytest.raises(ValueError, match=msg):
+            OPS.attention_fwd(q, k, v, None, out, lse, 0.25, -1, -1, False, None, None, 0, 0, 1,
+                              thr, sc)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ fp32 masks on
+# 16-bit data: added in fp32, unrounded
+
+
+def _fine_mask(b, hq, length, s, seed):
+    """An fp32 mask whose values (1000 + a fraction) change when rounded to fp16 or bf16."""
+    g = torch.Generator().manual_seed(seed)
+    m = 1000.0 + 3.0 * torch.rand(b, 1, length, s, generator=g)
+    m = m.masked_fill(torch.rand(b, 1, length, s, generator=g) < 0.1, float("-inf"))
+    return m.expand(b, hq, length, s)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("wl,wr,br", [(-1, -1, False), (-1, 0, True)])
+def test_fp32_mask_on_16bit(dtype, wl, wr, br):
+    q, k, v, do = make(2, 4, 2, 77, 130, 64, 48, dtype)
+    mask = _fine_mask(2, 4, 77, 130, 8)
+    kw = dict(mask=mask, wl=wl, wr=wr, br=br)
+    out, lse = run_fwd(q, k, v, **kw)
+    grads = run_bwd(do, q, k, v, out, lse, **kw)
+    f32 = [t.float() for t in (q, k, v, do)]
+    r_out, r_lse = reference.attention_fwd(*f32[:3], mask, 0.125, wl, wr, br)
+    _close_ulps(out, r_out)
+    assert (lse - r_lse).abs().max() < 1e-3  # lse ~ 1000: a few fp32 ulps
+    r_grads = reference.attention_bwd(f32[3], *f32[:3], out.float(), lse, mask, 0.125, wl, wr,
+                                      br)  # fmt: skip
+    for a, r in zip(grads, r_grads, strict=True):
+        _close_ulps(a, r)
+    # the mask rounded to the data's dtype gives a clearly different answer
+    w_out, w_lse = reference.attention_fwd(*f32[:3], mask.to(dtype), 0.125, wl, wr, br)
+    assert (w_out - r_out).abs().max() > 0.1
+    assert (w_lse - r_lse).abs().max() > 0.05
+    # and so does the kernel given the rounded mask
+    o16, _ = run_fwd(q, k, v, **dict(kw, mask=mask.to(dtype)))
+    assert (o16.float() - out.float()).abs().max() > 0.1
+
+
+# ------------------------------------------------------------------------------ dropout
+
+P_DROP = 0.3
+THR = reference.dropout_threshold(P_DROP)
+SEED_HI = 2**63 + 0x1234_5678_9ABC  # uses all 64 bits (the op gets a negative int64)
+
+
+@pytest.mark.parametrize("shape", SHAPES[1:7], ids=lambda s: "x".join(map(str, s)))
+def test_dropout_fp64_shapes(shape):
+    check_fp64(*make(*shape), seed=SEED_HI, thr=THR)
+
+
+@pytest.mark.parametrize("wl,wr,br", [(-1, 0, False), (-1, 0, True), (16, 3, True), (3, 70, False)])
+@pytest.mark.parametrize("hq,hk", [(2, 1), (4, 4)])
+def test_dropout_fp64_windows_gqa(wl, wr, br, hq, hk):
+    check_fp64(*make(2, hq, hk, 100, 129, 32, 24), wl=wl, wr=wr, br=br, seed=7, thr=THR)
+
+
+def test_dropout_fp64_masks():
+    b, hq, length, s = 2, 2, 67, 110
+    q, k, v, do = make(b, hq, 1, length, s, 32, 32)
+    g = torch.Generator().manual_seed(11)
+    bm = (torch.rand(b, 1, length, s, generator=g) > 0.3).expand(b, hq, length, s)
+    am = torch.randn(b, hq, length, s, generator=g, dtype=torch.float64)
+    for mask in (bm, am):
+        check_fp64(q, k, v, do, mask=mask, seed=123, thr=reference.dropout_threshold(0.5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_dropout_special_rows_and_extreme_rates(dtype):
+    """Rows with no key stay 0 (never NaN) with dropout; the extreme thresholds 1 and 2^32 - 1
+    (scale 2^32) match the reference."""
+    q, k, v, do = make(1, 2, 2, 40, 70, 16, 16, dtype)
+    mask = torch.rand(1, 2, 40, 70, generator=torch.Generator().manual_seed(2)) > 0.5
+    mask[:, :, 3] = False
+    out, lse = run_fwd(q, k, v, mask=mask, seed=SEED_HI, thr=THR)
+    grads = run_bwd(do, q, k, v, out, lse, mask=mask, seed=SEED_HI, thr=THR)
+    for t in (out, *grads):
+        assert torch.isfinite(t).all()
+    assert (out[:, :, 3] == 0).all() and (grads[0][:, :, 3] == 0).all()
+    if dtype == torch.float64:
+        for thr in (1, 2**32 - 1):
+            check_fp64(q, k, v, do, mask=mask, seed=SEED_HI, thr=thr)
+        out, _ = run_fwd(q, k, v, mask=mask, seed=SEED_HI, thr=2**32 - 1)
+        assert (out == 0).float().mean() > 0.9  # almost every probability dropped
+
+
+@pytest.mark.parametrize("wl,wr", [(-1, -1), (-1, 0), (6, 2)])
+def test_dropout_varlen_fp64(wl, wr):
+    """Packed positions: sequence b's keep bits are those of rows cu_q[b] + i, keys cu_k[b] + j
+    of batch 0 (cu_k not a multiple of 4, so the 4-key groups straddle sequences)."""
+    lq, lk = [3, 0, 1, 17, 70, 5, 1], [5, 2, 0, 17, 110, 1, 1]
+    q, k, v, do, cu_q, cu_k, mq, mk = _varlen(lq, lk, 4, 2, 32, 16)
+    check_fp64(q, k, v, do, wl=wl, wr=wr, br=True, cu_q=cu_q, cu_k=cu_k, max_q=mq, max_k=mk,
+               seed=SEED_HI, thr=THR)  # fmt: skip
+
+
+def _keep_pattern(seed, thr, b, hq, length, s, cu_q=None, cu_k=None):
+    """The dropout factor Z of every score, from the op: v = identity (S = Ev) and all scores
+    equal, so out[b, h, i, j] = Z / n_visible, with the window (-1, 0) restricting the keys."""
+    e = 16
+    q = torch.zeros(b, hq, length, e, dtype=torch.float64)
+    k = torch.zeros(b, hq, s, e, dtype=torch.float64)
+    v = torch.eye(s, dtype=torch.float64).expand(b, hq, s, s)
+    out, _ = run_fwd(q, k, v, wl=-1, wr=-1, seed=seed, thr=thr, cu_q=cu_q, cu_k=cu_k,
+                     max_q=length, max_k=s)  # fmt: skip
+    return out * s  # Z (exact: s a power of 2)
+
+
+@pytest.mark.parametrize("seed", [0, 5, SEED_HI, 2**64 - 1])
+def test_dropout_keep_bits_match_reference(seed):
+    b, hq, length, s = 2, 3, 50, 256
+    z = _keep_pattern(seed, THR, b, hq, length, s)
+    bh = torch.arange(b * hq).view(b, hq, 1, 1)
+    rows = torch.arange(length).view(1, 1, length, 1)
+    cols = torch.arange(s).view(1, 1, 1, s)
+    keep = reference.attention_dropout_keep(seed, THR, bh, rows, cols)
+    assert torch.equal(z != 0, keep)
+    assert torch.equal(z[keep], torch.full_like(z[keep], reference.dropout_scale(THR)))
+    frac = 1.0 - keep.double().mean().item()
+    assert abs(frac - P_DROP) < 0.02, frac
+
+
+def test_dropout_keep_bits_varlen_packed_positions():
+    lq, lk = [7, 33, 10], [5, 64, 59]  # total keys 128; sequence 1 starts at key 5
+    cu_q = torch.tensor([0, 7, 40, 50], dtype=torch.int32)
+    cu_k = torch.tensor([0, 5, 69, 128], dtype=torch.int32)
+    hq, s = 2, 128
+    # one packed batch; every sequence's v rows are identity rows of the packed key index
+    q = torch.zeros(1, hq, 50, 16, dtype=torch.float64)
+    k = torch.zeros(1, hq, s, 16, dtype=torch.float64)
+    v = torch.eye(s, dtype=torch.float64).expand(1, hq, s, s)
+    out, _ = run_fwd(q, k, v, cu_q=cu_q, cu_k=cu_k, max_q=max(lq), max_k=max(lk), seed=SEED_HI,
+                     thr=THR)  # fmt: skip
+    bh = torch.arange(hq).view(hq, 1, 1)
+    for seq in range(3):
+        r0, r1, c0, c1 = cu_q[seq], cu_q[seq + 1], cu_k[seq], cu_k[seq + 1]
+        rows = torch.arange(r0, r1).view(1, -1, 1)
+        cols = torch.arange(c0, c1).view(1, 1, -1)
+        keep = reference.attention_dropout_keep(SEED_HI, THR, bh, rows, cols)
+        got = out[0, :, r0:r1, c0:c1]
+        assert torch.equal(got != 0, keep), seq
+        assert (out[0, :, r0:r1, :c0] == 0).all() and (out[0, :, r0:r1, c1:] == 0).all()
+
+
+def test_dropout_fp32():
+    b, hq, hk, length, s = 2, 4, 2, 129, 200
+    q, k, v, do = make(b, hq, hk, length, s, 64, 80, torch.float32)
+    for wl, wr, br in ((-1, -1, False), (-1, 0, True), (9, 4, False)):
+        kw = dict(wl=wl, wr=wr, br=br, seed=SEED_HI, thr=THR)
+        out, lse = run_fwd(q, k, v, **kw)
+        grads = run_bwd(do, q, k, v, out, lse, **kw)
+        r_out, r_lse, r_grads = ref_all(*(t.double() for t in (q, k, v, do)), **kw)
+        _close(out, r_out, 1e-5)
+        _close(lse, r_lse, 1e-5)
+        for a, r in zip(grads, r_grads, strict=True):
+            _close(a, r, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("wl,wr,br", [(-1, -1, False), (-1, 0, True)])
+def test_dropout_16bit(dtype, wl, wr, br):
+    q, k, v, do = make(2, 4, 2, 77, 130, 64, 48, dtype)
+    d = dict(drop_threshold=THR, seed=SEED_HI)
+    for m in (None, _fine_mask(2, 4, 77, 130, 9)):
+        kw = dict(mask=m, wl=wl, wr=wr, br=br, seed=SEED_HI, thr=THR)
+        out, lse = run_fwd(q, k, v, **kw)
+        grads = run_bwd(do, q, k, v, out, lse, **kw)
+        f32 = [t.float() for t in (q, k, v, do)]
+        r_out, r_lse = reference.attention_fwd(*f32[:3], m, 0.125, wl, wr, br, **d)
+        _close_ulps(out, r_out)
+        _close(lse, r_lse, 1e-5)
+        r_grads = reference.attention_bwd(f32[3], *f32[:3], out.float(), lse, m, 0.125, wl, wr,
+                                          br, **d)  # fmt: skip
+        for a, r in zip(grads, r_grads, strict=True):
+            _close_ulps(a, r)
+
+
+def test_dropout_deterministic_and_seeded():
+    """Bitwise repeatable for a seed across calls and thread counts (both backward schedules);
+    different seeds, or no dropout, give different results."""
+    res = {}
+    for b, hk in ((1, 1), (2, 8)):
+        q, k, v, do = make(b, 2 * hk, hk, 150, 170, 64, 64, torch.float32)
+
+        def run(seed, q=q, k=k, v=v, do=do):
+            out, lse = run_fwd(q, k, v, wl=-1, wr=0, seed=seed, thr=THR)
+            return (out, lse, *run_bwd(do, q, k, v, out, lse, wl=-1, wr=0, seed=seed, thr=THR))
+
+        first = run(SEED_HI)
+        for again in (run(SEED_HI), _with_threads(1, lambda: run(SEED_HI)),
+                      _with_threads(2, lambda: run(SEED_HI))):  # fmt: skip
+            for a, c in zip(first, again, strict=True):
+                assert torch.equal(a, c)
+        other = run(SEED_HI + 1)
+        assert torch.equal(first[1], other[1])  # lse is the undropped one
+        for i in (0, 2, 3, 4):
+            assert not torch.equal(first[i], other[i])
+        res[b] = first
+    assert res[1][0].abs().sum() > 0
+
+
+def test_dropout_off_is_unchanged():
+    """threshold 0 ignores the seed: the same bits as a call without the dropout arguments."""
+    q, k, v, do = make(2, 2, 1, 70, 90, 32, 32, torch.float32)
+    out, lse = run_fwd(q, k, v, wl=-1, wr=0, seed=SEED_HI, thr=0)
+    OPS.attention_fwd(q, k, v, None, o2 := torch.empty_like(out), l2 := torch.empty_like(lse),
+                      32**-0.5, -1, 0, False, None, None, 0, 0)  # fmt: skip
+    assert torch.equal(out, o2) and torch.equal(lse, l2)
+
+
+def test_dropout_portable_build_matches():
+    """The baseline (non-AVX2) kernels draw the same keep bits (scalar Philox)."""
+    code = """if True:
+        import torch, lmkernels
+        from test_cpu_attention import check_fp64, make, _varlen, THR, SEED_HI
+        assert torch.ops.lmkernels_cpu.capability() == "DEFAULT"
+        check_fp64(*make(2, 4, 2, 77, 130, 40, 24), wl=-1, wr=0, br=True, seed=SEED_HI, thr=THR)
+        q, k, v, do, cu_q, cu_k, mq, mk = _varlen([3, 17, 70], [5, 17, 110], 2, 1, 16, 16)
+        check_fp64(q, k, v, do, cu_q=cu_q, cu_k=cu_k, max_q=mq, max_k=mk, seed=9, thr=THR)
+    """
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    here = os.path.dirname(__file__)
+    env["PYTHONPATH"] = os.pathsep.join([here, env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------ through the op
+
+
+def test_sdpa_dropout_and_fp32_mask_on_cpu_backend():
+    """lmkernels.functional.scaled_dot_product_attention on the cpu backend: dropout (the seed
+    drawn from the generator, any 64-bit value) and an fp32 mask on bf16 data match the
+    reference backend, forward and backward; an fp16 mask on bf16 data is refused."""
+    import lmkernels.functional as LF
+    from lmkernels.backends import use_backend
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 70, 32, generator=g) for _ in range(3))
+    mask = _fine_mask(2, 4, 70, 70, 12)
+    cases = [(q, k, v, None, 0.25), (*(t.bfloat16() for t in (q, k, v)), mask, 0.2)]
+    for qq, kk, vv, m, p in cases:
+        res = {}
+        for backend in ("cpu", "reference"):
+            x = [t.detach().clone().requires_grad_() for t in (qq, kk, vv)]
+            with use_backend(backend):
+                out = LF.scaled_dot_product_attention(
+                    *x, attn_mask=m, dropout_p=p, generator=torch.Generator().manual_seed(3)
+                )
+                out.backward(torch.ones_like(out))
+            res[backend] = (out, *(t.grad for t in x))
+        for a, r in zip(res["cpu"], res["reference"], strict=True):
+            if a.dtype == torch.float32:
+                _close(a, r, 1e-5)
+            else:
+                _close_ulps(a, r.float(), ulps=4.0)
+        with use_backend("cpu"):  # dropout took place
+            plain = LF.scaled_dot_product_attention(qq, kk, vv, attn_mask=m)
+        assert (plain.float() - res["cpu"][0].float()).abs().max() > 0.1
+    # what the public functions let through but the kernels do not take is refused up front
+    from lmkernels.ops.attention import AttnOptions, _cpu_supports
+
+    opts = AttnOptions(0.25, dropout_p=0.5, seed=2**64 - 1)
+    b16 = [t.bfloat16() for t in (q, k, v)]
+    assert _cpu_supports(*b16, mask, opts) is None
+    assert _cpu_supports(q, k, v, mask, opts) is None
+    assert "float16 mask on torch.bfloat16" in _cpu_supports(*b16, mask.half(), opts)
+    assert "float32 mask on torch.float64" in _cpu_supports(*(t.double() for t in (q, k, v)),
+                                                            mask, opts)  # fmt: skip

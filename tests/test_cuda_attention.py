@@ -12,6 +12,8 @@ batches with sequences of length 0 and 1. Outputs sit in sentinel-filled buffers
 reference is fp32 math rounded once; the tensor-core kernels round P to the data dtype before
 P V, so a few ulp of the output dtype.
 Backward: the same geometry against the reference, and bit-for-bit repeatable (no atomics).
+Dropout (forward and backward, the reference's lmk/philox.h keep bits: the same seed gives the same
+bits, varlen counters at the packed positions) and fp32 additive masks on fp16 / bf16 data.
 Without a GPU the same tests run on the CPU against a host emulation of the kernels (below).
 """
 
@@ -93,12 +95,13 @@ def _close(what, ours, want, dtype, scale=None):
 
 
 def _check_fwd(what, q, k, v, mask=None, scale=None, wl=-1, wr=-1, br=False, cu_q=None, cu_k=None,
-               max_q=0, max_k=0, out_offset=0):  # fmt: skip
+               max_q=0, max_k=0, out_offset=0, drop=0.0, seed=0):  # fmt: skip
     _, _, AttnOptions = _launchers()
     scale = 1.0 / math.sqrt(max(q.shape[-1], 1)) if scale is None else scale
-    opts = AttnOptions(scale, wl, wr, br, cu_q, cu_k, max_q, max_k)
+    opts = AttnOptions(scale, wl, wr, br, cu_q, cu_k, max_q, max_k, drop, seed)
     out, lse = _run_fwd(q, k, v, mask, opts, out_offset)
-    ro, rl = reference.attention_fwd(q, k, v, mask, scale, wl, wr, br, cu_q, cu_k)
+    ro, rl = reference.attention_fwd(q, k, v, mask, scale, wl, wr, br, cu_q, cu_k,
+                                     drop_threshold=opts.drop_threshold, seed=seed)  # fmt: skip
     _close(f"{what} out", out, ro, q.dtype)
     empty = torch.isneginf(rl)
     assert torch.equal(torch.isneginf(lse), empty), f"{what}: lse -inf rows differ"
@@ -233,10 +236,10 @@ def test_forward_no_keys_and_special_values(dtype):
 
 
 def _check_bwd(what, q, k, v, mask=None, wl=-1, wr=-1, br=False, cu_q=None, cu_k=None, max_q=0,
-               max_k=0, scale=None):  # fmt: skip
+               max_k=0, scale=None, drop=0.0, seed=0):  # fmt: skip
     _, bwd, AttnOptions = _launchers()
     scale = 1.0 / math.sqrt(max(q.shape[-1], 1)) if scale is None else scale
-    opts = AttnOptions(scale, wl, wr, br, cu_q, cu_k, max_q, max_k)
+    opts = AttnOptions(scale, wl, wr, br, cu_q, cu_k, max_q, max_k, drop, seed)
     out, lse = _run_fwd(q, k, v, mask, opts)
     gen = torch.Generator(device=DEVICE).manual_seed(99)
     dout = _blhd(q.shape[0], q.shape[1], q.shape[2], v.shape[-1], q.dtype, gen)
@@ -245,10 +248,12 @@ def _check_bwd(what, q, k, v, mask=None, wl=-1, wr=-1, br=False, cu_q=None, cu_k
         dq, dk, dv = (torch.full_like(t, SENTINEL) for t in (q, k, v))
         bwd(dout, q, k, v, out, lse, mask, dq, dk, dv, opts)
         grads.append((dq, dk, dv))
-    want = reference.attention_bwd(dout, q, k, v, out, lse, mask, scale, wl, wr, br, cu_q, cu_k)
+    want = reference.attention_bwd(dout, q, k, v, out, lse, mask, scale, wl, wr, br, cu_q, cu_k,
+                                   drop_threshold=opts.drop_threshold, seed=seed)  # fmt: skip
     for name, ours, again, ref in zip(("dq", "dk", "dv"), grads[0], grads[1], want, strict=True):
         _close(f"{what} {name}", ours, ref, q.dtype, scale=True)
         assert torch.equal(ours, again), f"{what} {name}: not bit-for-bit repeatable"
+    return grads[0]
 
 
 @needs_gpu
@@ -282,6 +287,113 @@ def test_backward_windows_masks_gqa_varlen(dtype):
 
 
 @needs_gpu
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=lambda d: str(d)[6:])
+def test_backward_head_dims_over_128_on_tensor_cores(dtype):
+    gen = torch.Generator(device=DEVICE).manual_seed(9)
+    # the 256 bucket of the tensor-core backward (dk / dv: 32 keys per CTA split over the warps,
+    # P^T / dS^T through shared memory; dq: key tiles of 32): padded widths, E != Ev across 128,
+    # several key blocks and query tiles, GQA; causal bottom-right, a window, every mask kind,
+    # dropout, varlen
+    keep = torch.rand(1, 4, 20, 37, generator=gen, device=DEVICE) > 0.3
+    keep[:, :, 4] = False
+    for e, ev, length, s, wl, wr, mask in ((160, 160, 41, 70, -1, 0, None),
+                                           (192, 96, 33, 40, 6, 2, None),
+                                           (100, 256, 20, 37, -1, -1, keep)):  # fmt: skip
+        q, k, v = (_blhd(1, 4, length, e, dtype, gen), _blhd(1, 2, s, e, dtype, gen),
+                   _blhd(1, 2, s, ev, dtype, gen))  # fmt: skip
+        _check_bwd(f"{dtype} E={e} Ev={ev} L={length} S={s} window=({wl}, {wr}) mask", q, k, v,
+                   mask=mask, wl=wl, wr=wr, br=True)  # fmt: skip
+    q, k, v = (_blhd(2, 2, 23, 256, dtype, gen), _blhd(2, 1, 35, 256, dtype, gen),
+               _blhd(2, 1, 35, 136, dtype, gen))  # fmt: skip
+    add = torch.randn(2, 1, 23, 35, generator=gen, device=DEVICE).to(dtype).expand(2, 2, 23, 35)
+    _check_bwd(f"{dtype} E=256 additive mask", q, k, v, mask=add, wr=0)
+    add32 = (torch.randn(1, 2, 23, 35, generator=gen, device=DEVICE) * 3).expand(2, 2, 23, 35)
+    _check_bwd(f"{dtype} E=256 f32 mask dropout", q, k, v, mask=add32, drop=0.2, seed=_SEED + 1)
+    lq, lk = [5, 0, 1, 40, 3], [9, 4, 1, 37, 0]  # odd packed key offsets: per-element dropout
+    q, k, v, cu_q, cu_k = _varlen(lq, lk, 2, 1, 192, 200, dtype, gen)
+    _check_bwd(f"{dtype} E=192 Ev=200 varlen causal dropout", q, k, v, wr=0, br=True, cu_q=cu_q,
+               cu_k=cu_k, max_q=max(lq), max_k=max(lk), drop=0.3, seed=_SEED + 2)  # fmt: skip
+
+
+# ------------------------------------------------------------- dropout and fp32 masks
+
+_SEED = 0xF00D_CAFE_1234_8765  # above 2^63: passes through the binding as uint64
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_forward_dropout(dtype):
+    gen = torch.Generator(device=DEVICE).manual_seed(21)
+    # every head-dim bucket of the tensor-core forward (80: padded), odd lengths, several key
+    # blocks; causal / window / bottom-right; GQA
+    for e, length, s in ((64, 37, 75), (80, 21, 33), (128, 19, 70), (256, 17, 40)):
+        q, k, v = (_blhd(1, 4, length, e, dtype, gen), _blhd(1, 2, s, e, dtype, gen),
+                   _blhd(1, 2, s, e, dtype, gen))  # fmt: skip
+        for wl, wr, br in ((-1, -1, False), (-1, 0, True), (9, 3, False)):
+            _check_fwd(f"{dtype} dropout E={e} L={length} S={s} window=({wl}, {wr})", q, k, v,
+                       wl=wl, wr=wr, br=br, drop=0.2, seed=_SEED + e)  # fmt: skip
+    # the same seed gives the same bits, another seed other ones; p = 0 is no dropout
+    q, k, v = (_blhd(2, 2, 24, 64, dtype, gen), _blhd(2, 2, 40, 64, dtype, gen),
+               _blhd(2, 2, 40, 64, dtype, gen))  # fmt: skip
+    a, _, _ = _check_fwd(f"{dtype} dropout seed 1", q, k, v, drop=0.3, seed=1)
+    b, _, _ = _check_fwd(f"{dtype} dropout seed 1 again", q, k, v, drop=0.3, seed=1)
+    c, _, _ = _check_fwd(f"{dtype} dropout seed 2", q, k, v, drop=0.3, seed=2)
+    plain, _, _ = _check_fwd(f"{dtype} dropout p=0", q, k, v, drop=0.0, seed=1)
+    assert torch.equal(a, b), "same seed, different output"
+    assert not torch.equal(a, c), "different seeds, same output"
+    assert not torch.equal(a, plain)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_backward_dropout(dtype):
+    gen = torch.Generator(device=DEVICE).manual_seed(22)
+    # tensor-core backward (64, 80, 128 with the dropout tiles and 256), SIMT (fp32)
+    for e, length, s in ((64, 37, 70), (80, 20, 33), (128, 35, 67), (256, 9, 21)):
+        q, k, v = (_blhd(1, 4, length, e, dtype, gen), _blhd(1, 2, s, e, dtype, gen),
+                   _blhd(1, 2, s, e, dtype, gen))  # fmt: skip
+        for wl, wr, br in ((-1, -1, False), (5, 0, True)):
+            _check_bwd(f"{dtype} dropout E={e} L={length} S={s} window=({wl}, {wr})", q, k, v,
+                       wl=wl, wr=wr, br=br, drop=0.25, seed=_SEED - e)  # fmt: skip
+    q, k, v = (_blhd(1, 2, 20, 64, dtype, gen), _blhd(1, 2, 30, 64, dtype, gen),
+               _blhd(1, 2, 30, 64, dtype, gen))  # fmt: skip
+    g1 = _check_bwd(f"{dtype} dropout seed 5", q, k, v, drop=0.4, seed=5)
+    g2 = _check_bwd(f"{dtype} dropout seed 6", q, k, v, drop=0.4, seed=6)
+    assert not torch.equal(g1[2], g2[2]), "different seeds, same dv"
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_dropout_varlen_uses_packed_positions(dtype):
+    gen = torch.Generator(device=DEVICE).manual_seed(23)
+    # odd packed offsets (a key sequence starting at an odd row takes the per-element path)
+    lq, lk = [5, 0, 1, 19, 3, 8], [9, 4, 1, 21, 0, 7]
+    for e in (64, 128):
+        q, k, v, cu_q, cu_k = _varlen(lq, lk, 4, 2, e, e, dtype, gen)
+        for wl, wr in ((-1, -1), (-1, 0)):
+            kw = dict(wl=wl, wr=wr, br=True, cu_q=cu_q, cu_k=cu_k, max_q=max(lq), max_k=max(lk),
+                      drop=0.3, seed=_SEED)  # fmt: skip
+            _check_fwd(f"{dtype} varlen dropout E={e} window=({wl}, {wr})", q, k, v, **kw)
+            _check_bwd(f"{dtype} varlen dropout E={e} window=({wl}, {wr})", q, k, v, **kw)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=lambda d: str(d)[6:])
+def test_f32_mask_on_16bit_data(dtype):
+    gen = torch.Generator(device=DEVICE).manual_seed(24)
+    for e, length, s in ((64, 29, 70), (128, 17, 33), (256, 11, 21)):
+        q, k, v = (_blhd(2, 2, length, e, dtype, gen), _blhd(2, 1, s, e, dtype, gen),
+                   _blhd(2, 1, s, e, dtype, gen))  # fmt: skip
+        # values a 16-bit mask could not hold (the kernels add them unrounded)
+        add = torch.randn(2, 1, length, s, generator=gen, device=DEVICE) * 3 + 1e-3
+        add[0, 0, 2] = float("-inf")
+        add = add.expand(2, 2, length, s)
+        _check_fwd(f"{dtype} f32 mask E={e}", q, k, v, mask=add)
+        _check_bwd(f"{dtype} f32 mask E={e}", q, k, v, mask=add, wr=0)
+        _check_fwd(f"{dtype} f32 mask E={e} dropout", q, k, v, mask=add, drop=0.1, seed=3)
+
+
+@needs_gpu
 def test_through_the_registered_op_on_the_cuda_backend():
     import lmkernels
     from lmkernels.backends import BackendUnavailable
@@ -307,6 +419,23 @@ def test_through_the_registered_op_on_the_cuda_backend():
         _close(f"sdpa {name}", ours, ref, F16, scale=True)
 
 
+def test_cuda_backend_takes_dropout_and_f32_masks():
+    from lmkernels.ops import attention as a
+
+    q = torch.zeros(1, 2, 4, 64, dtype=BF16)
+    k = v = torch.zeros(1, 2, 5, 64, dtype=BF16)
+    drop = a.AttnOptions(0.125, dropout_p=0.1, seed=(1 << 64) - 1)
+    for fwd_bwd in (a._FWD, a._BWD):
+        supports = fwd_bwd["cuda"].supports
+        assert supports(q, k, v, None, drop) is None
+        assert supports(q, k, v, torch.zeros(1, 2, 4, 5), drop) is None  # fp32 mask
+        assert supports(q, k, v, torch.zeros(1, 2, 4, 5, dtype=torch.bool), drop) is None
+        assert "mask" in supports(q, k, v, torch.zeros(1, 2, 4, 5, dtype=F16), drop)
+        assert "dtype" in supports(q.double(), k.double(), v.double(), None, drop)
+    assert a._cuda_dropout(drop) == ((1 << 64) - 1, drop.drop_threshold, drop.drop_scale)
+    assert a._cuda_dropout(a.AttnOptions(0.125, seed=5)) == (0, 0, 1.0)
+
+
 # --------------------------------------------------------------- bindings (no GPU needed)
 
 _P = 256  # a fake device pointer: validation passes, the launch itself needs a GPU
@@ -314,7 +443,8 @@ _S3 = [4096, 64, 256]
 _FWD_OK = dict(q=_P, k=_P, v=_P, out=_P, lse=_P, mask=0, dtype=1, mask_dtype=4, q_strides=_S3,
                k_strides=_S3, v_strides=_S3, out_strides=_S3, mask_strides=[0, 0, 0, 0], B=2,
                Hq=4, Hk=2, L=16, S=16, E=64, Ev=64, scale=0.125, window_left=-1,
-               window_right=-1, bottom_right=False, cu_q=0, cu_k=0, stream=0)  # fmt: skip
+               window_right=-1, bottom_right=False, cu_q=0, cu_k=0, seed=0, drop_threshold=0,
+               drop_scale=1.0, stream=0)  # fmt: skip
 _BWD_OK = dict(_FWD_OK, dout=_P, dq=_P, dk=_P, dv=_P, workspace=_P, dout_strides=_S3,
                dq_strides=_S3, dk_strides=_S3, dv_strides=_S3)  # fmt: skip
 _COMMON_BAD = [
@@ -336,6 +466,14 @@ _COMMON_BAD = [
     (dict(cu_q=_P + 2, cu_k=_P), "cu_q"),  # not int32-aligned
     (dict(mask=_P, cu_q=_P, cu_k=_P), "mask"),  # no mask with varlen
     (dict(mask=_P, mask_dtype=2), "mask_dtype"),  # bf16 mask for fp16 data
+    (dict(mask=_P, mask_dtype=3), "mask_dtype"),  # f64 mask
+    (dict(mask=_P, mask_dtype=7), "mask_dtype"),
+    (dict(mask=_P, mask_dtype=1, dtype=0), "mask_dtype"),  # fp16 mask for fp32 data
+    (dict(mask=_P + 2, mask_dtype=0), "mask"),  # misaligned fp32 mask
+    (dict(drop_threshold=-1), "drop_threshold"),
+    (dict(drop_threshold=1 << 32), "drop_threshold"),
+    (dict(drop_threshold=5, drop_scale=0.5), "drop_scale"),
+    (dict(drop_threshold=5, drop_scale=float("nan")), "drop_scale"),
     (dict(mask=_P + 1, mask_dtype=1), "mask"),  # misaligned fp16 mask
     (dict(mask_strides=[0, 0, 0]), "mask_strides"),
     (dict(q_strides=[1, 2]), "q_strides"),
@@ -389,6 +527,10 @@ def test_empty_calls_launch_nothing_and_no_gpu_is_a_clear_error():
         {"window_left": 1 << 40, "window_right": 0, "bottom_right": True},
         {"mask": _P, "mask_dtype": 4, "mask_strides": [0, 0, 0, 1]},
         {"mask": _P, "mask_dtype": 1, "mask_strides": [1, 2, 3, 4]},
+        {"mask": _P, "mask_dtype": 0, "mask_strides": [1, 2, 3, 4]},  # fp32 mask, fp16 data
+        {"dtype": 2, "mask": _P, "mask_dtype": 0, "mask_strides": [0, 0, 0, 1]},
+        {"seed": (1 << 64) - 1, "drop_threshold": (1 << 32) - 1, "drop_scale": float(1 << 32)},
+        {"seed": 1 << 63, "drop_threshold": 1 << 30, "drop_scale": 4 / 3, "cu_q": _P, "cu_k": _P},
         {"cu_q": _P, "cu_k": _P + 4},
         {"dtype": 0, "E": 256, "Ev": 256},
         {"dtype": 2, "E": 80, "Ev": 17},
@@ -855,14 +997,18 @@ void emu_set_mode(int order, int lazy, int seed) {
   emu::g_rng.seed(seed);
 }
 
-// iv: dtype, mask_bool, B, Hq, Hk, L, S, E, Ev, wl, wr, bottom_right, then strides
+// iv: dtype, mask_dtype, B, Hq, Hk, L, S, E, Ev, wl, wr, bottom_right, then strides
 //     q(3) k(3) v(3) o(3) m(4) do(3) dq(3) dk(3) dv(3)
 // pv: q, k, v, o, lse, mask, cu_q, cu_k, dout, dq, dk, dv, workspace
-int emu_attn(int bwd, const int64_t* iv, double scale, const uint64_t* pv) {
+int emu_attn(int bwd, const int64_t* iv, double scale, const uint64_t* pv, uint64_t seed,
+             int64_t drop_threshold, double drop_scale) {
   lmk::AttnBwdParams bp;
   lmk::AttnParams& p = bp.fwd;
   p.dtype = static_cast<lmk::DType>(iv[0]);
-  p.mask_bool = iv[1] != 0;
+  p.mask_dtype = static_cast<lmk::DType>(iv[1]);
+  p.seed = seed;
+  p.drop_threshold = static_cast<uint32_t>(drop_threshold);
+  p.drop_scale = drop_scale;
   p.B = iv[2], p.Hq = iv[3], p.Hk = iv[4], p.L = iv[5], p.S = iv[6], p.E = iv[7], p.Ev = iv[8];
   p.window_left = iv[9], p.window_right = iv[10], p.bottom_right = iv[11] != 0;
   const int64_t* s = iv + 12;
@@ -899,11 +1045,11 @@ int emu_attn(int bwd, const int64_t* iv, double scale, const uint64_t* pv) {
 
 _EMU_FWD_ARGS = ("q k v out lse mask dtype mask_dtype q_strides k_strides v_strides out_strides "
                  "mask_strides B Hq Hk L S E Ev scale window_left window_right bottom_right cu_q "
-                 "cu_k stream").split()  # fmt: skip
+                 "cu_k seed drop_threshold drop_scale stream").split()  # fmt: skip
 _EMU_BWD_ARGS = ("dout q k v out lse mask dq dk dv workspace dtype mask_dtype dout_strides "
                  "q_strides k_strides v_strides out_strides dq_strides dk_strides dv_strides "
                  "mask_strides B Hq Hk L S E Ev scale window_left window_right bottom_right cu_q "
-                 "cu_k stream").split()  # fmt: skip
+                 "cu_k seed drop_threshold drop_scale stream").split()  # fmt: skip
 
 
 def _emulated_module(tmp_dir):
@@ -935,7 +1081,8 @@ def _emulated_module(tmp_dir):
     assert res.returncode == 0, res.stderr[-3000:]
     emu = ctypes.CDLL(str(lib))
     emu.emu_attn.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int64), ctypes.c_double,
-                             ctypes.POINTER(ctypes.c_uint64)]  # fmt: skip
+                             ctypes.POINTER(ctypes.c_uint64), ctypes.c_uint64, ctypes.c_int64,
+                             ctypes.c_double]  # fmt: skip
     emu.emu_set_ranges.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_int]
     emu.emu_set_mode.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
     emu.emu_set_ranges(None, 0)  # global accesses unchecked (the tests' sentinels catch writes)
@@ -944,7 +1091,7 @@ def _emulated_module(tmp_dir):
         if a["B"] == 0 or a["Hq"] == 0 or (not bwd and a["L"] == 0):
             return
         z3 = [0, 0, 0]
-        iv = [a["dtype"], int(a["mask"] != 0 and a["mask_dtype"] == 4), a["B"], a["Hq"], a["Hk"],
+        iv = [a["dtype"], a["mask_dtype"], a["B"], a["Hq"], a["Hk"],
               a["L"], a["S"], a["E"], a["Ev"], a["window_left"], a["window_right"],
               int(a["bottom_right"])]  # fmt: skip
         for name in ("q", "k", "v", "out"):
@@ -955,7 +1102,8 @@ def _emulated_module(tmp_dir):
         pv = [a.get(n, 0) for n in ("q", "k", "v", "out", "lse", "mask", "cu_q", "cu_k", "dout",
                                     "dq", "dk", "dv", "workspace")]  # fmt: skip
         rc = emu.emu_attn(bwd, (ctypes.c_int64 * len(iv))(*iv), a["scale"],
-                          (ctypes.c_uint64 * len(pv))(*pv))  # fmt: skip
+                          (ctypes.c_uint64 * len(pv))(*pv), a["seed"], a["drop_threshold"],
+                          a["drop_scale"])  # fmt: skip
         if rc != 0:
             raise RuntimeError(f"emulated attention_{'bwd' if bwd else 'fwd'}: cudaError {rc}")
 
@@ -987,8 +1135,8 @@ def test_kernels_under_host_emulation(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "current_stream",
                         lambda dev=None: types.SimpleNamespace(cuda_stream=0))  # fmt: skip
     monkeypatch.setitem(globals(), "DEVICE", "cpu")
-    # every kernel family: tensor-core forward (each head-dim bucket) and backward (64, 128),
-    # the SIMT forward (fp32) and backward (fp32, head dims over 128), under three schedules
+    # every kernel family: tensor-core forward and backward (each head-dim bucket), the SIMT
+    # forward and backward (fp32), under several schedules
     mod.emu_set_mode(3, 0, 1)
     test_forward_head_dims(F16, 64, 64)
     test_forward_head_dims(BF16, 80, 80)
@@ -1004,7 +1152,17 @@ def test_kernels_under_host_emulation(monkeypatch, tmp_path):
     mod.emu_set_mode(2, 1, 7)
     test_backward_head_dims(F16, 128, 128)
     test_backward_head_dims(BF16, 33, 17)
-    test_backward_head_dims(F16, 256, 256)
     test_backward_head_dims(F32, 64, 64)
     mod.emu_set_mode(3, 0, 1)
     test_backward_windows_masks_gqa_varlen(BF16)
+    mod.emu_set_mode(4, 1, 5)
+    test_backward_head_dims_over_128_on_tensor_cores(F16)
+    # dropout (tensor-core and SIMT, forward and backward, varlen) and fp32 masks on 16-bit data
+    mod.emu_set_mode(4, 1, 3)
+    test_forward_dropout(F16)
+    test_forward_dropout(F32)
+    test_dropout_varlen_uses_packed_positions(BF16)
+    mod.emu_set_mode(2, 1, 11)
+    test_backward_dropout(F32)  # the SIMT backward (tensor cores: varlen above, E > 128 before)
+    mod.emu_set_mode(3, 0, 1)
+    test_f32_mask_on_16bit_data(F16)

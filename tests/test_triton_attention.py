@@ -4,8 +4,10 @@ on fp64 copies (the oracle). fp32 must match to 1e-5 of the largest oracle value
 follow lmkernels.testing's 2x rule against torch's own attention in that dtype (matmul and
 softmax in fp16 / bf16, the same mask). Shapes cover L != S, L or S = 1, odd lengths, head dims
 16, 20, 40, 80, 96 / 192 and Ev != E, causal (top-left and bottom-right, L < S and L > S), a
-window, bool and additive masks with broadcast strides, fully masked rows (zeros, lse -inf, zero
-gradients), GQA, packed variable-length batches with empty and one-token sequences, NaN rows,
+window, bool and additive masks (of T, and fp32 on fp16 / bf16 data) with broadcast strides,
+fully masked rows (zeros, lse -inf, zero gradients), GQA, dropout (the kernels' Philox against
+the reference's bits; forward and backward with the reference's keep bits, dense and packed;
+seeds), packed variable-length batches with empty and one-token sequences, NaN rows,
 non-contiguous and unaligned tensors (the padded-copy path, bitwise equal to the direct one),
 determinism, the launchers' ValueErrors, and that aot_specs() lists every launch.
 
@@ -18,6 +20,8 @@ module's own tiles.
 import launch_recorder
 import pytest
 import torch
+import triton
+import triton.language as tl
 from launch_recorder import Recorder, kernel_name, spec_key
 
 from conftest import device_for
@@ -45,6 +49,7 @@ def small_tiles(monkeypatch):
     for key in A._TILES:
         tiles[key] = {"fwd": (16, 32, 4), "dkdv": (16, 32, 4), "dq": (32, 16, 4)}[key[0]]
     monkeypatch.setattr(A, "_TILES", tiles)
+    monkeypatch.setattr(A, "_DROPOUT_TILES", {})
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -90,22 +95,29 @@ def _ref_args(opts):
             opts.cu_k)  # fmt: skip
 
 
+def _drop_kw(opts):
+    return dict(drop_threshold=opts.drop_threshold, seed=opts.seed)
+
+
 def _oracle(q, k, v, mask, dout, opts):
     """reference forward and backward on fp64 copies."""
     q64, k64, v64, do64 = (t.double() for t in (q, k, v, dout))
     m64 = mask if mask is None or mask.dtype == torch.bool else mask.double()
-    out, lse = reference.attention_fwd(q64, k64, v64, m64, *_ref_args(opts))
-    grads = reference.attention_bwd(do64, q64, k64, v64, out, lse, m64, *_ref_args(opts))
+    out, lse = reference.attention_fwd(q64, k64, v64, m64, *_ref_args(opts), **_drop_kw(opts))
+    grads = reference.attention_bwd(do64, q64, k64, v64, out, lse, m64, *_ref_args(opts),
+                                    **_drop_kw(opts))  # fmt: skip
     return out, lse, grads
 
 
 def _torch_math(q, k, v, mask, dout, opts):
     """torch's own attention in q's dtype (matmul, softmax, matmul; rows without keys give
-    zeros) with autograd: the baseline of the 2x rule."""
+    zeros; an fp32 mask on 16-bit data promotes the scores and softmax to fp32, as torch does;
+    dropout multiplies the probabilities by the reference's keep * scale in q's dtype) with
+    autograd: the baseline of the 2x rule."""
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
     group = q.shape[1] // k.shape[1]
     outs = []
-    for b, rq, rk in reference._segments(q, opts.cu_q, opts.cu_k):
+    for b, rq, rk, seg in reference._segments(q, opts.cu_q, opts.cu_k):
         qs, ks, vs = q[b : b + 1, :, rq], k[b : b + 1, :, rk], v[b : b + 1, :, rk]
         ks, vs = ks.repeat_interleave(group, 1), vs.repeat_interleave(group, 1)
         s = torch.matmul(qs, ks.transpose(-1, -2)) * opts.scale
@@ -120,6 +132,9 @@ def _torch_math(q, k, v, mask, dout, opts):
         if s.shape[-1]:  # rows without keys: zeros (their scores replaced first: no NaN grads)
             empty = torch.isneginf(s).all(-1, keepdim=True)
             p = torch.softmax(s.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0)
+        z = reference._dropout_factor(seg, q.shape[1], s.shape[2], s.shape[3],
+                                      opts.drop_threshold, opts.seed, q.dtype, DEV)  # fmt: skip
+        p = p.to(q.dtype) if z is None else p.to(q.dtype) * z
         outs.append((b, rq, torch.matmul(p, vs)))
     out = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=DEV)
     for b, rq, o in outs:
@@ -155,8 +170,9 @@ def _check(q, k, v, mask, opts, what, gen):
     dout = torch.randn(out.shape, generator=gen).to(dtype).to(DEV)
     r_out, r_lse, r_grads = _oracle(q, k, v, mask, dout, opts)
     t_out, t_grads = _torch_math(q, k, v, mask, dout, opts)
-    f_out, f_lse = reference.attention_fwd(q, k, v, mask, *_ref_args(opts))
-    f_grads = reference.attention_bwd(dout, q, k, v, f_out, f_lse, mask, *_ref_args(opts))
+    f_out, f_lse = reference.attention_fwd(q, k, v, mask, *_ref_args(opts), **_drop_kw(opts))
+    f_grads = reference.attention_bwd(dout, q, k, v, f_out, f_lse, mask, *_ref_args(opts),
+                                      **_drop_kw(opts))  # fmt: skip
     _assert_close(out, r_out, (t_out, f_out), dtype, what + " out", _absmax(r_out))
     # lse is fp32 for every T: within fp32 noise of the fp64 one (rows without keys: -inf)
     err = max_err(lse, r_lse, what + " lse")
@@ -218,6 +234,7 @@ CASES = {
     "add_mask_causal": (2, 4, 2, 33, 17, 16, 16, {"window_right": 0}, "add"),
     "gqa4_e20_ev5": (1, 4, 1, 33, 40, 20, 5, {"window_right": 0}, None),
     "e96_ev192": (1, 2, 2, 17, 20, 96, 192, {"window_right": 2}, "bool"),
+    "add32_mask_window": (2, 2, 1, 17, 40, 16, 16, {"window_left": 9}, "add32"),
 }
 
 
@@ -230,6 +247,9 @@ def _mask(kind, b, hq, length, s, dtype, gen):
         m[0, 0, :, 2] = False  # a key nobody sees
         return m.to(DEV).expand(b, hq, length, s)
     m = torch.randn(b, 1, length, s, generator=gen) * 2
+    if kind == "add32":  # fp32 values that fp16 / bf16 cannot hold: the kernels must not round
+        m += 300.0
+        dtype = torch.float32
     m[torch.rand(b, 1, length, s, generator=gen) > 0.7] = float("-inf")
     m[:, :, 3] = float("-inf")  # fully masked rows
     return m.to(dtype).to(DEV).expand(b, hq, length, s)
@@ -251,7 +271,7 @@ def test_matches_reference(case, dtype, small_tiles):
         assert torch.all(dq[:, :, 1] == 0)
         if kw.get("window_right") is None:
             assert torch.all(dk[:, :, 2] == 0) and torch.all(dv[:, :, 2] == 0)
-    if mask_kind == "add":
+    if mask_kind in ("add", "add32"):
         assert torch.all(out[:, :, 3] == 0) and torch.all(torch.isneginf(lse[:, :, 3]))
         assert torch.all(dq[:, :, 3] == 0)
 
@@ -287,6 +307,127 @@ def test_varlen(case, dtype, small_tiles):
         rows = slice(18, 23)
         assert torch.all(out[:, :, rows] == 0) and torch.all(torch.isneginf(lse[:, :, rows]))
         assert torch.all(dq[:, :, rows] == 0)
+
+
+# ------------------------------------------------------------------------------------ dropout
+
+
+@triton.jit
+def _philox_kernel(c_ptr, out_ptr, seed_lo, seed_hi, N: tl.constexpr):
+    o = tl.arange(0, N) * 4
+    c0 = tl.load(c_ptr + o).to(tl.uint32, bitcast=True)
+    c1 = tl.load(c_ptr + o + 1).to(tl.uint32, bitcast=True)
+    c2 = tl.load(c_ptr + o + 2).to(tl.uint32, bitcast=True)
+    c3 = tl.load(c_ptr + o + 3).to(tl.uint32, bitcast=True)
+    x0, x1, x2, x3 = A._philox4x32_10(c0, c1, c2, c3, A._u32(seed_lo), A._u32(seed_hi))
+    tl.store(out_ptr + o, x0.to(tl.int32, bitcast=True))
+    tl.store(out_ptr + o + 1, x1.to(tl.int32, bitcast=True))
+    tl.store(out_ptr + o + 2, x2.to(tl.int32, bitcast=True))
+    tl.store(out_ptr + o + 3, x3.to(tl.int32, bitcast=True))
+
+
+@triton.jit
+def _keep_kernel(out_ptr, seed_lo, seed_hi, thr, bh, r0, c0, BM: tl.constexpr, BN: tl.constexpr):
+    keep = A._drop_keep(seed_lo, seed_hi, thr, bh, r0 + tl.arange(0, BM), c0, BN, False)
+    tl.store(out_ptr + tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :], keep.to(tl.int8))
+
+
+SEEDS = (0, 1, 2**63 + 5, 2**64 - 1, 0x0123456789ABCDEF)
+
+
+def _i32_bits(x: torch.Tensor) -> torch.Tensor:
+    """int64 tensor of uint32 values -> int32 tensor with the same bits."""
+    return torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_philox_matches_reference(seed):
+    """The kernels' Philox4x32-10 gives reference.philox4x32_10's bits, for counters across
+    the whole uint32 range (0, 2^31 - 1, 2^31, 2^32 - 1 and random ones) and 64-bit keys."""
+    gen = torch.Generator().manual_seed(seed & 0xFFFF)
+    c = torch.randint(0, 2**32, (64, 4), generator=gen, dtype=torch.int64)
+    c[0], c[1] = 0, 2**32 - 1
+    c[2] = torch.tensor([2**31, 2**31 - 1, 2**31 + 1, 1])
+    out = torch.empty(64, 4, dtype=torch.int32, device=DEV)
+    lo, hi = seed & 0xFFFFFFFF, seed >> 32
+    _philox_kernel[(1,)](_i32_bits(c).to(DEV), out, A._i32(lo), A._i32(hi), N=64)
+    ref = torch.stack(reference.philox4x32_10(*c.unbind(1), lo, hi), 1)
+    assert torch.equal(out.cpu().to(torch.int64) & 0xFFFFFFFF, ref)
+
+
+@pytest.mark.parametrize("seed", SEEDS[2:])
+@pytest.mark.parametrize("where", [(0, 0, 0), (2**31 - 40, 2**31 - 70, 2**31 - 1), (5, 3, 77)])
+def test_dropout_keep_bits(seed, where):
+    """_drop_keep's (rows x keys) tile is reference.attention_dropout_keep's, key groups not
+    aligned to 4 and positions near 2^31 included; thresholds 1 (keeps all but the zeros) and
+    2^32 - 1 (drops all but the maxima) too."""
+    r0, c0, bh = where
+    for p, thr in ((0.3, reference.dropout_threshold(0.3)), (0, 1), (1, 2**32 - 1)):
+        out = torch.empty(16, 32, dtype=torch.int8, device=DEV)
+        _keep_kernel[(1,)](out, A._i32(seed & 0xFFFFFFFF), A._i32(seed >> 32), A._i32(thr), bh,
+                           r0, c0, BM=16, BN=32)  # fmt: skip
+        ref = reference.attention_dropout_keep(
+            seed, thr, torch.tensor(bh), torch.arange(r0, r0 + 16)[:, None],
+            torch.arange(c0, c0 + 32)[None, :])  # fmt: skip
+        assert torch.equal(out.cpu().bool(), ref), (p, thr)
+
+
+# (B, Hq, Hk, L, S, E, Ev, options, mask, seed)
+DROPOUT_CASES = {
+    "causal_gqa": (2, 4, 2, 17, 77, 16, 16, {"window_right": 0}, None, 2**63 + 5),
+    "window_e80": (1, 2, 2, 17, 77, 80, 80, {"window_left": 5, "window_right": 3}, None, 0),
+    "bool_causal_br": (2, 2, 1, 33, 17, 16, 24,
+                       {"window_right": 0, "bottom_right": True}, "bool", 2**64 - 1),
+    "add_mask": (1, 2, 2, 17, 40, 16, 16, {}, "add", 12345),
+    "add32_mask": (2, 2, 1, 17, 40, 16, 16, {"window_left": 9}, "add32", 2**40 + 3),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("case", list(DROPOUT_CASES))
+def test_dropout_matches_reference(case, dtype, small_tiles):
+    """Forward and backward with dropout p = 0.3 against the reference's (the same keep bits):
+    fp32 to 1e-5, fp16 / bf16 by the 2x rule."""
+    b, hq, hk, length, s, e, ev, kw, mask_kind, seed = DROPOUT_CASES[case]
+    gen = torch.Generator().manual_seed(100 + list(DROPOUT_CASES).index(case))
+    q, k, v = _make(b, hq, hk, length, s, e, ev, dtype, gen)
+    mask = _mask(mask_kind, b, hq, length, s, dtype, gen)
+    opts = _opts(e, dropout_p=0.3, seed=seed, **kw)
+    _check(q, k, v, mask, opts, f"dropout {case} {dtype}", gen)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_dropout_varlen(dtype, small_tiles):
+    """Packed sequences: the keep bits of packed positions (i = cu_q[seq] + row, j = cu_k[seq] +
+    key, b = 0), sequences starting off a multiple of 4."""
+    lq, lk = [3, 1, 17, 0, 23], [9, 0, 21, 2, 37]
+    gen = torch.Generator().manual_seed(11)
+    cu_q = torch.tensor([0, *torch.tensor(lq).cumsum(0).tolist()], dtype=torch.int32).to(DEV)
+    cu_k = torch.tensor([0, *torch.tensor(lk).cumsum(0).tolist()], dtype=torch.int32).to(DEV)
+    q, k, v = _make(1, 4, 2, sum(lq), sum(lk), 16, 24, dtype, gen)
+    opts = _opts(16, cu_q, cu_k, max_q=max(lq), max_k=max(lk), window_right=0,
+                 bottom_right=True, dropout_p=0.2, seed=2**63 + 5)  # fmt: skip
+    _check(q, k, v, None, opts, f"dropout varlen {dtype}", gen)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_dropout_seed(dtype, small_tiles):
+    """The same seed gives the same bits (forward and backward), another seed other ones, and
+    dropout changes the result (p = 0.5)."""
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = _make(1, 2, 2, 17, 40, 16, 16, dtype, gen)
+    dout = torch.randn(1, 2, 17, 16, generator=gen).to(dtype).to(DEV)
+    runs = []
+    for seed in (2**63 + 5, 2**63 + 5, 2**63 + 6, None):
+        kw = {} if seed is None else dict(dropout_p=0.5, seed=seed)
+        opts = _opts(16, **kw)
+        out, lse = _ours_fwd(q, k, v, None, opts)
+        runs.append((out, lse, *_ours_bwd(dout, q, k, v, out, lse, None, opts)))
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1], strict=True))
+    for other in runs[2:]:
+        assert torch.equal(runs[0][1], other[1])  # lse is the undropped one
+        assert not torch.equal(runs[0][0], other[0])
+        assert all(not torch.equal(a, b) for a, b in zip(runs[0][2:], other[2:], strict=True))
 
 
 def test_fully_masked_everything(small_tiles):
@@ -397,7 +538,11 @@ def test_launcher_errors():
     bad("out must be", out=torch.empty(1, 4, 5, 9))
     bad("lse must be", lse=torch.empty(1, 4, 5, dtype=torch.float16))
     bad("lse must be contiguous", lse=torch.empty(1, 5, 4).transpose(1, 2))
-    bad("mask must be bool or", mask=torch.zeros(1, 4, 5, 6, dtype=torch.int32))
+    bad("mask must be bool, torch.float32 or float32",
+        mask=torch.zeros(1, 4, 5, 6, dtype=torch.int32))  # fmt: skip
+    bad("mask must be bool, torch.float16 or float32", q=q.half(), k=k.half(), v=v.half(),
+        out=out.half(), mask=torch.zeros(1, 4, 5, 6, dtype=torch.float64))  # fmt: skip
+    bad("seed must be in", opts=_opts(16, dropout_p=0.1, seed=1 << 64))
     bad("mask must be a", mask=torch.zeros(1, 4, 5, 5, dtype=torch.bool))
     cu = torch.tensor([0, 5], dtype=torch.int32)
     bad("cu_q and cu_k must be given together", opts=_opts(16, cu_q=cu))
@@ -425,7 +570,7 @@ def test_aot_specs_cover_every_launch(monkeypatch):
     any head dim, dtype and arch is listed."""
     specs = A.aot_specs()
     listed = {spec_key(s) for s in specs}
-    assert len(listed) == len(specs) == 90
+    assert len(listed) == len(specs) == 144
     monkeypatch.setitem(launch_recorder._TY, torch.uint8, "u8")  # bool masks are read as u8
     seen: set = set()
     for name in ("_attn_fwd_kernel", "_attn_bwd_pre_kernel", "_attn_bwd_dkdv_kernel",
@@ -435,22 +580,32 @@ def test_aot_specs_cover_every_launch(monkeypatch):
     for dtype in DTYPES:
         for e, ev in ((16, 8), (72, 128), (129, 256)):  # one per head bucket
             q, k, v = _make(1, 2, 1, 5, 4, e, ev, dtype, gen)
-            for mask_kind in (None, "bool", "add"):
+            for mask_kind in (None, "bool", "add", "add32"):
                 mask = _mask(mask_kind, 1, 2, 5, 4, dtype, gen)
-                out, lse = _ours_fwd(q, k, v, mask, _opts(e, window_right=0))
-                _ours_bwd(out, q, k, v, out, lse, mask, _opts(e, window_right=0))
+                for p in (0.0, 0.25):
+                    opts = _opts(e, window_right=0, dropout_p=p, seed=2**64 - 1)
+                    out, lse = _ours_fwd(q, k, v, mask, opts)
+                    _ours_bwd(out, q, k, v, out, lse, mask, opts)
             cu = torch.tensor([0, 1, 5], dtype=torch.int32)
             cu_k = torch.tensor([0, 2, 4], dtype=torch.int32)
-            opts = _opts(e, cu, cu_k, max_q=2, max_k=2, window_left=1, bottom_right=True)
-            out, lse = _ours_fwd(q, k, v, None, opts)
-            _ours_bwd(out, q, k, v, out, lse, None, opts)
+            for p in (0.0, 0.25):
+                opts = _opts(e, cu, cu_k, max_q=2, max_k=2, window_left=1, bottom_right=True,
+                             dropout_p=p, seed=2**63 + 5)  # fmt: skip
+                out, lse = _ours_fwd(q, k, v, None, opts)
+                _ours_bwd(out, q, k, v, out, lse, None, opts)
     assert seen == listed, (sorted(seen - listed)[:2], sorted(listed - seen)[:2])
 
     def masked(s):
         return dict(s[2]).get("MASK", 0) != 0
 
+    for dtype in DTYPES:  # DROPOUT=0 variants only where a no-dropout launch picks them
+        for kind in (0, 1, 2, 3):
+            assert A.dropout_variant(dtype, kind, 5) == 1
+            paired = dtype != torch.float32 and kind < 2
+            assert A.dropout_variant(dtype, kind, 0) == (0 if paired else 1)
+
     by_config = {(s[0], dict(s[2])["BLOCK_M"], dict(s[2]).get("BLOCK_N"), dict(s[2])["BLOCK_D"],
-                  s[3], masked(s)) for s in listed}  # fmt: skip
+                  s[3], masked(s), dict(s[2]).get("DROPOUT", 0)) for s in listed}  # fmt: skip
     names = {"fwd": "_attn_fwd_kernel", "pre": "_attn_bwd_pre_kernel",
              "dkdv": "_attn_bwd_dkdv_kernel", "dq": "_attn_bwd_dq_kernel"}  # fmt: skip
     for d in range(1, 257):
@@ -458,8 +613,14 @@ def test_aot_specs_cover_every_launch(monkeypatch):
             for arch in A.ARCHS:
                 for kernel, name in names.items():
                     for mask in (False, True) if kernel != "pre" else (False,):
-                        c = A.attention_config(kernel, d, dtype, arch, mask)
-                        bn = None if kernel == "pre" else c.block_n
-                        assert (name, c.block_m, bn, c.block_d, c.num_warps, mask) in by_config
+                        for kind in ((1, 2, 3) if mask else (0,)) if kernel != "pre" else (0,):
+                            if kind == 3 and dtype == torch.float32:
+                                continue
+                            drops = {A.dropout_variant(dtype, kind, t) for t in (0, 1)}
+                            for drop in drops if kernel != "pre" else (0,):
+                                c = A.attention_config(kernel, d, dtype, arch, mask, drop == 1)
+                                bn = None if kernel == "pre" else c.block_n
+                                assert (name, c.block_m, bn, c.block_d, c.num_warps, mask,
+                                        drop) in by_config  # fmt: skip
     assert len(A.aot_specs(aligned=True)) == len(specs)
     assert all(kernel_name(s["kernel"]) in names.values() for s in specs)

@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <memory>
 #include <optional>
 #include <string>
@@ -568,7 +569,8 @@ void attn_params(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const 
                  const std::optional<at::Tensor>& mask, const at::Tensor& out,
                  const at::Tensor& lse, double scale, int64_t window_left, int64_t window_right,
                  bool bottom_right, const std::optional<at::Tensor>& cu_q,
-                 const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k) {
+                 const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, int64_t seed,
+                 int64_t drop_threshold, double drop_scale) {
   attn_4d(q, "q");
   p.dtype = data_dtype(q, "q");
   const int64_t B = q.size(0), Hq = q.size(1), L = q.size(2), E = q.size(3);
@@ -612,14 +614,16 @@ void attn_params(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const 
     const at::Tensor& m = *mask;
     TORCH_CHECK(!cu_q.has_value(), "lmkernels_cpu: mask is not supported with cu_q / cu_k");
     TORCH_CHECK(m.device().is_cpu(), "lmkernels_cpu: mask must be a CPU tensor");
-    TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == q.scalar_type(),
-                "lmkernels_cpu: mask must be bool or q's dtype ", q.scalar_type(), ", got ",
-                m.scalar_type());
+    const bool half = q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16;
+    const at::ScalarType mt = m.scalar_type();
+    TORCH_CHECK_TYPE(mt == at::kBool || mt == q.scalar_type() || (half && mt == at::kFloat),
+                     "lmkernels_cpu: mask must be bool, q's dtype ", q.scalar_type(),
+                     half ? " or float32" : "", ", got ", mt);
     TORCH_CHECK(m.dim() == 4 && m.sizes() == at::IntArrayRef({B, Hq, L, S}),
                 "lmkernels_cpu: mask must have shape (", B, ", ", Hq, ", ", L, ", ", S, "), got ",
                 m.sizes());
     p.mask = m.data_ptr();
-    p.mask_bool = m.scalar_type() == at::kBool;
+    p.mask_dtype = mt == at::kBool ? DType::Bool : mt == at::kFloat ? DType::F32 : p.dtype;
     p.m_sb = m.stride(0), p.m_sh = m.stride(1), p.m_sl = m.stride(2), p.m_ss = m.stride(3);
   }
   if (cu_q.has_value()) {
@@ -632,16 +636,25 @@ void attn_params(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const 
     p.L = max_q;
     p.S = max_k;
   }
+  // dropout (lmk/philox.h): the seed's 64 bits arrive as an int64 bit pattern
+  TORCH_CHECK_VALUE(drop_threshold >= 0 && drop_threshold <= int64_t{0xFFFFFFFF},
+                    "lmkernels_cpu: drop_threshold must be in [0, 2^32 - 1], got ", drop_threshold);
+  TORCH_CHECK_VALUE(drop_threshold == 0 || (std::isfinite(drop_scale) && drop_scale >= 1.0),
+                    "lmkernels_cpu: drop_scale must be finite and >= 1, got ", drop_scale);
+  p.seed = static_cast<uint64_t>(seed);
+  p.drop_threshold = static_cast<uint32_t>(drop_threshold);
+  p.drop_scale = drop_threshold == 0 ? 1.0 : drop_scale;
 }
 
 void attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const std::optional<at::Tensor>& mask, const at::Tensor& out,
                    const at::Tensor& lse, double scale, int64_t window_left, int64_t window_right,
                    bool bottom_right, const std::optional<at::Tensor>& cu_q,
-                   const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k) {
+                   const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k,
+                   int64_t seed, int64_t drop_threshold, double drop_scale) {
   AttnParams p;
   attn_params(p, q, k, v, mask, out, lse, scale, window_left, window_right, bottom_right, cu_q,
-              cu_k, max_q, max_k);
+              cu_k, max_q, max_k, seed, drop_threshold, drop_scale);
   if (use_avx2()) {
     cpu::AVX2::attention_fwd(p);
   } else {
@@ -654,10 +667,11 @@ void attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
                    const std::optional<at::Tensor>& mask, const at::Tensor& dq,
                    const at::Tensor& dk, const at::Tensor& dv, double scale, int64_t window_left,
                    int64_t window_right, bool bottom_right, const std::optional<at::Tensor>& cu_q,
-                   const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k) {
+                   const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k,
+                   int64_t seed, int64_t drop_threshold, double drop_scale) {
   AttnBwdParams p;
   attn_params(p.fwd, q, k, v, mask, out, lse, scale, window_left, window_right, bottom_right, cu_q,
-              cu_k, max_q, max_k);
+              cu_k, max_q, max_k, seed, drop_threshold, drop_scale);
   attn_like(dout, "dout", q, out.sizes());
   attn_like(dq, "dq", q, q.sizes());
   attn_like(dk, "dk", q, k.sizes());
@@ -707,12 +721,13 @@ TORCH_LIBRARY(lmkernels_cpu, m) {
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor(a!) out, Tensor(b!) lse, "
       "float scale, int window_left, int window_right, bool bottom_right, Tensor? cu_q, "
-      "Tensor? cu_k, int max_q, int max_k) -> ()");
+      "Tensor? cu_k, int max_q, int max_k, int seed=0, int drop_threshold=0, "
+      "float drop_scale=1.0) -> ()");
   m.def(
       "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? mask, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, float scale, int window_left, "
-      "int window_right, bool bottom_right, Tensor? cu_q, Tensor? cu_k, int max_q, int max_k) "
-      "-> ()");
+      "int window_right, bool bottom_right, Tensor? cu_q, Tensor? cu_k, int max_q, int max_k, "
+      "int seed=0, int drop_threshold=0, float drop_scale=1.0) -> ()");
   m.def("capability() -> str", &lmk::capability);
 }
 

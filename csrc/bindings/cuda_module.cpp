@@ -7,6 +7,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <cstdint>
 #include <sstream>
 #include <string>
@@ -476,7 +477,7 @@ bool attn_common(const char* op, lmk::AttnParams& p, int64_t dtype, uint64_t mas
                  int64_t mask_dtype, const std::vector<int64_t>& mask_strides, int64_t B,
                  int64_t Hq, int64_t Hk, int64_t L, int64_t S, int64_t E, int64_t Ev, double scale,
                  int64_t window_left, int64_t window_right, bool bottom_right, uint64_t cu_q,
-                 uint64_t cu_k) {
+                 uint64_t cu_k, uint64_t seed, int64_t drop_threshold, double drop_scale) {
   p.dtype = data_dtype(op, dtype);
   check_nonnegative(op, "B", B);
   check_nonnegative(op, "Hq", Hq);
@@ -522,15 +523,17 @@ bool attn_common(const char* op, lmk::AttnParams& p, int64_t dtype, uint64_t mas
   const auto ms = attn_strides(op, "mask_strides", mask_strides, 4);
   if (mask != 0) {
     if (cu_q != 0) value_error(op, "mask", "a mask is only supported for dense batches (cu_q = 0)");
-    const bool is_bool = mask_dtype == static_cast<int64_t>(lmk::DType::Bool);
-    if (!is_bool && mask_dtype != dtype) {
+    // bool, additive of the data dtype, or additive fp32 (on 16-bit data: added unrounded)
+    const bool ok = mask_dtype == static_cast<int64_t>(lmk::DType::Bool) || mask_dtype == dtype ||
+                    mask_dtype == static_cast<int64_t>(lmk::DType::F32);
+    if (!ok) {
       value_error(op, "mask_dtype",
-                  "expected Bool=4 or the data dtype (" + std::to_string(dtype) + "), got " +
-                      std::to_string(mask_dtype));
+                  "the mask's dtype must be Bool=4, the data dtype (" + std::to_string(dtype) +
+                      ") or F32=0, got " + std::to_string(mask_dtype));
     }
-    check_aligned(op, "mask", mask, is_bool ? 1 : lmk::dtype_size(p.dtype));
+    p.mask_dtype = static_cast<lmk::DType>(mask_dtype);
+    check_aligned(op, "mask", mask, lmk::dtype_size(p.mask_dtype));
     p.mask = reinterpret_cast<const void*>(mask);
-    p.mask_bool = is_bool;
     p.m_sb = ms[0], p.m_sh = ms[1], p.m_sl = ms[2], p.m_ss = ms[3];
   }
   p.B = B, p.Hq = Hq, p.Hk = Hk, p.L = L, p.S = S, p.E = E, p.Ev = Ev;
@@ -540,6 +543,17 @@ bool attn_common(const char* op, lmk::AttnParams& p, int64_t dtype, uint64_t mas
   p.bottom_right = bottom_right;
   p.cu_q = reinterpret_cast<const int32_t*>(cu_q);
   p.cu_k = reinterpret_cast<const int32_t*>(cu_k);
+  if (drop_threshold < 0 || drop_threshold > int64_t{0xFFFFFFFF}) {
+    value_error(op, "drop_threshold",
+                "expected 0 (no dropout) .. 2^32 - 1, got " + std::to_string(drop_threshold));
+  }
+  if (drop_threshold > 0 && !(std::isfinite(drop_scale) && drop_scale >= 1.0)) {
+    value_error(op, "drop_scale",
+                "expected 2^32 / (2^32 - drop_threshold) >= 1, got " + std::to_string(drop_scale));
+  }
+  p.seed = seed;
+  p.drop_threshold = static_cast<uint32_t>(drop_threshold);
+  p.drop_scale = drop_threshold > 0 ? drop_scale : 1.0;
   return B > 0 && Hq > 0;
 }
 
@@ -557,7 +571,7 @@ void attention_fwd(uint64_t q, uint64_t k, uint64_t v, uint64_t out, uint64_t ls
                    const std::vector<int64_t>& mask_strides, int64_t B, int64_t Hq, int64_t Hk,
                    int64_t L, int64_t S, int64_t E, int64_t Ev, double scale, int64_t window_left,
                    int64_t window_right, bool bottom_right, uint64_t cu_q, uint64_t cu_k,
-                   uint64_t stream) {
+                   uint64_t seed, int64_t drop_threshold, double drop_scale, uint64_t stream) {
   const char* op = "attention_fwd";
   lmk::AttnParams p;
   const auto qs = attn_strides(op, "q_strides", q_strides, 3);
@@ -565,7 +579,8 @@ void attention_fwd(uint64_t q, uint64_t k, uint64_t v, uint64_t out, uint64_t ls
   const auto vs = attn_strides(op, "v_strides", v_strides, 3);
   const auto os = attn_strides(op, "out_strides", out_strides, 3);
   if (!attn_common(op, p, dtype, mask, mask_dtype, mask_strides, B, Hq, Hk, L, S, E, Ev, scale,
-                   window_left, window_right, bottom_right, cu_q, cu_k) ||
+                   window_left, window_right, bottom_right, cu_q, cu_k, seed, drop_threshold,
+                   drop_scale) ||
       L == 0) {
     return;  // nothing to launch
   }
@@ -595,7 +610,8 @@ void attention_bwd(uint64_t dout, uint64_t q, uint64_t k, uint64_t v, uint64_t o
                    const std::vector<int64_t>& dv_strides, const std::vector<int64_t>& mask_strides,
                    int64_t B, int64_t Hq, int64_t Hk, int64_t L, int64_t S, int64_t E, int64_t Ev,
                    double scale, int64_t window_left, int64_t window_right, bool bottom_right,
-                   uint64_t cu_q, uint64_t cu_k, uint64_t stream) {
+                   uint64_t cu_q, uint64_t cu_k, uint64_t seed, int64_t drop_threshold,
+                   double drop_scale, uint64_t stream) {
   const char* op = "attention_bwd";
   lmk::AttnBwdParams p;
   lmk::AttnParams& f = p.fwd;
@@ -608,7 +624,8 @@ void attention_bwd(uint64_t dout, uint64_t q, uint64_t k, uint64_t v, uint64_t o
   const auto dks = attn_strides(op, "dk_strides", dk_strides, 3);
   const auto dvs = attn_strides(op, "dv_strides", dv_strides, 3);
   if (!attn_common(op, f, dtype, mask, mask_dtype, mask_strides, B, Hq, Hk, L, S, E, Ev, scale,
-                   window_left, window_right, bottom_right, cu_q, cu_k) ||
+                   window_left, window_right, bottom_right, cu_q, cu_k, seed, drop_threshold,
+                   drop_scale) ||
       (L == 0 && S == 0)) {
     return;  // nothing to launch
   }
@@ -760,23 +777,27 @@ PYBIND11_MODULE(_cuda, m) {
       "stride. dtype F32=0, F16=1, BF16=2, F64=3 (x, out); cs_dtype (cos, sin): dtype, or F32\n"
       "for 16-bit data. fp32 math (fp64 for F64), rounded once. out may equal x.\n"
       "Asynchronous on `stream`.");
-  m.def("attention_fwd", &attention_fwd, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
-        py::arg("lse"), py::arg("mask"), py::arg("dtype"), py::arg("mask_dtype"),
-        py::arg("q_strides"), py::arg("k_strides"), py::arg("v_strides"), py::arg("out_strides"),
-        py::arg("mask_strides"), py::arg("B"), py::arg("Hq"), py::arg("Hk"), py::arg("L"),
-        py::arg("S"), py::arg("E"), py::arg("Ev"), py::arg("scale"), py::arg("window_left"),
-        py::arg("window_right"), py::arg("bottom_right"), py::arg("cu_q"), py::arg("cu_k"),
-        py::arg("stream"),
-        "Flash attention forward (lmk/attention.h): out (B, Hq, L, Ev) and lse (B, Hq, L) fp32\n"
-        "contiguous from q (B, Hq, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev): device pointers of\n"
-        "dtype F32=0, F16=1 or BF16=2, each with (batch, head, sequence) element strides and a\n"
-        "contiguous last dim; E, Ev <= 256; Hq a multiple of Hk (GQA). mask: 0 or a (B, Hq, L, S)\n"
-        "view (4 strides, 0 for broadcast dims) of Bool=4 (false = -inf) or the data dtype\n"
-        "(added to the scaled scores). window_left / window_right: -1 unbounded (causal:\n"
-        "window_right = 0), around the diagonal i (+ S_b - L_b with bottom_right). cu_q / cu_k:\n"
-        "0, or device int32 offsets (B + 1 each) of a packed varlen batch (then L / S are the\n"
-        "longest lengths, lse is (1, Hq, total_q), no mask). Rows without keys: zeros and\n"
-        "lse = -inf. Asynchronous on `stream`.");
+  m.def(
+      "attention_fwd", &attention_fwd, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
+      py::arg("lse"), py::arg("mask"), py::arg("dtype"), py::arg("mask_dtype"),
+      py::arg("q_strides"), py::arg("k_strides"), py::arg("v_strides"), py::arg("out_strides"),
+      py::arg("mask_strides"), py::arg("B"), py::arg("Hq"), py::arg("Hk"), py::arg("L"),
+      py::arg("S"), py::arg("E"), py::arg("Ev"), py::arg("scale"), py::arg("window_left"),
+      py::arg("window_right"), py::arg("bottom_right"), py::arg("cu_q"), py::arg("cu_k"),
+      py::arg("seed"), py::arg("drop_threshold"), py::arg("drop_scale"), py::arg("stream"),
+      "Flash attention forward (lmk/attention.h): out (B, Hq, L, Ev) and lse (B, Hq, L) fp32\n"
+      "contiguous from q (B, Hq, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev): device pointers of\n"
+      "dtype F32=0, F16=1 or BF16=2, each with (batch, head, sequence) element strides and a\n"
+      "contiguous last dim; E, Ev <= 256; Hq a multiple of Hk (GQA). mask: 0 or a (B, Hq, L, S)\n"
+      "view (4 strides, 0 for broadcast dims) of Bool=4 (false = -inf), the data dtype or F32=0\n"
+      "(added to the scaled scores; F32 on 16-bit data unrounded). window_left / window_right: -1 "
+      "unbounded (causal:\n"
+      "window_right = 0), around the diagonal i (+ S_b - L_b with bottom_right). cu_q / cu_k:\n"
+      "0, or device int32 offsets (B + 1 each) of a packed varlen batch (then L / S are the\n"
+      "longest lengths, lse is (1, Hq, total_q), no mask). Dropout (lmk/philox.h): seed (uint64),\n"
+      "drop_threshold (0 = none .. 2^32 - 1), drop_scale = 2^32 / (2^32 - drop_threshold);\n"
+      "varlen counters use the packed positions. Rows without keys: zeros and lse = -inf.\n"
+      "Asynchronous on `stream`.");
   m.def("attention_bwd", &attention_bwd, py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("out"), py::arg("lse"), py::arg("mask"), py::arg("dq"), py::arg("dk"),
         py::arg("dv"), py::arg("workspace"), py::arg("dtype"), py::arg("mask_dtype"),
@@ -785,7 +806,7 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("mask_strides"), py::arg("B"), py::arg("Hq"), py::arg("Hk"), py::arg("L"),
         py::arg("S"), py::arg("E"), py::arg("Ev"), py::arg("scale"), py::arg("window_left"),
         py::arg("window_right"), py::arg("bottom_right"), py::arg("cu_q"), py::arg("cu_k"),
-        py::arg("stream"),
+        py::arg("seed"), py::arg("drop_threshold"), py::arg("drop_scale"), py::arg("stream"),
         "Flash attention backward (lmk/attention.h): dq, dk, dv (their own strides) from dout,\n"
         "the forward's inputs and its out and lse; arguments as attention_fwd. workspace: fp32\n"
         "device memory laid out like lse (B * Hq * L elements; varlen Hq * total_q).\n"

@@ -37,6 +37,17 @@
 // Every floating-point sum has an order fixed by the shapes: no atomics, and the results are
 // bitwise the same for any thread count.
 //
+// Masks: bool, additive of T, or additive fp32 (on 16-bit T: read as fp32 and added in A, never
+// rounded to T).
+//
+// Dropout (drop_threshold > 0): per row of a tile, the keep bits of its visible keys come from
+// Philox4x32-10 (lmk/philox.h; one call per 4 keys, AVX2: 12 calls at once in 64-bit lanes with
+// _mm256_mul_epu32, ~1 ns per key and thread here; baseline build: the scalar lmk::philox4x32_10)
+// and become Z = keep * drop_scale (drop_factors). Forward: l and lse from the undropped P, then
+// P *= Z before O += P V. Backward: dS = P * (Z * dP - D) * scale and P * Z for dV. Without
+// dropout no Philox runs and the row code is the same as before. The bits depend only on (batch *
+// Hq + head, packed row, packed key), so they are the same in every schedule and thread count.
+//
 // Special values: a NaN score (or +inf, inf - inf) makes its row NaN; masked / out-of-window
 // keys are exactly 0 in P; rows whose lse is -inf contribute nothing to the gradients.
 #include "lmk/attention.h"
@@ -72,7 +83,7 @@ constexpr int64_t kCacheBytes = int64_t{8} << 20;  // packed K / V blocks kept p
 constexpr int64_t kBig = int64_t{1} << 40;         // windows wider than this are unbounded
 
 inline int64_t pad_nr(int64_t x) { return (x + kNR - 1) / kNR * kNR; }
-inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+constexpr int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Position k of n in an order that alternates between the two ends: 0, n-1, 1, n-2, ...
 inline int64_t zigzag(int64_t k, int64_t n) { return (k % 2 == 0) ? k / 2 : n - 1 - k / 2; }
 
@@ -331,9 +342,10 @@ struct Seq {
   }
 };
 
-enum MaskKind { kNoMask = 0, kBoolMask = 1, kAddMask = 2 };
+// kAddMask: additive of T; kAddMaskF32: additive fp32 (on 16-bit T, added in A unrounded).
+enum MaskKind { kNoMask = 0, kBoolMask = 1, kAddMask = 2, kAddMaskF32 = 3 };
 
-// The mask of one row of a tile: element j at ptr[j * stride] (T, or bool).
+// The mask of one row of a tile: element j at ptr[j * stride] (T, float or bool).
 struct MaskRow {
   const void* ptr = nullptr;
   int64_t stride = 0;
@@ -352,6 +364,10 @@ struct Ctx {
   A c;                 // score -> exp units (A = float: scale * log2e; double: scale)
   A mk;                // mask -> exp units
   int64_t wl, wr;
+  // dropout: Z = keep * zscale, keep = philox output >= thr (lmk/philox.h)
+  bool dropout = false;
+  uint32_t thr = 0, key0 = 0, key1 = 0;
+  A zscale = A(1);
 
   explicit Ctx(const AttnParams& ap) : p(ap) {
     q = static_cast<const T*>(p.q);
@@ -369,7 +385,16 @@ struct Ctx {
     Smax = p.S;
     varlen = p.cu_q != nullptr;
     total_q = varlen ? p.cu_q[B] : p.L;
-    if (p.mask != nullptr) mask_kind = p.mask_bool ? kBoolMask : kAddMask;
+    if (p.mask != nullptr) {
+      mask_kind = p.mask_dtype == DType::Bool  ? kBoolMask
+                  : p.mask_dtype == DType::F32 ? kAddMaskF32
+                                               : kAddMask;
+    }
+    dropout = p.drop_threshold != 0;
+    thr = p.drop_threshold;
+    key0 = static_cast<uint32_t>(p.seed);
+    key1 = static_cast<uint32_t>(p.seed >> 32);
+    zscale = static_cast<A>(p.drop_scale);
     if constexpr (std::is_same_v<A, float>) {
       c = static_cast<float>(p.scale * static_cast<double>(kLog2e));
       mk = kLog2e;
@@ -418,13 +443,112 @@ struct Ctx {
   MaskRow mask_row(const Seq& s, int64_t h, int64_t i, int64_t j0) const {
     MaskRow m;
     if (mask_kind == kNoMask) return m;
-    const int64_t esize = mask_kind == kBoolMask ? 1 : static_cast<int64_t>(sizeof(T));
+    const int64_t esize = mask_kind == kBoolMask     ? 1
+                          : mask_kind == kAddMaskF32 ? 4
+                                                     : static_cast<int64_t>(sizeof(T));
     const int64_t off = s.bb * p.m_sb + h * p.m_sh + i * p.m_sl + j0 * p.m_ss;
     m.ptr = static_cast<const char*>(p.mask) + off * esize;
     m.stride = p.m_ss;
     return m;
   }
 };
+
+// ------------------------------------------------------------------ dropout keep bits
+
+constexpr int64_t kRaw = kBK + 64;  // Philox outputs per row of a tile (whole batches: <= 144)
+
+// raw[t] = Philox output t % 4 of counter (g0 + t / 4, row, bh, 0) and key (k0, k1): the random
+// number of key 4 * g0 + t (lmk/philox.h), for t < 4 * ngroups (the AVX2 version fills whole
+// batches of kPhiloxBatch counters, up to 4 * kPhiloxBatch * cdiv(ngroups, kPhiloxBatch) values).
+#if defined(CPU_CAPABILITY_AVX2)
+// Counters in sets of four 64-bit lanes (the counter in the low half: _mm256_mul_epu32 reads only
+// the low halves, so the high halves may hold anything); three sets in flight overlap the
+// multiplies' latency (12 counters = 48 keys per batch). Measured here: ~1 ns per key and thread
+// (about 5.5 vector instructions per key).
+constexpr int kSets = 3;
+constexpr int64_t kPhiloxBatch = 4 * kSets;
+static_assert(4 * kPhiloxBatch * cdiv(cdiv(kBK + 3, 4), kPhiloxBatch) <= kRaw, "raw scratch");
+inline void philox_keys(uint32_t g0, int64_t ngroups, uint32_t row, uint32_t bh, uint32_t k0,
+                        uint32_t k1, uint32_t* raw) {
+  const __m256i m0 = _mm256_set1_epi64x(0xD2511F53u), m1 = _mm256_set1_epi64x(0xCD9E8D57u);
+  __m256i kv[20];  // the round keys (Weyl schedule)
+  for (int r = 0; r < 10; ++r) {
+    kv[2 * r] = _mm256_set1_epi64x(k0 + 0x9E3779B9u * static_cast<uint32_t>(r));
+    kv[2 * r + 1] = _mm256_set1_epi64x(k1 + 0xBB67AE85u * static_cast<uint32_t>(r));
+  }
+  for (int64_t g = 0; g < ngroups; g += kPhiloxBatch) {
+    const uint32_t gb = g0 + static_cast<uint32_t>(g);
+    const __m256i base = _mm256_setr_epi64x(gb, gb + 1u, gb + 2u, gb + 3u);
+    __m256i x0[kSets], x1[kSets], x2[kSets], x3[kSets];
+#pragma GCC unroll 4
+    for (int t = 0; t < kSets; ++t) {
+      x0[t] = _mm256_add_epi64(base, _mm256_set1_epi64x(4 * t));
+      x1[t] = _mm256_set1_epi64x(row);
+      x2[t] = _mm256_set1_epi64x(bh);
+      x3[t] = _mm256_setzero_si256();
+    }
+#pragma GCC unroll 10
+    for (int r = 0; r < 10; ++r) {
+#pragma GCC unroll 4
+      for (int t = 0; t < kSets; ++t) {
+        const __m256i p0 = _mm256_mul_epu32(x0[t], m0), p1 = _mm256_mul_epu32(x2[t], m1);
+        x0[t] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p1, 32), x1[t]), kv[2 * r]);
+        x1[t] = p1;
+        x2[t] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p0, 32), x3[t]), kv[2 * r + 1]);
+        x3[t] = p0;
+      }
+    }
+    // to key order: counter c's four outputs at raw[4 c .. 4 c + 4)
+#pragma GCC unroll 4
+    for (int t = 0; t < kSets; ++t) {
+      const __m256i u = _mm256_blend_epi32(x0[t], _mm256_slli_epi64(x1[t], 32), 0xAA);  // x0, x1
+      const __m256i w = _mm256_blend_epi32(x2[t], _mm256_slli_epi64(x3[t], 32), 0xAA);  // x2, x3
+      const __m256i lo = _mm256_unpacklo_epi64(u, w);  // counters 0 | 2 of the set
+      const __m256i hi = _mm256_unpackhi_epi64(u, w);  // counters 1 | 3
+      uint32_t* dst = raw + 4 * g + 16 * t;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_permute2x128_si256(lo, hi, 0x20));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 8),
+                          _mm256_permute2x128_si256(lo, hi, 0x31));
+    }
+  }
+}
+#else
+inline void philox_keys(uint32_t g0, int64_t ngroups, uint32_t row, uint32_t bh, uint32_t k0,
+                        uint32_t k1, uint32_t* raw) {
+  for (int64_t g = 0; g < ngroups; ++g) {
+    const Philox4 r = philox4x32_10(g0 + static_cast<uint32_t>(g), row, bh, 0u, k0, k1);
+    for (int l = 0; l < 4; ++l) raw[4 * g + l] = r.x[l];
+  }
+}
+#endif
+
+// z[t] for t < n: the dropout factor Z = keep * zscale of score (bh, row, col0 + t) for t in [lo,
+// hi), 0 outside. raw: kRaw values of scratch.
+template <class T, class A>
+void drop_factors(const Ctx<T, A>& cx, int64_t bh, int64_t row, int64_t col0, int64_t lo,
+                  int64_t hi, int64_t n, A* z, uint32_t* raw) {
+  for (int64_t t = 0; t < std::min(lo, n); ++t) z[t] = A(0);
+  for (int64_t t = std::max<int64_t>(hi, 0); t < n; ++t) z[t] = A(0);
+  if (lo >= hi) return;
+  const int64_t a = col0 + lo, base = a & ~int64_t{3}, sh = a - base, cnt = hi - lo;
+  philox_keys(static_cast<uint32_t>(base >> 2), cdiv(sh + cnt, 4), static_cast<uint32_t>(row),
+              static_cast<uint32_t>(bh), cx.key0, cx.key1, raw);
+  const uint32_t* r = raw + sh;
+  A* zz = z + lo;
+  int64_t t = 0;
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<A, float>) {
+    const __m256i tv = _mm256_set1_epi32(static_cast<int>(cx.thr));
+    const __m256 sv = _mm256_set1_ps(cx.zscale);
+    for (; t + kW <= cnt; t += kW) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + t));
+      const __m256i keep = _mm256_cmpeq_epi32(_mm256_max_epu32(x, tv), x);  // x >= thr
+      _mm256_storeu_ps(zz + t, _mm256_and_ps(_mm256_castsi256_ps(keep), sv));
+    }
+  }
+#endif
+  for (; t < cnt; ++t) zz[t] = r[t] >= cx.thr ? cx.zscale : A(0);
+}
 
 // ------------------------------------------------------------------ row operations
 
@@ -459,6 +583,9 @@ A units_row(A* s, int64_t npad, int64_t lo, int64_t hi, A c, A mk, int kind, con
     for (int64_t j = lo; j < hi; ++j) s[j] = m[j * mr.stride] ? s[j] * c : ninf;
   } else if (kind == kAddMask) {
     const T* m = static_cast<const T*>(mr.ptr);
+    for (int64_t j = lo; j < hi; ++j) s[j] = s[j] * c + static_cast<A>(m[j * mr.stride]) * mk;
+  } else if (kind == kAddMaskF32) {
+    const float* m = static_cast<const float*>(mr.ptr);
     for (int64_t j = lo; j < hi; ++j) s[j] = s[j] * c + static_cast<A>(m[j * mr.stride]) * mk;
   }
   for (int64_t j = 0; j < lo; ++j) s[j] = ninf;
@@ -497,6 +624,14 @@ inline double exp_row(double* s, int64_t npad, double mu) {
     acc += s[j];
   }
   return acc;
+}
+
+// s[j] *= z[j], j < n (a multiple of kW).
+inline void mul_row(float* s, const float* z, int64_t n) {
+  for (int64_t j = 0; j < n; j += kW) vstore_raw(s + j, vmul(vload_raw(s + j), vload_raw(z + j)));
+}
+inline void mul_row(double* s, const double* z, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) s[j] *= z[j];
 }
 
 inline void scale_row(float* o, int64_t n, float a) {
@@ -549,9 +684,11 @@ void fwd_row(A* s, int64_t npad, int64_t lo, int64_t hi, const Ctx<T, A>& cx, co
 
 // One row of the backward: p (npad scores) becomes P = exp(s - lse), dp (dO . v) becomes
 // dS = P * (dp - D) * scale.
+// With dropout (z: the row's factors Z, else null), dS = P * (Z * dp - D) * scale and s becomes
+// P * Z (what dV needs).
 template <class T, class A>
 void bwd_row(A* s, A* dp, int64_t npad, int64_t lo, int64_t hi, const Ctx<T, A>& cx,
-             const MaskRow& mr, A lse, A D) {
+             const MaskRow& mr, A lse, A D, const A* z) {
   if (lo >= hi || lse == -std::numeric_limits<A>::infinity()) {
     zero_row(s, npad);
     zero_row(dp, npad);
@@ -564,17 +701,26 @@ void bwd_row(A* s, A* dp, int64_t npad, int64_t lo, int64_t hi, const Ctx<T, A>&
     if (!fused) units_row<false, T>(s, npad, lo, hi, cx.c, cx.mk, cx.mask_kind, mr);
     const Vf nl2 = vset(-(lse * kLog2e)), dv = vset(D), sv = vset(scale),
              cv = vset(fused ? cx.c : 1.f);
-    for (int64_t j = 0; j < npad; j += kW) {
-      const Vf pj = exp2v(vfma(vload_raw(s + j), cv, nl2));
-      vstore_raw(s + j, pj);
-      vstore_raw(dp + j, vmul(vmul(pj, vsub(vload_raw(dp + j), dv)), sv));
+    if (z == nullptr) {
+      for (int64_t j = 0; j < npad; j += kW) {
+        const Vf pj = exp2v(vfma(vload_raw(s + j), cv, nl2));
+        vstore_raw(s + j, pj);
+        vstore_raw(dp + j, vmul(vmul(pj, vsub(vload_raw(dp + j), dv)), sv));
+      }
+    } else {
+      for (int64_t j = 0; j < npad; j += kW) {
+        const Vf pj = exp2v(vfma(vload_raw(s + j), cv, nl2)), zj = vload_raw(z + j);
+        vstore_raw(s + j, vmul(pj, zj));
+        vstore_raw(dp + j, vmul(vmul(pj, vsub(vmul(zj, vload_raw(dp + j)), dv)), sv));
+      }
     }
   } else {
     units_row<false, T>(s, npad, lo, hi, cx.c, cx.mk, cx.mask_kind, mr);
     for (int64_t j = 0; j < npad; ++j) {
       const double pj = std::exp(s[j] - lse);
-      s[j] = pj;
-      dp[j] = pj * (dp[j] - D) * scale;
+      const double zj = z == nullptr ? 1.0 : z[j];
+      s[j] = pj * zj;
+      dp[j] = pj * (zj * dp[j] - D) * scale;
     }
   }
 }
@@ -618,8 +764,11 @@ class BlockCache {
 
 template <class A>
 struct FwdScratch {
-  Buf<A> q, s, o, m, l;
+  Buf<A> q, s, o, m, l, z;
+  Buf<uint32_t> raw;
   FwdScratch(int64_t Ep, int64_t Evp) {
+    z.alloc(kBK);
+    raw.alloc(kRaw);
     q.alloc(kBQ * std::max<int64_t>(Ep, 1));
     s.alloc(kBQ * kBK);
     o.alloc(kBQ * std::max<int64_t>(Evp, 1));
@@ -668,6 +817,12 @@ void fwd_tile(const Ctx<T, A>& cx, int64_t b, int64_t h, int64_t qb, FwdScratch<
       hi = std::clamp<int64_t>(hi - jt, 0, nt);
       fwd_row(s + r * npad, npad, lo, hi, cx, cx.mask_row(sq, h, i0 + r, jt), mrow[r], lrow[r],
               o + r * Evp, Evp);
+      if (cx.dropout && lo < hi) {  // l keeps the undropped sum; O accumulates P * Z
+        A* z = w.z.get();
+        drop_factors(cx, sq.bb * cx.Hq + h, sq.q0 + i0 + r, sq.k0 + jt, lo, hi, npad, z,
+                     w.raw.get());
+        mul_row(s + r * npad, z, npad);
+      }
     }
     gemm<true, false>(m, Evp, nt, s, npad, blk + kBK * E + c0 * Evp, kNR, Evp, o, Evp);
   }
@@ -752,8 +907,11 @@ struct BwdCtx : Ctx<T, A> {
 
 template <class A>
 struct BwdScratch {
-  Buf<A> q, dO, P, dS, dk, dv, dkt, dvt, dq, blk, tmp;
+  Buf<A> q, dO, P, dS, dk, dv, dkt, dvt, dq, blk, tmp, z;
+  Buf<uint32_t> raw;
   BwdScratch(int64_t E, int64_t Ev, int64_t Ep, int64_t Evp, int64_t blk_elems) {
+    z.alloc(kBK);
+    raw.alloc(kRaw);
     q.alloc(kBQ * std::max<int64_t>(Ep, 1));
     dO.alloc(kBQ * std::max<int64_t>(Evp, 1));
     P.alloc(kBQ * kBK);
@@ -768,11 +926,12 @@ struct BwdScratch {
   }
 };
 
-// P and dS of the tile (rows [i0, i0 + m) of head h, keys [j0, j0 + n)) from the converted Q / dO
-// rows and the packed key block.
+// P (P * Z with dropout) and dS of the tile (rows [i0, i0 + m) of head h, keys [j0, j0 + n))
+// from the converted Q / dO rows and the packed key block.
 template <class T, class A>
 void bwd_ps(const BwdCtx<T, A>& cx, const Seq& sq, int64_t h, int64_t i0, int64_t m, int64_t j0,
-            int64_t c0, int64_t nt, const A* qf, const A* dof, const A* blk, A* P, A* dS) {
+            int64_t c0, int64_t nt, const A* qf, const A* dof, const A* blk, A* P, A* dS,
+            BwdScratch<A>& w) {
   const int64_t npad = pad_nr(nt), jt = j0 + c0;
   gemm<false, false>(m, npad, cx.E, qf, cx.Ep, blk + c0 * cx.E, cx.E * kNR, kNR, P, npad);
   gemm<false, false>(m, npad, cx.Ev, dof, cx.Evp, blk + cx.off_vt + c0 * cx.Ev, cx.Ev * kNR, kNR,
@@ -783,8 +942,13 @@ void bwd_ps(const BwdCtx<T, A>& cx, const Seq& sq, int64_t h, int64_t i0, int64_
     lo = std::clamp<int64_t>(lo - jt, 0, nt);
     hi = std::clamp<int64_t>(hi - jt, 0, nt);
     const int64_t li = cx.lse_index(sq, h, i0 + r);
+    A* z = nullptr;
+    if (cx.dropout && lo < hi && cx.lse[li] != -std::numeric_limits<A>::infinity()) {
+      z = w.z.get();
+      drop_factors(cx, sq.bb * cx.Hq + h, sq.q0 + i0 + r, sq.k0 + jt, lo, hi, npad, z, w.raw.get());
+    }
     bwd_row(P + r * npad, dS + r * npad, npad, lo, hi, cx, cx.mask_row(sq, h, i0 + r, jt),
-            cx.lse[li], cx.D[li]);
+            cx.lse[li], cx.D[li], static_cast<const A*>(z));
   }
 }
 
@@ -836,7 +1000,7 @@ void kv_block(const BwdCtx<T, A>& cx, int64_t b, int64_t hk, int64_t kb, BwdScra
       int64_t c0, c1;
       sq.cols(i0, i0 + m, j0, n, c0, c1);
       const int64_t nt = c1 - c0, npad = pad_nr(nt);
-      bwd_ps(cx, sq, h, i0, m, j0, c0, nt, qf, dof, w.blk.get(), P, dS);
+      bwd_ps(cx, sq, h, i0, m, j0, c0, nt, qf, dof, w.blk.get(), P, dS, w);
       // each tile's products summed on their own, then added: a two-level sum, so the error
       // of a long key column grows with the tile and block counts, not with L
       gemm<false, true>(nt, Evp, m, P, npad, dof, kNR, Evp, w.dvt.get(), Evp);
@@ -882,7 +1046,7 @@ void q_block(const BwdCtx<T, A>& cx, int64_t b, int64_t h, int64_t qb, BwdScratc
     int64_t c0, c1;
     sq.cols(i0, i0 + m, j0, n, c0, c1);
     const int64_t nt = c1 - c0;
-    bwd_ps(cx, sq, h, i0, m, j0, c0, nt, qf, dof, blk, w.P.get(), w.dS.get());
+    bwd_ps(cx, sq, h, i0, m, j0, c0, nt, qf, dof, blk, w.P.get(), w.dS.get(), w);
     gemm<true, false>(m, Ep, nt, w.dS.get(), pad_nr(nt), blk + cx.off_kr + c0 * Ep, kNR, Ep, dq,
                       Ep);
   }

@@ -31,15 +31,32 @@
 //          over the group's query heads in order and, per head, over the query tiles that reach
 //          its keys in order, recomputing P from lse, then writes dk, dv once;
 //   dq     one CTA per (query block, batch, head) loops over the key blocks of its band in order.
-// fp16 / bf16 with max(E, Ev) <= 128 run on tensor cores (attn_bwd_dkdv_mma_kernel<T, D>,
-// attn_bwd_dq_mma_kernel<T, D>, D = 64 or 128): dkdv has 64 keys per CTA (16 per warp) and query
-// tiles of 32: S^T = K Q^T and dP^T = V dO^T (mma), P^T and dS^T = P^T (dP^T - D) in registers,
-// then dV += P^T dO and dK += dS^T Q with the register tiles as the A operands (rounded to T);
-// dq has 64 rows per CTA and key tiles of 64: S = Q K^T, dP = dO V^T, dQ += dS K. fp32 data and
-// head dims up to 256 run the SIMT kernels (attn_bwd_dkdv_kernel<T> / attn_bwd_dq_kernel<T>:
-// dkdv per 16 keys, a warp per 4 keys and a lane per column of dk / dv, a lane per query of a
-// 32-row tile recomputing S, P and dP; dq per 16 rows with key tiles of 32, as the forward).
+// fp16 / bf16 run on tensor cores (attn_bwd_dkdv_mma_kernel<T, D>, attn_bwd_dq_mma_kernel<T, D>,
+// the head dims padded to D = 64, 128 or 256 as in the forward): dkdv has 64 keys per CTA (16 per
+// warp) and query tiles of 32: S^T = K Q^T and dP^T = V dO^T (mma), P^T and dS^T = P^T (dP^T - D)
+// in registers, then dV += P^T dO and dK += dS^T Q with the register tiles as the A operands
+// (rounded to T); dq has 64 rows per CTA and key tiles of 64: S = Q K^T, dP = dO V^T,
+// dQ += dS K. D = 256: dk and dv of 16 keys x 256 columns would take 256 registers per thread,
+// so dkdv takes 32 keys per CTA and splits the work over the warps: warp w computes S^T / dP^T
+// for keys 16 (w % 2) .. + 15 and queries 16 (w / 2) .. + 15 of the tile, P^T and dS^T (rounded
+// to T) meet in shared memory, and the warp accumulates columns 128 (w / 2) .. + 127 of its
+// keys' dk / dv from there; dq keeps its register path with key tiles of 32. fp32 data runs the
+// SIMT kernels (attn_bwd_dkdv_kernel<T> / attn_bwd_dq_kernel<T>: dkdv per 16 keys, a warp per
+// 4 keys and a lane per column of dk / dv, a lane per query of a 32-row tile recomputing S, P and
+// dP; dq per 16 rows with key tiles of 32, as the forward).
 //
+// Masks: bool, additive T, or additive f32 (on 16-bit data too; used unrounded in fp32).
+// Dropout (drop_threshold > 0; a template parameter DROP of every kernel, so the kernels without it
+// are unchanged; with it, the D = 128 backward takes smaller tiles: dkdv query tiles of 16, dq key
+// tiles of 32, which keeps it within the registers without spills; D = 256 has these already): the
+// keep bits come from lmk/philox.h with the packed positions as counters (varlen: batch 0, rows
+// cu_q[b] + i, keys cu_k[b] + j). The forward's row max / sum / lse use the undropped P, P V takes
+// P * keep and the epilogue multiplies by drop_scale; the backward uses dS = P (keep drop_scale dP
+// - D) and dV += (P keep)^T dO, scaled by drop_scale once at the end. In the mma layouts one Philox
+// call (four neighbouring keys of one row) serves a thread's pair of adjacent key columns (forward,
+// dq); in dkdv, whose column pairs are queries, the lanes holding keys j and j ^ 1 each draw one
+// of the two rows and swap a bit (one shuffle). A varlen sequence starting at an odd packed key
+// draws per element instead.
 // Numerics: scores and softmax in fp32; the module is built with --use_fast_math, so exp2 / log2
 // are the MUFU approximations (relative error ~2^-22). The tensor-core kernels round P (and dS)
 // to T for their second product (as every flash kernel does); the row sums use the fp32 P.
@@ -176,7 +193,7 @@ struct Args {
   const void* o;  // the forward writes it (const_cast), the backward reads it
   float* lse;     // (B, Hq, L) / (1, Hq, total_q)
   int64_t q_sb, q_sh, q_sl, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl, o_sb, o_sh, o_sl;
-  const void* mask;  // (B, Hq, L, S) of bool or T, or null
+  const void* mask;  // (B, Hq, L, S) of bool, T or f32, or null
   int64_t m_sb, m_sh, m_sl, m_ss;
   const int32_t* cu_q;  // varlen offsets (B + 1), or null
   const int32_t* cu_k;
@@ -184,11 +201,15 @@ struct Args {
   int64_t wl, wr;  // window sides, -1: unbounded (every side at least L + S is made -1)
   int B, Hq, group, E, Ev;
   int nblk;       // row (or key) blocks per (batch, head) of the kernel's grid
-  int mask_bool;  // 1: the mask is bool (false = -inf), 0: additive T
+  int mask_kind;  // kMaskBool (false = -inf), kMaskT or kMaskF32 (additive)
   int bottom_right;
   int q_vec, k_vec, v_vec;  // 16-byte loads allowed (pointer, strides and width)
   int do_vec;               // the same for dO (with v_vec's width Ev)
   float scale, scale_log2;
+  // dropout (lmk/philox.h): keep iff the score's random number >= drop_threshold (0: none)
+  uint64_t seed;
+  uint32_t drop_threshold;
+  float drop_scale;  // 2^32 / (2^32 - drop_threshold)
   // backward
   const void* dout;
   int64_t do_sb, do_sh, do_sl;
@@ -244,18 +265,91 @@ __device__ __forceinline__ void query_range(const Args& a, int64_t k_lo, int64_t
   if (a.wl >= 0) hi = min64(hi, k_hi - off + a.wl + 1);
 }
 
-// The mask's contribution to score (i, j) in log2 units: 0, -inf (bool false) or mask * log2 e.
+constexpr int kMaskBool = 0, kMaskT = 1, kMaskF32 = 2;
+
+// Bytes per mask element.
+template <typename T>
+__host__ __device__ __forceinline__ int64_t mask_esize(const Args& a) {
+  return a.mask_kind == kMaskBool  ? 1
+         : a.mask_kind == kMaskF32 ? static_cast<int64_t>(sizeof(float))
+                                   : static_cast<int64_t>(sizeof(T));
+}
+
+// The mask's contribution to score (i, j) in log2 units: 0, -inf (bool false) or mask * log2 e
+// (an f32 mask on 16-bit data is used as it is, unrounded).
 template <typename T>
 __device__ __forceinline__ float mask_log2(const Args& a, const void* mrow, int64_t j) {
-  if (a.mask_bool) {
+  if (a.mask_kind == kMaskBool) {
     return ld_g(static_cast<const uint8_t*>(mrow) + j * a.m_ss) != 0 ? 0.f : kNegInf;
   }
+  if (a.mask_kind == kMaskF32) return ld_g(static_cast<const float*>(mrow) + j * a.m_ss) * kLog2e;
   return to_acc(ld_g(static_cast<const T*>(mrow) + j * a.m_ss)) * kLog2e;
+}
+
+// ------------------------------------------------------------------ dropout (lmk/philox.h)
+
+// Output k (0 .. 3) of a Philox call, by selects (no local memory for a dynamic index).
+__device__ __forceinline__ uint32_t philox_pick(const Philox4& r, int k) {
+  const uint32_t lo = (k & 1) ? r.x[1] : r.x[0], hi = (k & 1) ? r.x[3] : r.x[2];
+  return (k & 2) ? hi : lo;
+}
+
+__device__ __forceinline__ Philox4 philox_at(const Args& a, uint32_t bh, int64_t i, int64_t j) {
+  return philox4x32_10(static_cast<uint32_t>(j >> 2), static_cast<uint32_t>(i), bh, 0u,
+                       static_cast<uint32_t>(a.seed), static_cast<uint32_t>(a.seed >> 32));
+}
+
+// 1.f if score (i, j) of (batch * Hq + head) bh is kept, else 0.f (packed positions i, j).
+__device__ __forceinline__ float drop_keep1(const Args& a, uint32_t bh, int64_t i, int64_t j) {
+  return philox_pick(philox_at(a, bh, i, j), static_cast<int>(j & 3)) >= a.drop_threshold ? 1.f
+                                                                                          : 0.f;
+}
+
+// The keep factors (1 / 0) of scores (i, j) and (i, j + 1). even: j is even (uniform), so both
+// come from one Philox call.
+__device__ __forceinline__ void drop_keep_kpair(const Args& a, uint32_t bh, int64_t i, int64_t j,
+                                                bool even, float& z0, float& z1) {
+  if (even) {
+    const Philox4 r = philox_at(a, bh, i, j);
+    const bool hi = (j & 2) != 0;
+    z0 = (hi ? r.x[2] : r.x[0]) >= a.drop_threshold ? 1.f : 0.f;
+    z1 = (hi ? r.x[3] : r.x[1]) >= a.drop_threshold ? 1.f : 0.f;
+  } else {
+    z0 = drop_keep1(a, bh, i, j);
+    z1 = drop_keep1(a, bh, i, j + 1);
+  }
+}
+
+// The keep factors of scores (i, j) and (i + 1, j) held by lane g of a pair of lanes (g, g ^ 1,
+// 4 lanes apart in the mma layout) that hold keys j and j ^ 1 for the same queries. even: the
+// pair's keys are j and j ^ 1 with j ^ 1 = j +- 1 in one group of four (uniform): the even lane
+// draws row i, the odd one row i + 1, each for both keys, and they swap one bit (one Philox call
+// per pair of elements).
+__device__ __forceinline__ void drop_keep_qpair(const Args& a, uint32_t bh, int64_t i, int64_t j,
+                                                int g, bool even, float& z0, float& z1) {
+  if (even) {
+    const bool odd = (g & 1) != 0;
+    const Philox4 r = philox_at(a, bh, i + (odd ? 1 : 0), j);
+    const float mine = philox_pick(r, static_cast<int>(j & 3)) >= a.drop_threshold ? 1.f : 0.f;
+    const float other =
+        philox_pick(r, static_cast<int>((j ^ 1) & 3)) >= a.drop_threshold ? 1.f : 0.f;
+    const float got = shfl_xor(other, 4);
+    z0 = odd ? got : mine;
+    z1 = odd ? mine : got;
+  } else {
+    z0 = drop_keep1(a, bh, i, j);
+    z1 = drop_keep1(a, bh, i + 1, j);
+  }
+}
+
+// The dropout counters' (batch * Hq + head) of sequence b, head h: a varlen batch is batch 0.
+__device__ __forceinline__ uint32_t drop_bh(const Args& a, int b, int h) {
+  return static_cast<uint32_t>(a.cu_q != nullptr ? h : b * a.Hq + h);
 }
 
 // ------------------------------------------------------------------ tensor-core forward
 
-template <typename T, int D>
+template <typename T, int D, bool DROP>
 struct MmaFwd {
   static constexpr int BM = 64;                  // query rows per CTA (16 per warp)
   static constexpr int BN = D <= 128 ? 64 : 32;  // keys per block (256: fewer S registers)
@@ -274,7 +368,7 @@ template <typename T, int BM, int BN, int LD, int NT>
 __device__ __forceinline__ void load_mask_tile(float* sM, const Args& a, const unsigned char* mp,
                                                int64_t m0, int64_t n0, int64_t Lb, int64_t Sb,
                                                int tid) {
-  const int64_t msz = a.mask_bool ? 1 : static_cast<int64_t>(sizeof(T));
+  const int64_t msz = mask_esize<T>(a);
   const int rows = static_cast<int>(min64(BM, Lb - m0)),
             cols = static_cast<int>(min64(BN, Sb - n0));
   for (int idx = tid; idx < BM * BN; idx += NT) {
@@ -375,10 +469,32 @@ __device__ __forceinline__ void warp_mm_pb(float (&acc)[D / 8][4], const float (
   }
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(MmaFwd<T, D>::kThreads, MmaFwd<T, D>::kMinBlocks)
+// acc (16 x NC) += A * B, A = rows a0 .. a0 + 15 and the first 16 KK columns of the unswizzled
+// shared tile sA (T, rows lda elements apart, 16-byte aligned), B = rows 0 .. 16 KK - 1 and columns
+// c0 .. c0 + NC - 1 of sB (P^T dO and dS^T Q of the split dk / dv kernel).
+template <typename T, int D, int KK, int NC>
+__device__ __forceinline__ void warp_mm_sb(float (&acc)[NC / 8][4], const T* sA, int lda, int a0,
+                                           const T* sB, int c0, int lane) {
+  static_assert(NC % 16 == 0, "column tiles come in pairs (one ldmatrix.x4)");
+#pragma unroll
+  for (int kk = 0; kk < KK; ++kk) {
+    uint32_t fa[4];
+    ldsm_x4(fa, sA + (a0 + (lane & 15)) * lda + (kk * 2 + (lane >> 4)) * 8);
+#pragma unroll
+    for (int dp = 0; dp < NC / 16; ++dp) {
+      uint32_t fb[4];
+      ldsm_x4_t(fb, sB + swz<D>(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3),
+                                c0 / 8 + dp * 2 + (lane >> 4)));
+      mma_16816<T>(acc[2 * dp], fa, fb[0], fb[1]);
+      mma_16816<T>(acc[2 * dp + 1], fa, fb[2], fb[3]);
+    }
+  }
+}
+
+template <typename T, int D, bool DROP>
+__global__ void __launch_bounds__(MmaFwd<T, D, DROP>::kThreads, MmaFwd<T, D, DROP>::kMinBlocks)
     attn_fwd_mma_kernel(const Args a) {
-  using C = MmaFwd<T, D>;
+  using C = MmaFwd<T, D, DROP>;
   constexpr int BM = C::BM, BN = C::BN, NT = C::kThreads;
   constexpr int KS = D / 16;  // k-steps of Q K^T
   constexpr int ON = D / 8;   // n-tiles of O
@@ -410,6 +526,8 @@ __global__ void __launch_bounds__(MmaFwd<T, D>::kThreads, MmaFwd<T, D>::kMinBloc
   for (int t = 0; t < ON; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.f;
   float mrow[2] = {kNegInf, kNegInf}, lrow[2] = {0.f, 0.f};
   const int64_t i0 = m0 + warp * 16 + g;  // this thread's rows: i0 and i0 + 8
+  const uint32_t dbh = DROP ? drop_bh(a, b, h) : 0u;
+  const bool keven = (sq.k0 & 1) == 0;  // the packed key of an even column is even
 
   if (klo < khi) {
     const T* qp =
@@ -420,8 +538,7 @@ __global__ void __launch_bounds__(MmaFwd<T, D>::kThreads, MmaFwd<T, D>::kMinBloc
         static_cast<const T*>(a.v) + (varlen ? 0 : b * a.v_sb) + hk * a.v_sh + sq.k0 * a.v_sl;
     const unsigned char* mp = nullptr;  // the mask of (b, h)
     if (a.mask != nullptr) {
-      mp = static_cast<const unsigned char*>(a.mask) +
-           (b * a.m_sb + h * a.m_sh) * (a.mask_bool ? 1 : static_cast<int64_t>(sizeof(T)));
+      mp = static_cast<const unsigned char*>(a.mask) + (b * a.m_sb + h * a.m_sh) * mask_esize<T>(a);
     }
     const int nb0 = static_cast<int>(klo / BN), nb1 = static_cast<int>((khi + BN - 1) / BN);
 
@@ -508,6 +625,16 @@ __global__ void __launch_bounds__(MmaFwd<T, D>::kThreads, MmaFwd<T, D>::kMinBloc
             lrow[r] += p;
           }
         }
+        if constexpr (DROP) {  // P V takes P * keep (drop_scale in the epilogue); lse does not
+#pragma unroll
+          for (int t = 0; t < SN; ++t) {
+            float z0, z1;
+            drop_keep_kpair(a, dbh, sq.q0 + i0 + 8 * r, sq.k0 + n0 + t * 8 + tig * 2, keven, z0,
+                            z1);
+            s[t][2 * r] *= z0;
+            s[t][2 * r + 1] *= z1;
+          }
+        }
       }
 
       cp_async_wait<1>();  // this V
@@ -527,7 +654,7 @@ __global__ void __launch_bounds__(MmaFwd<T, D>::kThreads, MmaFwd<T, D>::kMinBloc
     l += shfl_xor(l, 2);
     const int64_t i = i0 + 8 * r;
     if (i >= sq.Lb) continue;
-    const float inv = l == 0.f ? 0.f : 1.f / l;
+    const float inv = l == 0.f ? 0.f : (DROP ? a.drop_scale : 1.f) / l;
     T* orow = op + i * a.o_sl;
 #pragma unroll
     for (int t = 0; t < ON; ++t) {
@@ -549,19 +676,29 @@ __global__ void __launch_bounds__(MmaFwd<T, D>::kThreads, MmaFwd<T, D>::kMinBloc
 
 // ------------------------------------------------------------------ tensor-core backward
 
-template <typename T, int D>
+template <typename T, int D, bool DROP>
 struct MmaBwd {
   static constexpr int kThreads = 128;
-  // dk / dv: BN keys per CTA (16 per warp), query tiles of BMQ rows
-  static constexpr int BN = 64;
-  static constexpr int BMQ = 32;
-  static constexpr int kLdM1 = BMQ + 8;  // mask tile (keys x queries) row stride
+  // dk / dv: BN keys per CTA, query tiles of BMQ rows. Up to D = 128 each warp owns 16 keys and
+  // all D columns of their dk / dv (registers: 2 D / 8 x 4 per thread). D = 256 (kSplit) would
+  // need twice that: the CTA takes 32 keys, warp w computes S^T / dP^T for keys 16 (w % 2) ..
+  // and queries BMQ / 2 (w / 2) .., passes P^T and dS^T through shared memory (rounded to T,
+  // as the register path rounds them), and owns columns D / 2 (w / 2) .. of its 16 keys' dk / dv.
+  static constexpr bool kSplit = D > 128;
+  static constexpr int BN = kSplit ? 32 : 64;
+  static constexpr int BMQ = DROP && D == 128 ? 16 : 32;  // dropout at 128: fewer registers
+  static constexpr int kWarpQ = kSplit ? BMQ / 2 : BMQ;   // queries of a warp's S^T tile
+  static constexpr int kWarpCols = kSplit ? D / 2 : D;    // dk / dv columns of a warp
+  static constexpr int kLdM1 = BMQ + 8;                   // mask tile (keys x queries) row stride
+  static constexpr int kLdP = BMQ + 8;                    // P^T / dS^T tiles (T), row stride
   static constexpr int kSmem1 = (2 * BN + 2 * BMQ) * D * static_cast<int>(sizeof(T)) +
-                                2 * BMQ * static_cast<int>(sizeof(float));
+                                2 * BMQ * static_cast<int>(sizeof(float)) +
+                                (kSplit ? 2 * BN * kLdP * static_cast<int>(sizeof(T)) : 0);
   static constexpr int kSmem1Mask = kSmem1 + BN * kLdM1 * static_cast<int>(sizeof(float));
-  // dq: BM query rows per CTA (16 per warp), key tiles of BNK keys
+  // dq: BM query rows per CTA (16 per warp), key tiles of BNK keys (D = 256: dq takes 128
+  // registers per thread, so small key tiles)
   static constexpr int BM = 64;
-  static constexpr int BNK = 64;
+  static constexpr int BNK = D > 64 && (DROP || D > 128) ? 32 : 64;
   static constexpr int kLdM2 = BNK + 8;
   static constexpr int kSmem2 = (2 * BM + 2 * BNK) * D * static_cast<int>(sizeof(T));
   static constexpr int kSmem2Mask = kSmem2 + BM * kLdM2 * static_cast<int>(sizeof(float));
@@ -582,24 +719,84 @@ __device__ __forceinline__ void row_stats(const Args& a, int b, int h, const Seq
   }
 }
 
+// s = A B^T and dp = A2 B2^T (16 x 8 SN each, from zero): the scores and dP (S^T and dP^T in
+// dkdv) of the warp's rows a0 .. of sA / sA2 and the rows b0 .. of sB / sB2.
+template <typename T, int D, int KS, int SN>
+__device__ __forceinline__ void scores_and_dp(float (&s)[SN][4], float (&dp)[SN][4], const T* sA,
+                                              const T* sA2, int a0, const T* sB, const T* sB2,
+                                              int b0, int lane) {
+#pragma unroll
+  for (int t = 0; t < SN; ++t) {
+    s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
+    dp[t][0] = dp[t][1] = dp[t][2] = dp[t][3] = 0.f;
+  }
+  warp_mm_nt<T, D, KS, SN>(s, sA, a0, sB, b0, lane);
+  warp_mm_nt<T, D, KS, SN>(dp, sA2, a0, sB2, b0, lane);
+}
+
+// In place on the mma tiles of the scores s and of dP (the thread's rows r = 0, 1, 8 apart; its
+// columns col0 + 8 t + c): s becomes P keep and dp becomes dS = P (keep drop_scale dP - D), with
+// P = exp2(s scale_log2 + mask - lse2) inside the row's band (columns [band_lo[r], band_hi[r])
+// less base, clamped to [0, n)), else 0. mrow: the mask tile at the thread's first row and
+// column (rows ldm apart; read only when masked); lse2_of(r, col), d_of(r, col) and
+// keep(r, t, z0, z1) (DROP: the keep factors of columns col0 + 8 t and + 1) give the rest.
+template <bool DROP, int SN, typename Lse2Of, typename DOf, typename Keep>
+__device__ __forceinline__ void probs_and_ds(const Args& a, float (&s)[SN][4], float (&dp)[SN][4],
+                                             const float* mrow, int ldm, bool masked, int col0,
+                                             const int64_t (&band_lo)[2],
+                                             const int64_t (&band_hi)[2], int64_t base, int n,
+                                             Lse2Of lse2_of, DOf d_of, Keep keep) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int lo = static_cast<int>(min64(max64(band_lo[r] - base, 0), n));
+    const int hi = static_cast<int>(min64(max64(band_hi[r] - base, 0), n));
+#pragma unroll
+    for (int t = 0; t < SN; ++t) {
+      float2 madd = make_float2(0.f, 0.f);
+      if (masked) madd = *reinterpret_cast<const float2*>(mrow + 8 * r * ldm + t * 8);
+      float z[2] = {1.f, 1.f};  // keep (dV: drop_scale in the epilogue)
+      if constexpr (DROP) keep(r, t, z[0], z[1]);
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int col = col0 + t * 8 + c;
+        float p = 0.f;
+        if (col >= lo && col < hi) {
+          p = fast_exp2(s[t][2 * r + c] * a.scale_log2 + (c == 0 ? madd.x : madd.y) -
+                        lse2_of(r, col));
+        }
+        const float dpz = DROP ? z[c] * a.drop_scale * dp[t][2 * r + c] : dp[t][2 * r + c];
+        s[t][2 * r + c] = DROP ? p * z[c] : p;
+        dp[t][2 * r + c] = p == 0.f ? 0.f : p * (dpz - d_of(r, col));
+      }
+    }
+  }
+}
+
 // dk, dv of BN keys of one (sequence, kv head): the group's heads in order, each one's query tiles
 // (BMQ rows) that reach the keys in order; S^T = K Q^T, dP^T = V dO^T, then dV += P^T dO and
 // dK += dS^T Q from registers.
-template <typename T, int D>
-__global__ void __launch_bounds__(MmaBwd<T, D>::kThreads, MmaBwd<T, D>::kMinBlocks)
+template <typename T, int D, bool DROP>
+__global__ void __launch_bounds__(MmaBwd<T, D, DROP>::kThreads, MmaBwd<T, D, DROP>::kMinBlocks)
     attn_bwd_dkdv_mma_kernel(const Args a) {
-  using C = MmaBwd<T, D>;
-  constexpr int BN = C::BN, BMQ = C::BMQ, NT = C::kThreads, LDM = C::kLdM1;
-  constexpr int KS = D / 16, ON = D / 8, SN = BMQ / 8;
+  using C = MmaBwd<T, D, DROP>;
+  constexpr int BN = C::BN, BMQ = C::BMQ, NT = C::kThreads, LDM = C::kLdM1, LDP = C::kLdP;
+  constexpr int KS = D / 16, ON = C::kWarpCols / 8, SN = C::kWarpQ / 8;
   T* sK = reinterpret_cast<T*>(smem_base());
   T* sV = sK + BN * D;
   T* sQ = sV + BN * D;
   T* sO = sQ + BMQ * D;  // dO
   float* sL = reinterpret_cast<float*>(sO + BMQ * D);
   float* sDs = sL + BMQ;
-  float* sM = sDs + BMQ;  // only with a mask: (BN keys x BMQ queries)
+  T* sP = reinterpret_cast<T*>(sDs + BMQ);  // kSplit: P^T and dS^T (BN keys x BMQ queries)
+  T* sdS = sP + BN * LDP;
+  // only with a mask: (BN keys x BMQ queries)
+  float* sM = C::kSplit ? reinterpret_cast<float*>(sdS + BN * LDP) : sDs + BMQ;
   const int tid = static_cast<int>(threadIdx.x);
   const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
+  // this warp's keys (rows of S^T), its queries (columns of S^T) and its dk / dv columns
+  const int kw = C::kSplit ? (warp & 1) * 16 : warp * 16;
+  const int qw = C::kSplit ? (warp >> 1) * C::kWarpQ : 0;
+  const int cw = C::kSplit ? (warp >> 1) * C::kWarpCols : 0;
 
   const int64_t bid = blockIdx.x;
   const int kb = static_cast<int>(bid % a.nblk);
@@ -614,7 +811,7 @@ __global__ void __launch_bounds__(MmaBwd<T, D>::kThreads, MmaBwd<T, D>::kMinBloc
   int64_t ilo, ihi;
   query_range(a, n0, n0 + nk - 1, off, sq.Lb, ilo, ihi);
   const bool varlen = a.cu_q != nullptr;
-  const int64_t msz = a.mask_bool ? 1 : static_cast<int64_t>(sizeof(T));
+  const int64_t msz = mask_esize<T>(a);
 
   float dk[ON][4], dv[ON][4];
 #pragma unroll
@@ -635,12 +832,14 @@ __global__ void __launch_bounds__(MmaBwd<T, D>::kThreads, MmaBwd<T, D>::kMinBloc
     int64_t qlo[2], qhi[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int64_t j = n0 + warp * 16 + g + 8 * r;
+      const int64_t j = n0 + kw + g + 8 * r;
       query_range(a, j, j, off, sq.Lb, qlo[r], qhi[r]);
       if (j >= sq.Sb) qhi[r] = qlo[r];  // past the sequence: nothing
     }
+    const bool keven = (sq.k0 & 1) == 0;  // the keys of lanes g, g ^ 1 share a Philox call
     for (int hh = 0; hh < a.group; ++hh) {
       const int h = hk * a.group + hh;
+      const uint32_t dbh = DROP ? drop_bh(a, b, h) : 0u;
       const T* qp =
           static_cast<const T*>(a.q) + (varlen ? 0 : b * a.q_sb) + h * a.q_sh + sq.q0 * a.q_sl;
       const T* dop = static_cast<const T*>(a.dout) + (varlen ? 0 : b * a.do_sb) + h * a.do_sh +
@@ -671,39 +870,36 @@ __global__ void __launch_bounds__(MmaBwd<T, D>::kThreads, MmaBwd<T, D>::kMinBloc
         cp_async_wait<0>();
         block_sync();
 
+        // P^T and dS^T (rows: keys, columns: queries of the tile; lse and D per column)
         float st[SN][4], dpt[SN][4];
+        scores_and_dp<T, D, KS, SN>(st, dpt, sK, sV, kw, sQ, sO, qw, lane);
+        probs_and_ds<DROP>(
+            a, st, dpt, sM + (kw + g) * LDM + qw + tig * 2, LDM, mp != nullptr, qw + tig * 2, qlo,
+            qhi, i0, BMQ, [&](int, int ii) { return sL[ii]; }, [&](int, int ii) { return sDs[ii]; },
+            [&](int r, int t, float& z0, float& z1) {
+              drop_keep_qpair(a, dbh, sq.q0 + i0 + qw + t * 8 + tig * 2,
+                              sq.k0 + n0 + kw + g + 8 * r, g, keven, z0, z1);
+            });
+        if constexpr (C::kSplit) {
+          // the two halves of the keys' P^T / dS^T rows meet in shared memory
 #pragma unroll
-        for (int t = 0; t < SN; ++t) {
-          st[t][0] = st[t][1] = st[t][2] = st[t][3] = 0.f;
-          dpt[t][0] = dpt[t][1] = dpt[t][2] = dpt[t][3] = 0.f;
-        }
-        warp_mm_nt<T, D, KS, SN>(st, sK, warp * 16, sQ, 0, lane);
-        warp_mm_nt<T, D, KS, SN>(dpt, sV, warp * 16, sO, 0, lane);
-        // P^T and dS^T in place (rows: keys, columns: queries of the tile)
+          for (int r = 0; r < 2; ++r) {
+            const int row = (kw + g + 8 * r) * LDP + qw + tig * 2;
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int lo = static_cast<int>(min64(max64(qlo[r] - i0, 0), BMQ));
-          const int hi = static_cast<int>(min64(max64(qhi[r] - i0, 0), BMQ));
-          const float* mrow = sM + (warp * 16 + g + 8 * r) * LDM + tig * 2;
-#pragma unroll
-          for (int t = 0; t < SN; ++t) {
-            float2 madd = make_float2(0.f, 0.f);
-            if (mp != nullptr) madd = *reinterpret_cast<const float2*>(mrow + t * 8);
-#pragma unroll
-            for (int c = 0; c < 2; ++c) {
-              const int ii = t * 8 + tig * 2 + c;
-              float p = 0.f;
-              if (ii >= lo && ii < hi) {
-                p = fast_exp2(st[t][2 * r + c] * a.scale_log2 + (c == 0 ? madd.x : madd.y) -
-                              sL[ii]);
-              }
-              st[t][2 * r + c] = p;
-              dpt[t][2 * r + c] = p == 0.f ? 0.f : p * (dpt[t][2 * r + c] - sDs[ii]);
+            for (int t = 0; t < SN; ++t) {
+              *reinterpret_cast<uint32_t*>(sP + row + t * 8) =
+                  pack2<T>(st[t][2 * r], st[t][2 * r + 1]);
+              *reinterpret_cast<uint32_t*>(sdS + row + t * 8) =
+                  pack2<T>(dpt[t][2 * r], dpt[t][2 * r + 1]);
             }
           }
+          block_sync();
+          warp_mm_sb<T, D, BMQ / 16, C::kWarpCols>(dv, sP, LDP, kw, sO, cw, lane);
+          warp_mm_sb<T, D, BMQ / 16, C::kWarpCols>(dk, sdS, LDP, kw, sQ, cw, lane);
+        } else {
+          warp_mm_pb<T, D, BMQ / 16>(dv, st, sO, 0, lane);
+          warp_mm_pb<T, D, BMQ / 16>(dk, dpt, sQ, 0, lane);
         }
-        warp_mm_pb<T, D, BMQ / 16>(dv, st, sO, 0, lane);
-        warp_mm_pb<T, D, BMQ / 16>(dk, dpt, sQ, 0, lane);
       }
     }
   }
@@ -714,16 +910,19 @@ __global__ void __launch_bounds__(MmaBwd<T, D>::kThreads, MmaBwd<T, D>::kMinBloc
       static_cast<T*>(a.dv) + (varlen ? 0 : b * a.dv_sb) + hk * a.dv_sh + (sq.k0 + n0) * a.dv_sl;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int kk = warp * 16 + g + 8 * r;
+    const int kk = kw + g + 8 * r;
     if (kk >= nk) continue;
 #pragma unroll
     for (int t = 0; t < ON; ++t) {
-      const int col = t * 8 + tig * 2;
+      const int col = cw + t * 8 + tig * 2;
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         if (col + c < a.E)
           st_g(dkp + kk * a.dk_sl + col + c, from_acc<T>(dk[t][2 * r + c] * a.scale));
-        if (col + c < a.Ev) st_g(dvp + kk * a.dv_sl + col + c, from_acc<T>(dv[t][2 * r + c]));
+        if (col + c < a.Ev) {
+          st_g(dvp + kk * a.dv_sl + col + c,
+               from_acc<T>(DROP ? dv[t][2 * r + c] * a.drop_scale : dv[t][2 * r + c]));
+        }
       }
     }
   }
@@ -731,10 +930,10 @@ __global__ void __launch_bounds__(MmaBwd<T, D>::kThreads, MmaBwd<T, D>::kMinBloc
 
 // dq of BM query rows of one (sequence, head): key tiles (BNK keys) of the band in order;
 // S = Q K^T, dP = dO V^T, then dQ += dS K from registers.
-template <typename T, int D>
-__global__ void __launch_bounds__(MmaBwd<T, D>::kThreads, MmaBwd<T, D>::kMinBlocks)
+template <typename T, int D, bool DROP>
+__global__ void __launch_bounds__(MmaBwd<T, D, DROP>::kThreads, MmaBwd<T, D, DROP>::kMinBlocks)
     attn_bwd_dq_mma_kernel(const Args a) {
-  using C = MmaBwd<T, D>;
+  using C = MmaBwd<T, D, DROP>;
   constexpr int BM = C::BM, BN = C::BNK, NT = C::kThreads, LDM = C::kLdM2;
   constexpr int KS = D / 16, ON = D / 8, SN = BN / 8;
   T* sQ = reinterpret_cast<T*>(smem_base());
@@ -759,6 +958,8 @@ __global__ void __launch_bounds__(MmaBwd<T, D>::kThreads, MmaBwd<T, D>::kMinBloc
   const int hk = h / a.group;
   const bool varlen = a.cu_q != nullptr;
   const int64_t i0 = m0 + warp * 16 + g;  // this thread's rows: i0 and i0 + 8
+  const uint32_t dbh = DROP ? drop_bh(a, b, h) : 0u;
+  const bool keven = (sq.k0 & 1) == 0;
 
   float dq[ON][4];
 #pragma unroll
@@ -775,8 +976,7 @@ __global__ void __launch_bounds__(MmaBwd<T, D>::kThreads, MmaBwd<T, D>::kMinBloc
         static_cast<const T*>(a.v) + (varlen ? 0 : b * a.v_sb) + hk * a.v_sh + sq.k0 * a.v_sl;
     const unsigned char* mp = nullptr;
     if (a.mask != nullptr) {
-      mp = static_cast<const unsigned char*>(a.mask) +
-           (b * a.m_sb + h * a.m_sh) * (a.mask_bool ? 1 : static_cast<int64_t>(sizeof(T)));
+      mp = static_cast<const unsigned char*>(a.mask) + (b * a.m_sb + h * a.m_sh) * mask_esize<T>(a);
     }
     load_tile<T, D, BM, NT>(sQ, qp, a.q_sl, rows, a.E, a.q_vec, tid);
     load_tile<T, D, BM, NT>(sO, dop, a.do_sl, rows, a.Ev, a.do_vec, tid);
@@ -800,35 +1000,17 @@ __global__ void __launch_bounds__(MmaBwd<T, D>::kThreads, MmaBwd<T, D>::kMinBloc
       cp_async_wait<0>();
       block_sync();
 
+      // P and dS (lse and D per row)
       float s[SN][4], dp[SN][4];
-#pragma unroll
-      for (int t = 0; t < SN; ++t) {
-        s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
-        dp[t][0] = dp[t][1] = dp[t][2] = dp[t][3] = 0.f;
-      }
-      warp_mm_nt<T, D, KS, SN>(s, sQ, warp * 16, sK, 0, lane);
-      warp_mm_nt<T, D, KS, SN>(dp, sO, warp * 16, sV, 0, lane);
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int lo = static_cast<int>(min64(max64(jlo[r] - n0, 0), BN));
-        const int hi = static_cast<int>(min64(max64(jhi[r] - n0, 0), BN));
-        const float* mrow = sM + (warp * 16 + g + 8 * r) * LDM + tig * 2;
-#pragma unroll
-        for (int t = 0; t < SN; ++t) {
-          float2 madd = make_float2(0.f, 0.f);
-          if (mp != nullptr) madd = *reinterpret_cast<const float2*>(mrow + t * 8);
-#pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            const int jj = t * 8 + tig * 2 + c;
-            float p = 0.f;
-            if (jj >= lo && jj < hi) {
-              p = fast_exp2(s[t][2 * r + c] * a.scale_log2 + (c == 0 ? madd.x : madd.y) - lse2[r]);
-            }
-            s[t][2 * r + c] = p == 0.f ? 0.f : p * (dp[t][2 * r + c] - dsum[r]);
-          }
-        }
-      }
-      warp_mm_pb<T, D, BN / 16>(dq, s, sK, 0, lane);
+      scores_and_dp<T, D, KS, SN>(s, dp, sQ, sO, warp * 16, sK, sV, 0, lane);
+      probs_and_ds<DROP>(
+          a, s, dp, sM + (warp * 16 + g) * LDM + tig * 2, LDM, mp != nullptr, tig * 2, jlo, jhi, n0,
+          BN, [&](int r, int) { return lse2[r]; }, [&](int r, int) { return dsum[r]; },
+          [&](int r, int t, float& z0, float& z1) {
+            drop_keep_kpair(a, dbh, sq.q0 + i0 + 8 * r, sq.k0 + n0 + t * 8 + tig * 2, keven, z0,
+                            z1);
+          });
+      warp_mm_pb<T, D, BN / 16>(dq, dp, sK, 0, lane);
     }
   }
 
@@ -874,7 +1056,7 @@ __device__ __forceinline__ void load_rows_f32(float* sm, int ld, const T* src, i
   }
 }
 
-template <typename T>
+template <typename T, bool DROP>
 __global__ void __launch_bounds__(kSimtThreads, 2) attn_fwd_simt_kernel(const Args a) {
   const int Ep = pad_odd(a.E), Evp = pad_odd(a.Ev);
   float* sQ = reinterpret_cast<float*>(smem_base());
@@ -896,7 +1078,7 @@ __global__ void __launch_bounds__(kSimtThreads, 2) attn_fwd_simt_kernel(const Ar
   key_range(a, m0, m0 + rows - 1, off, sq.Sb, klo, khi);
   const int hk = h / a.group;
   const bool varlen = a.cu_q != nullptr;
-  const int64_t msz = a.mask_bool ? 1 : static_cast<int64_t>(sizeof(T));
+  const int64_t msz = mask_esize<T>(a);
 
   float o[kSimtRows][kSimtSlices];
   float mrow[kSimtRows], lrow[kSimtRows];
@@ -960,6 +1142,8 @@ __global__ void __launch_bounds__(kSimtThreads, 2) attn_fwd_simt_kernel(const Ar
         lrow[r] = lrow[r] * alpha + p[r];
 #pragma unroll
         for (int t = 0; t < kSimtSlices; ++t) o[r][t] *= alpha;
+        // P V takes P * keep (drop_scale in the epilogue); the row sums do not
+        if constexpr (DROP) p[r] *= drop_keep1(a, drop_bh(a, b, h), sq.q0 + i, sq.k0 + j);
       }
       for (int jj = 0; jj < nk; ++jj) {
         float pj[kSimtRows];
@@ -987,7 +1171,7 @@ __global__ void __launch_bounds__(kSimtThreads, 2) attn_fwd_simt_kernel(const Ar
     for (int w = 16; w >= 1; w >>= 1) l += shfl_xor(l, w);
     const int64_t i = m0 + warp * kSimtRows + r;
     if (i >= sq.Lb) continue;
-    const float inv = l == 0.f ? 0.f : 1.f / l;
+    const float inv = l == 0.f ? 0.f : (DROP ? a.drop_scale : 1.f) / l;
 #pragma unroll
     for (int t = 0; t < kSimtSlices; ++t) {
       const int e = lane + 32 * t;
@@ -1034,7 +1218,7 @@ __device__ __forceinline__ float prob(const Args& a, float dot, float lse2, bool
 }
 
 // dk, dv for kSimtKeys keys of one (sequence, kv head); warp w owns keys w * 4 .. w * 4 + 3.
-template <typename T>
+template <typename T, bool DROP>
 __global__ void __launch_bounds__(kSimtThreads) attn_bwd_dkdv_kernel(const Args a) {
   const int Ep = pad_odd(a.E), Evp = pad_odd(a.Ev);
   float* sQ = reinterpret_cast<float*>(smem_base());  // (kSimtQT, Ep)
@@ -1057,7 +1241,7 @@ __global__ void __launch_bounds__(kSimtThreads) attn_bwd_dkdv_kernel(const Args 
   int64_t ilo, ihi;
   query_range(a, n0, n0 + nk - 1, off, sq.Lb, ilo, ihi);
   const bool varlen = a.cu_q != nullptr;
-  const int64_t msz = a.mask_bool ? 1 : static_cast<int64_t>(sizeof(T));
+  const int64_t msz = mask_esize<T>(a);
 
   const T* kp =
       static_cast<const T*>(a.k) + (varlen ? 0 : b * a.k_sb) + hk * a.k_sh + (sq.k0 + n0) * a.k_sl;
@@ -1112,9 +1296,12 @@ __global__ void __launch_bounds__(kSimtThreads) attn_bwd_dkdv_kernel(const Args 
           for (int e = 0; e < a.E; ++e) s += sQ[lane * Ep + e] * sK[kk * Ep + e];
           for (int e = 0; e < a.Ev; ++e) dp += sO[lane * Evp + e] * sV[kk * Evp + e];
           const float p = prob<T>(a, s, lse2, lane < nq && j >= jlo && j < jhi, mrow_p, j);
-          const float ds = p == 0.f ? 0.f : p * (dp - dsum);
+          // dropout: dS takes keep * drop_scale * dP, dV P * keep (drop_scale in the epilogue)
+          const float z = DROP ? drop_keep1(a, drop_bh(a, b, h), sq.q0 + i, sq.k0 + j) : 1.f;
+          const float ds = p == 0.f ? 0.f : p * ((DROP ? z * a.drop_scale * dp : dp) - dsum);
+          const float pz = p * z;
           for (int ii = 0; ii < nq; ++ii) {
-            const float pi = shfl_idx(p, ii), dsi = shfl_idx(ds, ii);
+            const float pi = shfl_idx(pz, ii), dsi = shfl_idx(ds, ii);
 #pragma unroll
             for (int t = 0; t < kSimtSlices; ++t) {
               const int e = lane + 32 * t;
@@ -1139,13 +1326,14 @@ __global__ void __launch_bounds__(kSimtThreads) attn_bwd_dkdv_kernel(const Args 
     for (int t = 0; t < kSimtSlices; ++t) {
       const int e = lane + 32 * t;
       if (e < a.E) st_g(dkp + kk * a.dk_sl + e, from_acc<T>(dk[r][t] * a.scale));
-      if (e < a.Ev) st_g(dvp + kk * a.dv_sl + e, from_acc<T>(dv[r][t]));
+      if (e < a.Ev)
+        st_g(dvp + kk * a.dv_sl + e, from_acc<T>(DROP ? dv[r][t] * a.drop_scale : dv[r][t]));
     }
   }
 }
 
 // dq for kSimtBM query rows of one (sequence, head); warp w owns rows w * 4 .. w * 4 + 3.
-template <typename T>
+template <typename T, bool DROP>
 __global__ void __launch_bounds__(kSimtThreads) attn_bwd_dq_kernel(const Args a) {
   const int Ep = pad_odd(a.E), Evp = pad_odd(a.Ev);
   float* sQ = reinterpret_cast<float*>(smem_base());  // (kSimtBM, Ep)
@@ -1168,7 +1356,7 @@ __global__ void __launch_bounds__(kSimtThreads) attn_bwd_dq_kernel(const Args a)
   key_range(a, m0, m0 + rows - 1, off, sq.Sb, klo, khi);
   const int hk = h / a.group;
   const bool varlen = a.cu_q != nullptr;
-  const int64_t msz = a.mask_bool ? 1 : static_cast<int64_t>(sizeof(T));
+  const int64_t msz = mask_esize<T>(a);
 
   float dq[kSimtRows][kSimtSlices];
 #pragma unroll
@@ -1226,7 +1414,8 @@ __global__ void __launch_bounds__(kSimtThreads) attn_bwd_dq_kernel(const Args a)
         }
         const bool inside = i < sq.Lb && lane < nk && j >= jlo && j < jhi;
         const float p = prob<T>(a, s, lse2[r], inside, mrow_p, j);
-        ds[r] = p == 0.f ? 0.f : p * (dp - dsum[r]);
+        const float z = DROP ? drop_keep1(a, drop_bh(a, b, h), sq.q0 + i, sq.k0 + j) : 1.f;
+        ds[r] = p == 0.f ? 0.f : p * ((DROP ? z * a.drop_scale * dp : dp) - dsum[r]);
       }
       for (int jj = 0; jj < nk; ++jj) {
         float dsj[kSimtRows];
@@ -1285,6 +1474,10 @@ cudaError_t check_common(const AttnParams& p) {
   if (p.Hq > 0 && (p.Hk <= 0 || p.Hq % p.Hk != 0)) return cudaErrorInvalidValue;
   if ((p.cu_q == nullptr) != (p.cu_k == nullptr)) return cudaErrorInvalidValue;
   if (p.cu_q != nullptr && p.mask != nullptr) return cudaErrorInvalidValue;
+  if (p.mask != nullptr && p.mask_dtype != DType::Bool && p.mask_dtype != p.dtype &&
+      p.mask_dtype != DType::F32) {
+    return cudaErrorInvalidValue;
+  }
   if (p.window_left < -1 || p.window_right < -1) return cudaErrorInvalidValue;
   if (p.B > INT32_MAX || p.Hq > INT32_MAX) return cudaErrorInvalidValue;
   return cudaSuccess;
@@ -1302,7 +1495,9 @@ Args make_args(const AttnParams& p) {
   a.v_sb = p.v_sb, a.v_sh = p.v_sh, a.v_sl = p.v_sl;
   a.o_sb = p.o_sb, a.o_sh = p.o_sh, a.o_sl = p.o_sl;
   a.mask = p.mask;
-  a.mask_bool = p.mask_bool ? 1 : 0;
+  a.mask_kind = p.mask_dtype == DType::Bool  ? kMaskBool
+                : p.mask_dtype == DType::F32 ? kMaskF32
+                                             : kMaskT;
   a.m_sb = p.m_sb, a.m_sh = p.m_sh, a.m_sl = p.m_sl, a.m_ss = p.m_ss;
   a.cu_q = p.cu_q;
   a.cu_k = p.cu_k;
@@ -1320,6 +1515,9 @@ Args make_args(const AttnParams& p) {
   a.bottom_right = p.bottom_right ? 1 : 0;
   a.scale = static_cast<float>(p.scale);
   a.scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
+  a.seed = p.seed;
+  a.drop_threshold = p.drop_threshold;
+  a.drop_scale = p.drop_threshold != 0 ? static_cast<float>(p.drop_scale) : 1.f;
   const bool varlen = p.cu_q != nullptr;
   const int64_t esize = dtype_size(p.dtype);
   a.q_vec = vec_ok(p.q, p.E, esize, varlen, p.q_sb, p.q_sh, p.q_sl);
@@ -1336,27 +1534,35 @@ cudaError_t grid_of(int64_t blocks_per_head, int64_t heads, int64_t B, unsigned&
   return cudaSuccess;
 }
 
-template <typename T, int D>
+template <typename T, int D, bool DROP>
 cudaError_t fwd_mma(Args a, int64_t B, cudaStream_t stream) {
-  using C = MmaFwd<T, D>;
+  using C = MmaFwd<T, D, DROP>;
   a.nblk = static_cast<int>((a.L + C::BM - 1) / C::BM);
   unsigned grid = 0;
   cudaError_t err = grid_of(a.nblk, a.Hq, B, grid);
   if (err != cudaSuccess) return err;
   const int smem = a.mask != nullptr ? C::kSmemMask : C::kSmemData;
-  const void* fn = reinterpret_cast<const void*>(&attn_fwd_mma_kernel<T, D>);
+  const void* fn = reinterpret_cast<const void*>(&attn_fwd_mma_kernel<T, D, DROP>);
   err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemMask);
   if (err != cudaSuccess) return err;
-  LMK_ATTN_LAUNCH((attn_fwd_mma_kernel<T, D>), grid, C::kThreads, smem, stream, a);
+  LMK_ATTN_LAUNCH((attn_fwd_mma_kernel<T, D, DROP>), grid, C::kThreads, smem, stream, a);
   return cudaGetLastError();
 }
 
-template <typename T>
+template <typename T, bool DROP>
 cudaError_t fwd_mma_dispatch(const Args& a, int64_t B, cudaStream_t stream) {
   const int d = std::max(a.E, a.Ev);
-  if (d <= 64) return fwd_mma<T, 64>(a, B, stream);
-  if (d <= 128) return fwd_mma<T, 128>(a, B, stream);
-  return fwd_mma<T, 256>(a, B, stream);
+  if (d <= 64) return fwd_mma<T, 64, DROP>(a, B, stream);
+  if (d <= 128) return fwd_mma<T, 128, DROP>(a, B, stream);
+  return fwd_mma<T, 256, DROP>(a, B, stream);
+}
+
+// Dropout is a template parameter of the tensor-core kernels: the kernels without it stay as
+// they are (two of them sit at the register limit).
+template <typename T>
+cudaError_t fwd_mma_dispatch(const Args& a, int64_t B, cudaStream_t stream) {
+  return a.drop_threshold != 0 ? fwd_mma_dispatch<T, true>(a, B, stream)
+                               : fwd_mma_dispatch<T, false>(a, B, stream);
 }
 
 // Shared bytes of the SIMT kernels for rows_q query rows and rows_k keys per tile.
@@ -1371,6 +1577,7 @@ cudaError_t set_smem(Kernel* kernel, int bytes) {
                               cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 }
 
+template <bool DROP>
 cudaError_t fwd_simt(Args a, int64_t B, cudaStream_t stream) {
   a.nblk = static_cast<int>((a.L + kSimtBM - 1) / kSimtBM);
   unsigned grid = 0;
@@ -1379,15 +1586,15 @@ cudaError_t fwd_simt(Args a, int64_t B, cudaStream_t stream) {
   // sQ (kSimtBM x Ep), sK (kSimtBN x Ep), sV (kSimtBN x Evp)
   const int smem = (kSimtBM * pad_odd(a.E) + kSimtBN * (pad_odd(a.E) + pad_odd(a.Ev))) *
                    static_cast<int>(sizeof(float));
-  err = set_smem(&attn_fwd_simt_kernel<float>, smem);
+  err = set_smem(&attn_fwd_simt_kernel<float, DROP>, smem);
   if (err != cudaSuccess) return err;
-  LMK_ATTN_LAUNCH(attn_fwd_simt_kernel<float>, grid, kSimtThreads, smem, stream, a);
+  LMK_ATTN_LAUNCH((attn_fwd_simt_kernel<float, DROP>), grid, kSimtThreads, smem, stream, a);
   return cudaGetLastError();
 }
 
-template <typename T, int D>
+template <typename T, int D, bool DROP>
 cudaError_t bwd_mma(const Args& a, int64_t B, cudaStream_t stream) {
-  using C = MmaBwd<T, D>;
+  using C = MmaBwd<T, D, DROP>;
   {  // dk, dv
     Args c = a;
     c.nblk = static_cast<int>((a.S + C::BN - 1) / C::BN);
@@ -1395,10 +1602,10 @@ cudaError_t bwd_mma(const Args& a, int64_t B, cudaStream_t stream) {
     cudaError_t err = grid_of(c.nblk, a.Hq / a.group, B, grid);
     if (err != cudaSuccess) return err;
     const int smem = a.mask != nullptr ? C::kSmem1Mask : C::kSmem1;
-    err = set_smem(&attn_bwd_dkdv_mma_kernel<T, D>, C::kSmem1Mask);
+    err = set_smem(&attn_bwd_dkdv_mma_kernel<T, D, DROP>, C::kSmem1Mask);
     if (err != cudaSuccess) return err;
     if (grid > 0) {
-      LMK_ATTN_LAUNCH((attn_bwd_dkdv_mma_kernel<T, D>), grid, C::kThreads, smem, stream, c);
+      LMK_ATTN_LAUNCH((attn_bwd_dkdv_mma_kernel<T, D, DROP>), grid, C::kThreads, smem, stream, c);
       err = cudaGetLastError();
       if (err != cudaSuccess) return err;
     }
@@ -1410,10 +1617,47 @@ cudaError_t bwd_mma(const Args& a, int64_t B, cudaStream_t stream) {
     cudaError_t err = grid_of(c.nblk, a.Hq, B, grid);
     if (err != cudaSuccess) return err;
     const int smem = a.mask != nullptr ? C::kSmem2Mask : C::kSmem2;
-    err = set_smem(&attn_bwd_dq_mma_kernel<T, D>, C::kSmem2Mask);
+    err = set_smem(&attn_bwd_dq_mma_kernel<T, D, DROP>, C::kSmem2Mask);
     if (err != cudaSuccess) return err;
     if (grid > 0) {
-      LMK_ATTN_LAUNCH((attn_bwd_dq_mma_kernel<T, D>), grid, C::kThreads, smem, stream, c);
+      LMK_ATTN_LAUNCH((attn_bwd_dq_mma_kernel<T, D, DROP>), grid, C::kThreads, smem, stream, c);
+      err = cudaGetLastError();
+    }
+    return err;
+  }
+}
+
+// The SIMT backward (fp32 data): dk / dv, then dq.
+template <typename T, bool DROP>
+cudaError_t bwd_simt(const Args& a, int64_t B, cudaStream_t stream) {
+  // dk, dv
+  {
+    Args c = a;
+    c.nblk = static_cast<int>((a.S + kSimtKeys - 1) / kSimtKeys);
+    unsigned grid = 0;
+    cudaError_t err = grid_of(c.nblk, a.Hq / a.group, B, grid);
+    if (err != cudaSuccess) return err;
+    const int smem = simt_smem(a, kSimtQT, kSimtKeys);
+    err = set_smem(&attn_bwd_dkdv_kernel<T, DROP>, smem);
+    if (err != cudaSuccess) return err;
+    if (grid > 0) {
+      LMK_ATTN_LAUNCH((attn_bwd_dkdv_kernel<T, DROP>), grid, kSimtThreads, smem, stream, c);
+      err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+    }
+  }
+  // dq
+  {
+    Args c = a;
+    c.nblk = static_cast<int>((a.L + kSimtBM - 1) / kSimtBM);
+    unsigned grid = 0;
+    cudaError_t err = grid_of(c.nblk, a.Hq, B, grid);
+    if (err != cudaSuccess) return err;
+    const int smem = simt_smem(a, kSimtBM, kSimtBN);
+    err = set_smem(&attn_bwd_dq_kernel<T, DROP>, smem);
+    if (err != cudaSuccess) return err;
+    if (grid > 0) {
+      LMK_ATTN_LAUNCH((attn_bwd_dq_kernel<T, DROP>), grid, kSimtThreads, smem, stream, c);
       err = cudaGetLastError();
     }
     return err;
@@ -1431,43 +1675,17 @@ cudaError_t bwd_typed(Args a, int64_t B, int64_t lse_rows, cudaStream_t stream) 
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  if constexpr (!std::is_same_v<T, float>) {  // tensor cores up to head dim 128
+  if constexpr (!std::is_same_v<T, float>) {  // tensor cores (head dims up to 256)
     const int d = std::max(a.E, a.Ev);
-    if (d <= 64) return bwd_mma<T, 64>(a, B, stream);
-    if (d <= 128) return bwd_mma<T, 128>(a, B, stream);
-  }
-  // dk, dv
-  {
-    Args c = a;
-    c.nblk = static_cast<int>((a.S + kSimtKeys - 1) / kSimtKeys);
-    unsigned grid = 0;
-    cudaError_t err = grid_of(c.nblk, a.Hq / a.group, B, grid);
-    if (err != cudaSuccess) return err;
-    const int smem = simt_smem(a, kSimtQT, kSimtKeys);
-    err = set_smem(&attn_bwd_dkdv_kernel<T>, smem);
-    if (err != cudaSuccess) return err;
-    if (grid > 0) {
-      LMK_ATTN_LAUNCH(attn_bwd_dkdv_kernel<T>, grid, kSimtThreads, smem, stream, c);
-      err = cudaGetLastError();
-      if (err != cudaSuccess) return err;
+    const bool drop = a.drop_threshold != 0;
+    if (d <= 64)
+      return drop ? bwd_mma<T, 64, true>(a, B, stream) : bwd_mma<T, 64, false>(a, B, stream);
+    if (d <= 128) {
+      return drop ? bwd_mma<T, 128, true>(a, B, stream) : bwd_mma<T, 128, false>(a, B, stream);
     }
+    return drop ? bwd_mma<T, 256, true>(a, B, stream) : bwd_mma<T, 256, false>(a, B, stream);
   }
-  // dq
-  {
-    Args c = a;
-    c.nblk = static_cast<int>((a.L + kSimtBM - 1) / kSimtBM);
-    unsigned grid = 0;
-    cudaError_t err = grid_of(c.nblk, a.Hq, B, grid);
-    if (err != cudaSuccess) return err;
-    const int smem = simt_smem(a, kSimtBM, kSimtBN);
-    err = set_smem(&attn_bwd_dq_kernel<T>, smem);
-    if (err != cudaSuccess) return err;
-    if (grid > 0) {
-      LMK_ATTN_LAUNCH(attn_bwd_dq_kernel<T>, grid, kSimtThreads, smem, stream, c);
-      err = cudaGetLastError();
-    }
-    return err;
-  }
+  return a.drop_threshold != 0 ? bwd_simt<T, true>(a, B, stream) : bwd_simt<T, false>(a, B, stream);
 }
 
 }  // namespace
@@ -1484,7 +1702,8 @@ cudaError_t attention_fwd_cuda(const AttnParams& p, cudaStream_t stream) {
   const Args a = make_args(p);
   switch (p.dtype) {
     case DType::F32:
-      return fwd_simt(a, p.B, stream);
+      return p.drop_threshold != 0 ? fwd_simt<true>(a, p.B, stream)
+                                   : fwd_simt<false>(a, p.B, stream);
     case DType::F16:
       return fwd_mma_dispatch<__half>(a, p.B, stream);
     case DType::BF16:

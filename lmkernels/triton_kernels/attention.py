@@ -10,7 +10,15 @@
 #   (zeros without keys). Backward: P = exp(s - lse), D[i] = dO[i].O[i] (O as stored),
 #   dS = P * (dO.v^T - D), dq = scale dS k, dk = scale dS^T q, dv = P^T dO; dk / dv sum over
 #   the query heads of the GQA group (query head h reads key/value head h // (Hq / Hk)).
-# T (q, k, v, o, dO, dq, dk, dv, an additive mask) is fp32/fp16/bf16; lse and D are fp32.
+# T (q, k, v, o, dO, dq, dk, dv, an additive mask) is fp32/fp16/bf16; lse and D are fp32; an
+# additive mask may also be fp32 on fp16 / bf16 data (added in fp32, unrounded).
+# Dropout (drop_thr > 0, lmk/philox.h): score (b, h, i, j) is kept iff philox4x32_10(c = (j >> 2,
+# i, b * Hq + h, 0), key = seed).x[j & 3] >= drop_thr (varlen: b = 0, i and j packed
+# positions); the forward's m, l and lse use the undropped p, o accumulates p * Z with
+# Z = keep * drop_scale; the backward redraws the bits: dv += (P Z)^T dO, dS = P (Z dP - D).
+# _philox4x32_10 is the generator on uint32 tiles (umulhi for the high words), _drop_keep draws
+# one call per row and group of 4 keys and interleaves the 4 lanes (join + reshape); the seed
+# and threshold travel as int32 bit patterns (the JIT types them i32 like every other int).
 #
 # Kernels (every grid is one flat axis 0, so no per-axis limit applies):
 #   _attn_fwd_kernel      one program per (BLOCK_M queries, head, batch entry) (varlen: per
@@ -67,10 +75,17 @@
 # num_warps) table per kernel and bucket for fp16/bf16 and one for fp32 (smaller), and smaller
 # 16-bit tiles with a mask (its unvectorised tile loads take registers). sm_90 uses the sm_80
 # tables. num_stages is Triton's default (3): the AOT report compiles with it, so the launchers
-# launch with it too. aot_specs(): 3 dtypes x 3 buckets x (forward, dK/dV, dQ for 3 mask kinds
-# + the preprocess) = 90 specs (window, causal-ness, bottom_right and varlen are runtime
-# arguments); all compile for sm_80 and sm_90 with zero spills, at most 255 registers and
-# 140 KB of shared memory (within both limits).
+# launch with it too. Dropout is the constexpr DROPOUT: 0 compiles no dropout code; 1 compiles
+# it behind a uniform runtime branch (drop_thr != 0). Only the common configurations (fp16 /
+# bf16 without a mask or with a bool mask) have both variants (a no-dropout launch pays
+# nothing); the others (fp32, additive masks) have only DROPOUT=1, which their no-dropout
+# launches also use (the branch skips the work; the variant's registers are the price). Where
+# a DROPOUT=1 variant would spill with the usual tile, _DROPOUT_TILES gives it a smaller one.
+# aot_specs(): per head bucket, fp16 / bf16: forward, dK/dV, dQ for 4 mask kinds (none, bool,
+# additive T, additive fp32), the first two twice (DROPOUT 0 / 1), + the preprocess = 19; fp32:
+# 3 kernels x 3 mask kinds + the preprocess = 10; 3 x (19 + 19 + 10) = 144 specs (window,
+# causal-ness, bottom_right, varlen and dropout's seed / threshold are runtime arguments); all
+# compile for sm_80 and sm_90 with zero spills and shared memory within both limits.
 #
 # Limits and trade-offs:
 #   * head dims E, Ev <= 256, one BLOCK_D for both: head dim 16 or 32 pays the padding to 64
@@ -235,6 +250,88 @@ def _scores(
     return s
 
 
+# Philox4x32-10 (lmk/philox.h): multipliers and the Weyl key increments
+_PHILOX_M0 = tl.constexpr(0xD2511F53)
+_PHILOX_M1 = tl.constexpr(0xCD9E8D57)
+_PHILOX_W0 = tl.constexpr(0x9E3779B9)
+_PHILOX_W1 = tl.constexpr(0xBB67AE85)
+
+
+@triton.jit
+def _philox4x32_10(c0, c1, c2, c3, k0, k1):
+    # lmk/philox.h's philox4x32_10 on uint32 tiles (c*) and uint32 scalars (k*): the high word
+    # of each 32 x 32 product from umulhi, the low word from the wrapping uint32 multiply
+    for r in tl.static_range(10):
+        if r > 0:
+            k0 = k0 + _PHILOX_W0
+            k1 = k1 + _PHILOX_W1
+        hi0 = tl.umulhi(c0, _PHILOX_M0)
+        lo0 = c0 * _PHILOX_M0
+        hi1 = tl.umulhi(c2, _PHILOX_M1)
+        lo1 = c2 * _PHILOX_M1
+        c0 = hi1 ^ c1 ^ k0
+        c1 = lo1
+        c2 = hi0 ^ c3 ^ k1
+        c3 = lo0
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _u32(x):
+    # an int32 scalar argument holding a uint32 bit pattern (or the constexpr 1 the JIT
+    # specialises) as a uint32 scalar
+    return tl.to_tensor(x).to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _lane(x0, x1, x2, x3, lane):
+    # x{lane} for a runtime scalar lane in 0..3
+    return tl.where(lane == 0, x0, tl.where(lane == 1, x1, tl.where(lane == 2, x2, x3)))
+
+
+@triton.jit
+def _shifted(a0, a1, a2, a3, b0, b1, b2, b3, lane):
+    # lane 0..6 of the concatenated lanes (a0..a3, b0..b3) (runtime scalar lane)
+    return tl.where(lane < 4, _lane(a0, a1, a2, a3, lane), _lane(b0, b1, b2, b3, lane - 4))
+
+
+@triton.jit
+def _drop_keep(seed_lo, seed_hi, thr, bh, rows, j0, BN: tl.constexpr, ALIGNED: tl.constexpr):
+    # attention.h's dropout keep bits of query positions rows (R,) int32 and the BN keys at
+    # positions j0 .. j0 + BN - 1 (>= 0) for the (batch * Hq + head) index bh: an (R, BN) bool
+    # tile, philox4x32_10(c = (j >> 2, i, bh, 0), key = (seed_lo, seed_hi)).x[j & 3] >= thr
+    # (unsigned). One Philox call per row and group of 4 keys: on an (R, BN / 4) tile, the four
+    # lanes interleaved (join + reshape). A block that starts off a multiple of 4 (sh = j0 & 3,
+    # varlen only) straddles BN / 4 + 1 groups: its key 4t + u is lane sh + u of group t (lanes
+    # 0..3) or of group t + 1 (lanes 4..6), so it also draws the next groups. ALIGNED (a mask:
+    # a dense batch, j0 a multiple of BN) compiles without that path.
+    G: tl.constexpr = BN // 4
+    sh = j0 & 3
+    g = (j0 >> 2) + tl.arange(0, G)
+    c0 = (g[None, :] + rows[:, None] * 0).to(tl.uint32, bitcast=True)
+    c1 = (rows[:, None] + g[None, :] * 0).to(tl.uint32, bitcast=True)
+    c2 = c1 * 0 + bh.to(tl.int32).to(tl.uint32, bitcast=True)
+    c3 = c1 * 0
+    k0 = _u32(seed_lo)
+    k1 = _u32(seed_hi)
+    t = _u32(thr)
+    a0, a1, a2, a3 = _philox4x32_10(c0, c1, c2, c3, k0, k1)
+    if ALIGNED or sh == 0:
+        y0 = a0 >= t
+        y1 = a1 >= t
+        y2 = a2 >= t
+        y3 = a3 >= t
+    else:
+        b0, b1, b2, b3 = _philox4x32_10(c0 + 1, c1, c2, c3, k0, k1)
+        y0 = _shifted(a0, a1, a2, a3, b0, b1, b2, b3, sh) >= t
+        y1 = _shifted(a0, a1, a2, a3, b0, b1, b2, b3, sh + 1) >= t
+        y2 = _shifted(a0, a1, a2, a3, b0, b1, b2, b3, sh + 2) >= t
+        y3 = _shifted(a0, a1, a2, a3, b0, b1, b2, b3, sh + 3) >= t
+    # [r, t, a, b] = y(2a + b)[r, t] -> [r, 4t + 2a + b]
+    keep = tl.join(tl.join(y0, y2), tl.join(y1, y3))
+    return tl.reshape(keep, [rows.shape[0], BN])
+
+
 # ---------------------------------------------------------------------------------------------
 # forward
 # ---------------------------------------------------------------------------------------------
@@ -264,10 +361,15 @@ def _attn_fwd_kernel(
     wl,  # window left, >= 0 (unbounded: a sentinel > max(L, S))
     wr,  # window right, >= 0 (causal: 0)
     bottom_right,  # 0 / 1: the diagonal of query i is key i + Sb - Lb
+    seed_lo,  # dropout: the Philox key's low 32 bits (an int32 bit pattern)
+    seed_hi,  # its high 32 bits
+    drop_thr,  # dropout threshold, uint32 as an int32 bit pattern (0: no dropout)
+    drop_scale,  # 2^32 / (2^32 - threshold)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,  # power of two >= E, Ev
-    MASK: tl.constexpr,  # 0 none, 1 bool, 2 additive
+    MASK: tl.constexpr,  # 0 none, 1 bool, 2 additive (T or fp32)
+    DROPOUT: tl.constexpr,  # 0: no dropout code; 1: dropout where drop_thr != 0 (runtime)
 ):  # fmt: skip
     VEC: tl.constexpr = 128 // q_ptr.dtype.element_ty.primitive_bitwidth
     E = _vec_multiple(E, VEC)
@@ -316,6 +418,11 @@ def _attn_fwd_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            if drop_thr != 0:  # l and lse keep the undropped p
+                keep = _drop_keep(seed_lo, seed_hi, drop_thr, bt * Hq + h, q0 + offs_m,
+                                  k0 + kb * BLOCK_N, BLOCK_N, MASK != 0)  # fmt: skip
+                p = tl.where(keep, p * drop_scale, 0.0)
         v = tl.load(_tile(v_base, offs_n, v_sl, offs_d),
                     mask=n_ok[:, None] & (offs_d < Ev)[None, :], other=0.0)  # fmt: skip
         acc = _mma(_operand(p, v.dtype), v, acc * alpha[:, None])
@@ -395,10 +502,15 @@ def _attn_bwd_dkdv_kernel(
     wl,
     wr,
     bottom_right,
+    seed_lo,
+    seed_hi,
+    drop_thr,
+    drop_scale,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     MASK: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):  # fmt: skip
     VEC: tl.constexpr = 128 // q_ptr.dtype.element_ty.primitive_bitwidth
     E = _vec_multiple(E, VEC)
@@ -451,8 +563,16 @@ def _attn_bwd_dkdv_kernel(
         st = _scores(st, m_tile, n_ok[:, None] & m_ok[None, :], (offs_m + off)[None, :],
                      offs_n[:, None], (mb < f_lo) | (mb >= f_hi), sb, wl, wr, MASK)  # fmt: skip
         pt = tl.exp2(st - lse2[None, :])
-        dv = _mma(_operand(pt, do.dtype), do, dv)
         dpt = _mma(v, tl.trans(do), None)
+        pzt = pt
+        if DROPOUT:
+            if drop_thr != 0:  # Z = keep * drop_scale: dv += (P Z)^T dO, dS = P (Z dP - D)
+                keep = tl.trans(_drop_keep(seed_lo, seed_hi, drop_thr, bt64 * Hq + h,
+                                           q0 + offs_m, k0 + n0, BLOCK_N, MASK != 0))  # fmt: skip
+                zt = tl.where(keep, drop_scale, 0.0)
+                pzt = pt * zt
+                dpt = dpt * zt
+        dv = _mma(_operand(pzt, do.dtype), do, dv)
         dst = pt * (dpt - delta[None, :])
         dk = _mma(_operand(dst, q.dtype), q, dk)
     dk = dk * scale
@@ -491,10 +611,15 @@ def _attn_bwd_dq_kernel(
     wl,
     wr,
     bottom_right,
+    seed_lo,
+    seed_hi,
+    drop_thr,
+    drop_scale,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     MASK: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):  # fmt: skip
     VEC: tl.constexpr = 128 // q_ptr.dtype.element_ty.primitive_bitwidth
     E = _vec_multiple(E, VEC)
@@ -544,6 +669,11 @@ def _attn_bwd_dq_kernel(
                     offs_n[None, :], (kb < f_lo) | (kb >= f_hi), sb, wl, wr, MASK)  # fmt: skip
         p = tl.exp2(s - lse2[:, None])
         dp = _mma(do, tl.trans(v), None)
+        if DROPOUT:
+            if drop_thr != 0:
+                keep = _drop_keep(seed_lo, seed_hi, drop_thr, bt * Hq + h, q0 + offs_m,
+                                  k0 + kb * BLOCK_N, BLOCK_N, MASK != 0)  # fmt: skip
+                dp = dp * tl.where(keep, drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = _mma(_operand(ds, k.dtype), k, dq)
     dq = dq * scale
@@ -608,6 +738,19 @@ _MASKED_TILES = {
     ("dkdv", True, 64): (32, 32, 4),
     ("dq", True, 128): (64, 32, 8),
 }
+# The DROPOUT=1 variants (every fp32 launch, 16-bit ones with dropout or an additive mask),
+# keyed (kernel, 16-bit?, block_d, masked?): the Philox tiles and the lane interleave take
+# registers; these tiles replace _TILES' / _MASKED_TILES' where those spill (ptxas, sm_80/90).
+_DROPOUT_TILES = {
+    ("fwd", True, 64, False): (128, 64, 8),
+    ("fwd", True, 128, True): (64, 32, 8),
+    ("dkdv", True, 128, True): (32, 32, 8),
+    ("dq", True, 256, True): (32, 32, 8),
+    **{("dkdv", False, 64, m): (16, 16, 8) for m in (False, True)},
+    **{("dkdv", False, 128, m): (16, 16, 4) for m in (False, True)},
+    **{("dkdv", False, 256, m): (16, 16, 8) for m in (False, True)},
+    **{("dq", False, 128, m): (32, 16, 4) for m in (False, True)},
+}
 # the preprocess: 4096 elements of O and of dO per program on 4 warps (32 per thread each)
 _PRE_ELEMS, _PRE_WARPS = 4096, 4
 
@@ -621,12 +764,17 @@ def head_bucket(head_dim: int) -> int:
 
 
 def attention_config(
-    kernel: str, head_dim: int, dtype: torch.dtype, arch: int = 80, masked: bool = False
+    kernel: str,
+    head_dim: int,
+    dtype: torch.dtype,
+    arch: int = 80,
+    masked: bool = False,
+    dropout: bool = False,
 ) -> AttnConfig:
     """Launch config of ``kernel`` ("fwd", "pre", "dkdv", "dq") for head dim max(E, Ev) =
     ``head_dim`` (<= 256, after the padding to 16 bytes), data type ``dtype``, with or without
-    a mask, on an sm_``arch`` GPU (80, 90; 90 uses the sm_80 tiles, which compile without
-    spills there too)."""
+    a mask, for the variant with dropout code (DROPOUT=1) or without, on an sm_``arch`` GPU
+    (80, 90; 90 uses the sm_80 tiles, which compile without spills there too)."""
     if kernel not in KERNELS:
         raise ValueError(f"attention_config: kernel must be one of {KERNELS}, got {kernel!r}")
     if arch not in ARCHS:
@@ -636,6 +784,8 @@ def attention_config(
         return AttnConfig(_PRE_ELEMS // d, 0, d, _PRE_WARPS)
     key = (kernel, dtype != torch.float32, d)
     bm, bn, w = _MASKED_TILES.get(key, _TILES[key]) if masked else _TILES[key]
+    if dropout:
+        bm, bn, w = _DROPOUT_TILES.get((*key, masked), (bm, bn, w))
     return AttnConfig(bm, bn, d, w)
 
 
@@ -644,6 +794,25 @@ def attention_config(
 # ---------------------------------------------------------------------------------------------
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# (16-bit data?, mask kind) compiled twice, without dropout code (DROPOUT=0) and with it
+# (DROPOUT=1): the common configurations. Every other one has only the DROPOUT=1 variant, whose
+# dropout code sits behind a uniform runtime branch (drop_thr != 0), so no-dropout launches skip
+# it: fewer AOT specs, at the price of that variant's register allocation.
+_DROPOUT_PAIRED = {(True, 0), (True, 1)}
+
+
+def dropout_variant(dtype: torch.dtype, kind: int, threshold: int) -> int:
+    """The DROPOUT constexpr a launch with mask kind ``kind`` (0 none, 1 bool, 2 additive T,
+    3 additive fp32) and dropout ``threshold`` uses."""
+    if (dtype != torch.float32, kind) in _DROPOUT_PAIRED:
+        return int(threshold != 0)
+    return 1
+
+
+def _dropout_variants(dtype: torch.dtype, kind: int) -> tuple[int, ...]:
+    return (0, 1) if (dtype != torch.float32, kind) in _DROPOUT_PAIRED else (1,)
+
+
 _LOG2E_PY = 1.4426950408889634
 _PLACEHOLDER: dict[torch.device, torch.Tensor] = {}
 
@@ -728,19 +897,38 @@ def _check_varlen(fn: str, opts, b: int, length: int, s: int, device):
 
 
 def _check_mask(fn: str, mask, q, shape: tuple, varlen: bool):
-    """(MASK kind, pointer argument, its four strides)."""
+    """(mask kind: 0 none, 1 bool, 2 additive of q's dtype, 3 additive fp32 on fp16 / bf16
+    data; pointer argument; its four strides). The kernels' MASK is min(kind, 2)."""
     if mask is None:
         return 0, _placeholder(q.device), (0, 0, 0, 0)
     if varlen:
         raise ValueError(f"{fn}: a mask is only for dense batches (not with cu_q / cu_k)")
-    if not isinstance(mask, torch.Tensor) or mask.dtype not in (torch.bool, q.dtype):
-        raise ValueError(f"{fn}: mask must be bool or {q.dtype}")
+    if not isinstance(mask, torch.Tensor) or mask.dtype not in (torch.bool, q.dtype,
+                                                                torch.float32):  # fmt: skip
+        raise ValueError(f"{fn}: mask must be bool, {q.dtype} or float32")
     if tuple(mask.shape) != tuple(shape) or mask.device != q.device:
         raise ValueError(f"{fn}: mask must be a {tuple(shape)} view on q's device, got "
                          f"{tuple(mask.shape)} on {mask.device}")  # fmt: skip
     if mask.dtype == torch.bool:
         return 1, mask.view(torch.uint8), tuple(mask.stride())
-    return 2, mask, tuple(mask.stride())
+    return 2 if mask.dtype == q.dtype else 3, mask, tuple(mask.stride())
+
+
+def _i32(x: int) -> int:
+    # a uint32 value as the int32 with its bits (so that the JIT types it i32)
+    return x - (1 << 32) if x >= 1 << 31 else x
+
+
+def _dropout(fn: str, opts) -> tuple[int, tuple[int, int, int, float]]:
+    """(threshold, the kernels' seed_lo, seed_hi, drop_thr, drop_scale arguments)."""
+    thr = int(opts.drop_threshold)
+    seed = int(opts.seed)
+    if not 0 <= seed < 1 << 64:
+        raise ValueError(f"{fn}: seed must be in [0, 2^64), got {seed}")
+    if not 0 <= thr < 1 << 32:
+        raise ValueError(f"{fn}: drop_threshold must be in [0, 2^32), got {thr}")
+    scale = float(opts.drop_scale) if thr else 1.0
+    return thr, (_i32(seed & 0xFFFFFFFF), _i32(seed >> 32), _i32(thr), scale)
 
 
 def _window(opts, length: int, s: int) -> tuple[int, int]:
@@ -819,10 +1007,12 @@ def attention_fwd(q, k, v, mask, out, lse, opts) -> None:
     _check_lse(fn, lse, (b, hq, length), q.device)
     varlen, cu_q, cu_k, nb, max_q, _ = _check_varlen(fn, opts, b, length, s, q.device)
     kind, m, m_st = _check_mask(fn, mask, q, (b, hq, length, s), varlen)
+    thr, drop_args = _dropout(fn, opts)
+    drop = dropout_variant(q.dtype, kind, thr)
     wl, wr = _window(opts, length, s)
     vec = _vec(q.dtype)
     e_p, ev_p = _pad(e, vec), _pad(ev, vec)
-    cfg = attention_config("fwd", max(e_p, ev_p), q.dtype, _arch(q.device), kind != 0)
+    cfg = attention_config("fwd", max(e_p, ev_p), q.dtype, _arch(q.device), kind != 0, drop == 1)
     n_mb = triton.cdiv(max_q, cfg.block_m)
     grid = _grid(fn, n_mb, nb, hq)
     if grid == 0:
@@ -832,9 +1022,9 @@ def attention_fwd(q, k, v, mask, out, lse, opts) -> None:
     _attn_fwd_kernel[(grid,)](
         q_, k_, v_, o_, lse, m, cu_q, cu_k, *_strides(q_), *_strides(k_), *_strides(v_),
         *_strides(o_), *m_st, hq, hq // hk, length, s, e_p, ev_p, n_mb, int(varlen),
-        float(opts.scale) * _LOG2E_PY, wl, wr, int(bool(opts.bottom_right)),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, MASK=kind,
-        num_warps=cfg.num_warps,
+        float(opts.scale) * _LOG2E_PY, wl, wr, int(bool(opts.bottom_right)), *drop_args,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, MASK=min(kind, 2),
+        DROPOUT=drop, num_warps=cfg.num_warps,
     )  # fmt: skip
     _copy_back(out, o_)
 
@@ -856,14 +1046,16 @@ def attention_bwd(dout, q, k, v, out, lse, mask, dq, dk, dv, opts) -> None:
         _check_tensor(fn, name, t, like.shape, q.dtype, q.device)
     varlen, cu_q, cu_k, nb, max_q, max_k = _check_varlen(fn, opts, b, length, s, q.device)
     kind, m, m_st = _check_mask(fn, mask, q, (b, hq, length, s), varlen)
+    thr, drop_args = _dropout(fn, opts)
+    drop = dropout_variant(q.dtype, kind, thr)
     wl, wr = _window(opts, length, s)
     arch = _arch(q.device)
     vec = _vec(q.dtype)
     e_p, ev_p = _pad(e, vec), _pad(ev, vec)
     d = max(e_p, ev_p)
     pre = attention_config("pre", d, q.dtype, arch)
-    kv = attention_config("dkdv", d, q.dtype, arch, kind != 0)
-    cq = attention_config("dq", d, q.dtype, arch, kind != 0)
+    kv = attention_config("dkdv", d, q.dtype, arch, kind != 0, drop == 1)
+    cq = attention_config("dq", d, q.dtype, arch, kind != 0, drop == 1)
     n_pre = triton.cdiv(length, pre.block_m)
     n_nb = triton.cdiv(max_k, kv.block_n)
     n_mb = triton.cdiv(max_q, cq.block_m)
@@ -872,7 +1064,7 @@ def attention_bwd(dout, q, k, v, out, lse, mask, dq, dk, dv, opts) -> None:
     o_, do_ = _input(out, ev_p, vec), _input(dout, ev_p, vec)
     dq_, dk_, dv_ = _output(dq, e_p, vec), _output(dk, e_p, vec), _output(dv, ev_p, vec)
     qk_scale, scale = float(opts.scale) * _LOG2E_PY, float(opts.scale)
-    tail = (n_nb, int(varlen), qk_scale, scale, wl, wr, int(bool(opts.bottom_right)))
+    tail = (n_nb, int(varlen), qk_scale, scale, wl, wr, int(bool(opts.bottom_right)), *drop_args)
     delta = torch.empty(b, hq, length, dtype=torch.float32, device=q.device)
     if grids[0]:
         _attn_bwd_pre_kernel[(grids[0],)](
@@ -884,15 +1076,15 @@ def attention_bwd(dout, q, k, v, out, lse, mask, dq, dk, dv, opts) -> None:
         _attn_bwd_dkdv_kernel[(grids[1],)](
             q_, k_, v_, do_, lse, delta, dk_, dv_, m, cu_q, cu_k, *strides, *_strides(dk_),
             *_strides(dv_), *m_st, hq, hk, hq // hk, length, s, e_p, ev_p, *tail,
-            BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, BLOCK_D=kv.block_d, MASK=kind,
-            num_warps=kv.num_warps,
+            BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, BLOCK_D=kv.block_d, MASK=min(kind, 2),
+            DROPOUT=drop, num_warps=kv.num_warps,
         )  # fmt: skip
     if grids[2]:
         _attn_bwd_dq_kernel[(grids[2],)](
             q_, k_, v_, do_, lse, delta, dq_, m, cu_q, cu_k, *strides, *_strides(dq_), *m_st,
             hq, hq // hk, length, s, e_p, ev_p, n_mb, *tail[1:],
-            BLOCK_M=cq.block_m, BLOCK_N=cq.block_n, BLOCK_D=cq.block_d, MASK=kind,
-            num_warps=cq.num_warps,
+            BLOCK_M=cq.block_m, BLOCK_N=cq.block_n, BLOCK_D=cq.block_d, MASK=min(kind, 2),
+            DROPOUT=drop, num_warps=cq.num_warps,
         )  # fmt: skip
     for dst, src in ((dq, dq_), (dk, dk_), (dv, dv_)):
         _copy_back(dst, src)
@@ -909,14 +1101,14 @@ _KERNEL_FN = {
     "dkdv": _attn_bwd_dkdv_kernel,
     "dq": _attn_bwd_dq_kernel,
 }
-_CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "MASK")
-_FP32_ARGS = ("qk_scale", "scale")
+_CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "MASK", "DROPOUT")
+_FP32_ARGS = ("qk_scale", "scale", "drop_scale")
 _FP32_PTRS = ("lse_ptr", "delta_ptr")
 _I32_PTRS = ("cu_q_ptr", "cu_k_ptr")
-_MASK_TY = {0: "i32", 1: "u8"}  # 2 (additive): T
+_MASK_TY = {0: "i32", 1: "u8", 3: "fp32"}  # 2 (additive): T
 
 
-def _spec(kernel: str, t: str, cfg: AttnConfig, kind: int) -> dict:
+def _spec(kernel: str, t: str, cfg: AttnConfig, kind: int, drop: int = 0) -> dict:
     fn = _KERNEL_FN[kernel]
     sig = {}
     for name in fn.arg_names:
@@ -938,17 +1130,20 @@ def _spec(kernel: str, t: str, cfg: AttnConfig, kind: int) -> dict:
         const = dict(BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d)
         label = f"{t} pre {cfg}"
     else:
-        const = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, MASK=kind)
-        label = f"{t} {kernel} {cfg} mask:{('none', 'bool', 'add')[kind]}"
+        const = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+                     MASK=min(kind, 2), DROPOUT=drop)  # fmt: skip
+        label = f"{t} {kernel} {cfg} mask:{('none', 'bool', 'add', 'add32')[kind]}"
+        label += " drop" if drop else ""
     return dict(kernel=fn, signature=sig, constexprs=const, num_warps=cfg.num_warps,
                 config=label)  # fmt: skip
 
 
 def aot_specs(aligned: bool = False) -> list[dict]:
     """Every (kernel, signature, constexprs, num_warps) attention_fwd / attention_bwd can launch:
-    3 dtypes x 3 head-dim buckets x (forward, dK/dV, dQ for each of 3 mask kinds, + the
-    preprocess) = 90 specs (the window, causal-ness, bottom_right and varlen are runtime
-    arguments, and sm_90 uses the sm_80 tiles).
+    3 head-dim buckets x (fp16 / bf16: forward, dK/dV, dQ for 4 mask kinds, the none / bool ones
+    with DROPOUT 0 and 1, + the preprocess = 19 each; fp32: 3 kernels x 3 mask kinds + the
+    preprocess = 10) = 144 specs (the window, causal-ness, bottom_right, varlen and the dropout
+    seed / threshold are runtime arguments, and sm_90 uses the sm_80 tiles).
 
     Each spec is a dict with kernel (the JITFunction), signature, constexprs, num_warps and
     config (a short label), for lmkernels.triton_kernels.aot.compile_report. aligned=True gives
@@ -961,12 +1156,14 @@ def aot_specs(aligned: bool = False) -> list[dict]:
         for d in HEAD_BUCKETS:
             for arch in ARCHS:
                 for kernel in KERNELS:
-                    for kind in (0,) if kernel == "pre" else (0, 1, 2):
-                        cfg = attention_config(kernel, d, dtype, arch, kind != 0)
-                        key = (t, kernel, cfg, kind)
-                        if key not in seen:
-                            seen.add(key)
-                            specs.append(_spec(kernel, t, cfg, kind))
+                    for kind in _mask_kinds(kernel, dtype):
+                        drops = (0,) if kernel == "pre" else _dropout_variants(dtype, kind)
+                        for drop in drops:
+                            cfg = attention_config(kernel, d, dtype, arch, kind != 0, drop == 1)
+                            key = (t, kernel, cfg, kind, drop)
+                            if key not in seen:
+                                seen.add(key)
+                                specs.append(_spec(kernel, t, cfg, kind, drop))
     if not aligned:
         return specs
     specs = aot.aligned_variants(specs)
@@ -977,6 +1174,12 @@ def aot_specs(aligned: bool = False) -> list[dict]:
             n for n in sig if sig[n].startswith("*") or n in ("E", "Ev") or _is_t_stride(n)
         )
     return specs
+
+
+def _mask_kinds(kernel: str, dtype: torch.dtype) -> tuple[int, ...]:
+    if kernel == "pre":
+        return (0,)
+    return (0, 1, 2) if dtype == torch.float32 else (0, 1, 2, 3)
 
 
 def _is_t_stride(name: str) -> bool:

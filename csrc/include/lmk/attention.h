@@ -20,21 +20,30 @@
 // accumulated in A (f32; f64 for f64 data) and rounded once to T (f32, f16, bf16, f64). A score
 // of +inf or NaN, or a NaN in q/k/v, propagates as NaN to the rows it reaches (as the math does).
 // lse is always A, laid out (B, Hq, L) contiguous (varlen: (1, Hq, total_q)).
-// The mask is a (B, Hq, L, S) strided view (zero strides for broadcast dims) of T (additive) or
-// bool; it is only for dense batches.
+// The mask is a (B, Hq, L, S) strided view (zero strides for broadcast dims): bool, or additive
+// of T or of f32 (an f32 mask on 16-bit data is added in A, unrounded); it is only for dense
+// batches.
 //
-// Backward, with P[i, j] = exp(s[i, j] - lse[i]) (0 where the key does not take part) and
-// D[i] = sum_e dO[i, e] * O[i, e] (the output as stored, in A):
-//   dS[i, j] = P[i, j] * (dot(dO[i], v[j]) - D[i])
+// Dropout (drop_threshold > 0): after the softmax, P[i, j] = exp(s[i, j] - lse[i]) is replaced by
+// P[i, j] * keep(i, j) * drop_scale, keep from the counter-based RNG of lmk/philox.h
+// (dropout_keep(seed, drop_threshold, b * Hq + h, i, j)) and drop_scale = 2^32 / (2^32 -
+// drop_threshold), the inverse keep probability; lse stays the undropped one. The backward
+// redraws the same keep bits.
+//
+// Backward, with P[i, j] = exp(s[i, j] - lse[i]) (0 where the key does not take part),
+// Z[i, j] = keep(i, j) * drop_scale (1 without dropout) and D[i] = sum_e dO[i, e] * O[i, e]
+// (the output as stored, in A):
+//   dS[i, j] = P[i, j] * (Z[i, j] * dot(dO[i], v[j]) - D[i])
 //   dq[i] = scale * sum_j dS[i, j] k[j]
 //   dk[j] = scale * sum over i and over the query heads of the group of dS[i, j] q[i]
-//   dv[j] = sum over i and the group's heads of P[i, j] dO[i]
+//   dv[j] = sum over i and the group's heads of P[i, j] Z[i, j] dO[i]
 // in A, rounded once. The sums' order is fixed by the shapes only (no atomics on floats), so
 // repeated calls give the same bits. Rows with lse = -inf contribute nothing.
 #pragma once
 #include <cstdint>
 
 #include "lmk/common.h"
+#include "lmk/philox.h"
 
 namespace lmk {
 
@@ -51,14 +60,18 @@ struct AttnParams {
   int64_t o_sb = 0, o_sh = 0, o_sl = 0;
   int64_t B = 0, Hq = 0, Hk = 0, L = 0, S = 0, E = 0, Ev = 0;
   double scale = 1.0;
-  // mask: null, or a (B, Hq, L, S) strided view of T (additive) or bool (mask_bool)
+  // mask: null, or a (B, Hq, L, S) strided view of mask_dtype: Bool, T, or F32 (additive)
   const void* mask = nullptr;
-  bool mask_bool = false;
+  DType mask_dtype = DType::Bool;
   int64_t m_sb = 0, m_sh = 0, m_sl = 0, m_ss = 0;
   int64_t window_left = -1, window_right = -1;  // -1: unbounded; causal: window_right = 0
   bool bottom_right = false;
   const int32_t* cu_q = nullptr;  // varlen: (B + 1) row offsets, or null
   const int32_t* cu_k = nullptr;
+  // dropout (lmk/philox.h): threshold 0 = none; drop_scale = 2^32 / (2^32 - drop_threshold)
+  uint64_t seed = 0;
+  uint32_t drop_threshold = 0;
+  double drop_scale = 1.0;
 };
 
 struct AttnBwdParams {

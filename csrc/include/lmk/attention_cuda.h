@@ -2,11 +2,13 @@
 // and the pybind11 module; the contract is lmk/attention.h. Asynchronous on `stream`; the return
 // value is the status of the launches (the first error of cudaGetLastError after each launch).
 //
-// Types: F32, F16, BF16 data (q, k, v, o, mask of T, dO, dq, dk, dv); lse and the backward's
-// workspace are fp32. cudaErrorNotSupported: fp64 data, or a head dim (E or Ev) above
-// kAttnMaxHeadDim; cudaErrorInvalidValue: arguments outside the contract (Hq not a multiple of
-// Hk, a mask together with cu_q / cu_k, only one of cu_q / cu_k, null pointers, a grid over
-// 2^31 - 1 blocks).
+// Types: F32, F16, BF16 data (q, k, v, o, dO, dq, dk, dv); the mask is Bool, T or F32 (an F32
+// mask on 16-bit data is added in fp32, unrounded); lse and the backward's workspace are fp32.
+// Dropout (seed, drop_threshold > 0, drop_scale) draws the keep bits of lmk/philox.h at the
+// packed positions (varlen: batch 0, rows cu_q[b] + i, keys cu_k[b] + j). cudaErrorNotSupported:
+// fp64 data, or a head dim (E or Ev) above kAttnMaxHeadDim; cudaErrorInvalidValue: arguments
+// outside the contract (Hq not a multiple of Hk, a mask together with cu_q / cu_k, a mask of
+// another dtype, only one of cu_q / cu_k, null pointers, a grid over 2^31 - 1 blocks).
 //
 // Shapes as AttnParams states: dense (B, Hq, L, E) ... views with element strides, or varlen
 // (cu_q / cu_k with B + 1 offsets each; L / S the largest lengths, which only bound the grid:

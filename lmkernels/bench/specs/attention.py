@@ -3,7 +3,9 @@ flash kernel with blocked GEMMs; on a GPU its flash / efficient kernels) and the
 matmul-softmax-matmul that materialises the L x S scores.
 
 Shapes are (batch, heads, seq, head_dim) with L = S; ``attention`` is full attention,
-``attention_causal`` top-left causal. q, k, v require grad. On a GPU, the FA2-class target is
+``attention_causal`` top-left causal, ``attention_dropout`` full attention with dropout_p =
+0.1 (ours draws its bits in the kernels; torch's CPU SDPA then takes its math path, which
+materialises the scores). q, k, v require grad. On a GPU, the FA2-class target is
 ``--ops attention,attention_causal --dtypes bf16 --shapes 4x16x8192x128`` (TFLOP/s column).
 
 FLOP model (the standard count, as FlashAttention reports it): forward 4 * B * H * L * S * D
@@ -52,27 +54,29 @@ def _inputs(shape, dtype, device) -> Inputs:
     return Inputs(qkv, dy.to(device=device, dtype=dtype))
 
 
-def _naive(causal: bool):
+def _naive(causal: bool, dropout_p: float):
     def fn(q, k, v):
         s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
         if causal:
             keep = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
             s = s.masked_fill(~keep, float("-inf"))
-        return torch.matmul(torch.softmax(s, dim=-1), v)
+        return torch.matmul(F.dropout(torch.softmax(s, dim=-1), dropout_p), v)
 
     return fn
 
 
-def _bench(name: str, causal: bool) -> Bench:
+def _bench(name: str, causal: bool, dropout_p: float = 0.0) -> Bench:
     def ours(q, k, v):
-        return LF.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return LF.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
 
     def torch_fn(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
 
     def reference(q, k, v):
         scale = 1 / math.sqrt(q.shape[-1])
-        return ref.attention_fwd(q, k, v, None, scale, -1, 0 if causal else -1)[0]
+        thr = ref.dropout_threshold(dropout_p)
+        return ref.attention_fwd(q, k, v, None, scale, -1, 0 if causal else -1,
+                                 drop_threshold=thr, seed=12345)[0]  # fmt: skip
 
     return Bench(
         name=name,
@@ -88,9 +92,16 @@ def _bench(name: str, causal: bool) -> Bench:
             ours=ours,
             reference=reference,
             torch_fn=torch_fn,
-            peers=(Provider("naive", _naive(causal)),),
+            peers=(Provider("naive", _naive(causal, dropout_p)),),
         ),  # fmt: skip
+        # every provider drops different probabilities: the pre-timing check only catches
+        # results off by orders of magnitude
+        **({"tolerance": dict.fromkeys(DTYPES, 1.0)} if dropout_p else {}),
     )
 
 
-BENCHES = [_bench("attention", False), _bench("attention_causal", True)]
+BENCHES = [
+    _bench("attention", False),
+    _bench("attention_causal", True),
+    _bench("attention_dropout", False, 0.1),
+]
