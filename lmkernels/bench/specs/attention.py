@@ -94,9 +94,10 @@ def _bench(name: str, causal: bool, dropout_p: float = 0.0) -> Bench:
             torch_fn=torch_fn,
             peers=(Provider("naive", _naive(causal, dropout_p)),),
         ),  # fmt: skip
-        # every provider drops different probabilities: the pre-timing check only catches
-        # results off by orders of magnitude
-        **({"tolerance": dict.fromkeys(DTYPES, 1.0)} if dropout_p else {}),
+        # every provider drops different probabilities (up to 1 / (1 - p) * max|v| apart):
+        # the pre-timing check only catches results off by orders of magnitude or NaN; the
+        # tests check the dropout bits against the reference
+        **({"tolerance": dict.fromkeys(DTYPES, 10.0)} if dropout_p else {}),
     )
 
 
