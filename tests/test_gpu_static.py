@@ -18,7 +18,7 @@ import lmkernels
 def _report() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-m", "lmkernels", "gpu-report", "--json"], env=env,
-                         capture_output=True, text=True, timeout=900)  # fmt: skip
+                         capture_output=True, text=True, timeout=2400)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout)
 
@@ -29,12 +29,16 @@ def test_every_triton_config_compiles_for_sm80_sm90_without_spills():
     from lmkernels.gpu_report import TRITON_MODULES
 
     rows = _report()["triton"]
+    # (spec, arch) pairs: a spec naming its archs (per-arch configs) compiles for those only
     counts = {
-        name: len(importlib.import_module(f"lmkernels.triton_kernels.{name}").aot_specs())
+        name: sum(
+            len(s.get("archs", (80, 90)))
+            for s in importlib.import_module(f"lmkernels.triton_kernels.{name}").aot_specs()
+        )
         for name in TRITON_MODULES
     }
     assert all(counts.values()), counts
-    assert len(rows) == 2 * sum(counts.values())
+    assert len(rows) == sum(counts.values())
     assert {r["arch"] for r in rows} == {80, 90}
     bad = [r for r in rows if r["spill_stores"] or r["spill_loads"] or r["smem"] > r["smem_limit"]]
     assert not bad, bad[:5]

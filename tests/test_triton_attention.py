@@ -17,12 +17,14 @@ that a 40-key sequence spans several blocks (skipped, edge and interior ones); a
 module's own tiles.
 """
 
+import dataclasses
+
 import launch_recorder
 import pytest
 import torch
 import triton
 import triton.language as tl
-from launch_recorder import Recorder, kernel_name, spec_key
+from launch_recorder import Recorder, kernel_name, spec_key, spec_keys
 
 from conftest import device_for
 from lmkernels import reference
@@ -74,19 +76,19 @@ def _opts(e, cu_q=None, cu_k=None, **kw):
     return AttnOptions(scale=e**-0.5, cu_q=cu_q, cu_k=cu_k, **kw)
 
 
-def _ours_fwd(q, k, v, mask, opts):
+def _ours_fwd(q, k, v, mask, opts, arch=None):
     b, hq, length, _ = q.shape
     out = _blhd(b, hq, length, v.shape[-1], q.dtype, SENTINEL)
     lse = torch.full((b, hq, length), SENTINEL, device=DEV)
-    A.attention_fwd(q, k, v, mask, out, lse, opts)
+    A.attention_fwd(q, k, v, mask, out, lse, opts, arch=arch)
     return out, lse
 
 
-def _ours_bwd(dout, q, k, v, out, lse, mask, opts):
+def _ours_bwd(dout, q, k, v, out, lse, mask, opts, arch=None):
     dq = _blhd(*q.shape, q.dtype, SENTINEL)
     dk = _blhd(*k.shape, k.dtype, SENTINEL)
     dv = _blhd(*v.shape, v.dtype, SENTINEL)
-    A.attention_bwd(dout, q, k, v, out, lse, mask, dq, dk, dv, opts)
+    A.attention_bwd(dout, q, k, v, out, lse, mask, dq, dk, dv, opts, arch=arch)
     return dq, dk, dv
 
 
@@ -563,36 +565,128 @@ def test_launcher_errors():
 
 # --------------------------------------------------------------------------------- AOT specs
 
+# aot_specs(): 144 distinct launches shared by both archs, of which the 24 16-bit forward
+# configs with sm_90's 4 stages (_SM90_STAGES: d128 and d256 x 6 mask / dropout variants x fp16
+# and bf16) are split into an sm_80 and an sm_90 spec: 168 specs, and still 144 x 2 = 288
+# (spec, arch) compiles in the AOT report.
+N_SPECS = 168
+N_COMPILES = 288
 
-def test_aot_specs_cover_every_launch(monkeypatch):
-    """Every launch (types, constexprs, num_warps) over head dims, dtypes, mask kinds, windows
-    and varlen is one of aot_specs(), and none is dead; every config the heuristic picks for
-    any head dim, dtype and arch is listed."""
-    specs = A.aot_specs()
-    listed = {spec_key(s) for s in specs}
-    assert len(listed) == len(specs) == 144
-    monkeypatch.setitem(launch_recorder._TY, torch.uint8, "u8")  # bool masks are read as u8
-    seen: set = set()
+
+def _every_config(arch):
+    """{(kernel, head dim, dtype, masked, dropout): attention_config(...)} over every bucket."""
+    out = {}
+    for kernel in A.KERNELS:
+        for d in A.HEAD_BUCKETS:
+            for dtype in DTYPES:
+                for masked in (False, True):
+                    for drop in (False, True):
+                        key = (kernel, d, dtype, masked, drop)
+                        out[key] = A.attention_config(kernel, d, dtype, arch, masked, drop)
+    return out
+
+
+def test_sm90_configs_differ_only_where_intended():
+    """sm_90 takes sm_80's tiles everywhere; only the 16-bit forward at d128 and d256
+    pipelines its K/V loop 4 stages deep (sm_80: 3)."""
+    c80, c90 = _every_config(80), _every_config(90)
+    deeper = {k for k in c80 if k[0] == "fwd" and k[2] != torch.float32 and k[1] > 64}
+    assert len(deeper) == 16
+    for key, c in c80.items():
+        assert c.num_stages == 3, key
+        if key in deeper:
+            assert c90[key] == A.AttnConfig(c.block_m, c.block_n, c.block_d, c.num_warps, 4)
+        else:
+            assert c90[key] == c, key
+
+
+def test_config_arch(monkeypatch):
+    """The launchers' table follows the compute capability: 9.x -> sm_90's, else sm_80's."""
+    assert A.config_arch(torch.device("cpu")) == 80
+    for cap, arch in (((8, 0), 80), ((8, 6), 80), ((8, 9), 80), ((9, 0), 90), ((10, 0), 80),
+                      ((12, 0), 80)):  # fmt: skip
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, cap=cap: cap)
+        assert A.config_arch(torch.device("cuda", 0)) == arch, cap
+
+
+class _Capture:
+    """Stands in for a kernel: records each launch's options, launches nothing."""
+
+    def __init__(self, name, calls):
+        self.name, self.calls = name, calls
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.calls.append((self.name, kw["num_warps"], kw.get("num_stages"), kw["BLOCK_M"]))
+
+        return launch
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_num_stages_reaches_the_launch(monkeypatch, arch):
+    """Every launch passes its config's num_stages (sm_90's 4 for the d128 16-bit forward)."""
+    calls = []
     for name in ("_attn_fwd_kernel", "_attn_bwd_pre_kernel", "_attn_bwd_dkdv_kernel",
                  "_attn_bwd_dq_kernel"):  # fmt: skip
-        monkeypatch.setattr(A, name, Recorder(getattr(A, name), seen))
-    gen = torch.Generator().manual_seed(9)
-    for dtype in DTYPES:
-        for e, ev in ((16, 8), (72, 128), (129, 256)):  # one per head bucket
-            q, k, v = _make(1, 2, 1, 5, 4, e, ev, dtype, gen)
-            for mask_kind in (None, "bool", "add", "add32"):
-                mask = _mask(mask_kind, 1, 2, 5, 4, dtype, gen)
+        monkeypatch.setattr(A, name, _Capture(name, calls))
+    q, k, v = _make(1, 2, 1, 5, 4, 128, 128, torch.float16, torch.Generator().manual_seed(3))
+    out, lse = _ours_fwd(q, k, v, None, _opts(128), arch)
+    _ours_bwd(out, q, k, v, out, lse, None, _opts(128), arch)
+    want = {"_attn_fwd_kernel": A.attention_config("fwd", 128, torch.float16, arch),
+            "_attn_bwd_pre_kernel": A.attention_config("pre", 128, torch.float16, arch),
+            "_attn_bwd_dkdv_kernel": A.attention_config("dkdv", 128, torch.float16, arch),
+            "_attn_bwd_dq_kernel": A.attention_config("dq", 128, torch.float16, arch)}  # fmt: skip
+    assert calls == [(n, c.num_warps, c.num_stages, c.block_m) for n, c in want.items()]
+    assert calls[0][2] == (4 if arch == 90 else 3)
+
+
+def _record_launches(monkeypatch, arch: int, run: bool) -> set:
+    """The keys of every launch attention_fwd / attention_bwd make with the ``arch`` configs
+    over head buckets, dtypes, mask kinds, dropout, windows and varlen (run: launch the
+    kernels too, else only record)."""
+    monkeypatch.setitem(launch_recorder._TY, torch.uint8, "u8")  # bool masks are read as u8
+    seen: set = set()
+    with monkeypatch.context() as mp:
+        for name in ("_attn_fwd_kernel", "_attn_bwd_pre_kernel", "_attn_bwd_dkdv_kernel",
+                     "_attn_bwd_dq_kernel"):  # fmt: skip
+            mp.setattr(A, name, Recorder(getattr(A, name), seen, run))
+        gen = torch.Generator().manual_seed(9)
+        for dtype in DTYPES:
+            for e, ev in ((16, 8), (72, 128), (129, 256)):  # one per head bucket
+                q, k, v = _make(1, 2, 1, 5, 4, e, ev, dtype, gen)
+                for mask_kind in (None, "bool", "add", "add32"):
+                    mask = _mask(mask_kind, 1, 2, 5, 4, dtype, gen)
+                    for p in (0.0, 0.25):
+                        opts = _opts(e, window_right=0, dropout_p=p, seed=2**64 - 1)
+                        out, lse = _ours_fwd(q, k, v, mask, opts, arch)
+                        _ours_bwd(out, q, k, v, out, lse, mask, opts, arch)
+                cu = torch.tensor([0, 1, 5], dtype=torch.int32)
+                cu_k = torch.tensor([0, 2, 4], dtype=torch.int32)
                 for p in (0.0, 0.25):
-                    opts = _opts(e, window_right=0, dropout_p=p, seed=2**64 - 1)
-                    out, lse = _ours_fwd(q, k, v, mask, opts)
-                    _ours_bwd(out, q, k, v, out, lse, mask, opts)
-            cu = torch.tensor([0, 1, 5], dtype=torch.int32)
-            cu_k = torch.tensor([0, 2, 4], dtype=torch.int32)
-            for p in (0.0, 0.25):
-                opts = _opts(e, cu, cu_k, max_q=2, max_k=2, window_left=1, bottom_right=True,
-                             dropout_p=p, seed=2**63 + 5)  # fmt: skip
-                out, lse = _ours_fwd(q, k, v, None, opts)
-                _ours_bwd(out, q, k, v, out, lse, None, opts)
+                    opts = _opts(e, cu, cu_k, max_q=2, max_k=2, window_left=1, bottom_right=True,
+                                 dropout_p=p, seed=2**63 + 5)  # fmt: skip
+                    out, lse = _ours_fwd(q, k, v, None, opts, arch)
+                    _ours_bwd(out, q, k, v, out, lse, None, opts, arch)
+    return seen
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_aot_specs_cover_every_launch(monkeypatch, arch):
+    """Every launch on ``arch`` (types, constexprs, num_warps, num_stages) over head dims,
+    dtypes, mask kinds, windows and varlen is one of aot_specs() for that arch, and none of
+    those is dead; every config the heuristic picks for any head dim, dtype and arch is
+    listed for that arch."""
+    specs = A.aot_specs()
+    assert len({spec_key(s) for s in specs}) == len(specs) == N_SPECS
+    # (spec, arch) pairs: what the AOT report compiles; sm_90's own configs replace sm_80's
+    assert sum(len(s["archs"]) for s in specs) == N_COMPILES
+    assert all(s["archs"] in ((80,), (90,), (80, 90)) for s in specs)
+    listed = spec_keys(specs, arch)
+    # the interpreter ignores num_stages: where sm_90's configs differ from sm_80's in nothing
+    # else, its launches compute what sm_80's do, so they are recorded without running them
+    tiles = [{k: dataclasses.replace(c, num_stages=3) for k, c in _every_config(a).items()}
+             for a in (80, 90)]  # fmt: skip
+    seen = _record_launches(monkeypatch, arch, run=arch == 80 or tiles[0] != tiles[1])
     assert seen == listed, (sorted(seen - listed)[:2], sorted(listed - seen)[:2])
 
     def masked(s):
@@ -605,22 +699,21 @@ def test_aot_specs_cover_every_launch(monkeypatch):
             assert A.dropout_variant(dtype, kind, 0) == (0 if paired else 1)
 
     by_config = {(s[0], dict(s[2])["BLOCK_M"], dict(s[2]).get("BLOCK_N"), dict(s[2])["BLOCK_D"],
-                  s[3], masked(s), dict(s[2]).get("DROPOUT", 0)) for s in listed}  # fmt: skip
+                  s[3], s[4], masked(s), dict(s[2]).get("DROPOUT", 0)) for s in listed}  # fmt: skip
     names = {"fwd": "_attn_fwd_kernel", "pre": "_attn_bwd_pre_kernel",
              "dkdv": "_attn_bwd_dkdv_kernel", "dq": "_attn_bwd_dq_kernel"}  # fmt: skip
     for d in range(1, 257):
         for dtype in DTYPES:
-            for arch in A.ARCHS:
-                for kernel, name in names.items():
-                    for mask in (False, True) if kernel != "pre" else (False,):
-                        for kind in ((1, 2, 3) if mask else (0,)) if kernel != "pre" else (0,):
-                            if kind == 3 and dtype == torch.float32:
-                                continue
-                            drops = {A.dropout_variant(dtype, kind, t) for t in (0, 1)}
-                            for drop in drops if kernel != "pre" else (0,):
-                                c = A.attention_config(kernel, d, dtype, arch, mask, drop == 1)
-                                bn = None if kernel == "pre" else c.block_n
-                                assert (name, c.block_m, bn, c.block_d, c.num_warps, mask,
-                                        drop) in by_config  # fmt: skip
+            for kernel, name in names.items():
+                for mask in (False, True) if kernel != "pre" else (False,):
+                    for kind in ((1, 2, 3) if mask else (0,)) if kernel != "pre" else (0,):
+                        if kind == 3 and dtype == torch.float32:
+                            continue
+                        drops = {A.dropout_variant(dtype, kind, t) for t in (0, 1)}
+                        for drop in drops if kernel != "pre" else (0,):
+                            c = A.attention_config(kernel, d, dtype, arch, mask, drop == 1)
+                            bn = None if kernel == "pre" else c.block_n
+                            assert (name, c.block_m, bn, c.block_d, c.num_warps, c.num_stages,
+                                    mask, drop) in by_config  # fmt: skip
     assert len(A.aot_specs(aligned=True)) == len(specs)
     assert all(kernel_name(s["kernel"]) in names.values() for s in specs)

@@ -16,6 +16,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+# Triton's default software-pipelining depth on NVIDIA targets: the num_stages of a spec (and of
+# a launch) that does not name one
+DEFAULT_NUM_STAGES = 3
+
 # usable shared memory per block (opt-in maximum), bytes
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
@@ -75,14 +79,16 @@ def _compile_chunk(args: tuple[int, int, tuple[int, ...]]) -> list[dict]:
 def compile_report(
     specs: list[dict], archs: tuple[int, ...] = (80, 90), jobs: int | None = None
 ) -> list[dict]:
-    """Compile every spec for every arch; one row per (spec, arch).
+    """Compile every spec for every arch it targets; one row per (spec, arch).
 
     spec: dict with kernel (a triton.jit function), signature, constexprs, num_warps,
-    config (a short label) and optionally divisible_by_16 (argument names the JIT would mark
+    config (a short label) and optionally num_stages (default DEFAULT_NUM_STAGES, Triton's),
+    archs (the archs whose launchers pick this spec: it compiles for those of ``archs`` only;
+    default every one of ``archs``), divisible_by_16 (argument names the JIT would mark
     16-divisible: 16-byte-aligned pointers, ints that are multiples of 16) and
     enable_fp_fusion (False for a kernel its launcher runs without FMA contraction; default
-    True, as triton's launch option). Row keys: kernel,
-    config, arch, registers, spill_stores, spill_loads, smem (bytes), smem_limit (bytes).
+    True, as triton's launch option). Row keys: kernel, config, arch, num_stages, registers,
+    spill_stores, spill_loads, smem (bytes), smem_limit (bytes).
     """
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError(
@@ -109,6 +115,8 @@ def compile_report(
                 "TRITON_INTERPRET=1?)"
             )
         for arch in archs:
+            if arch not in spec.get("archs", archs):
+                continue
             src = ASTSource(
                 fn=fn,
                 signature=spec["signature"],
@@ -120,6 +128,7 @@ def compile_report(
                 target=GPUTarget("cuda", arch, 32),
                 options={
                     "num_warps": spec["num_warps"],
+                    "num_stages": spec.get("num_stages", DEFAULT_NUM_STAGES),
                     "enable_fp_fusion": spec.get("enable_fp_fusion", True),
                 },
             )
@@ -129,6 +138,7 @@ def compile_report(
                     kernel=fn.__name__,
                     config=spec["config"],
                     arch=arch,
+                    num_stages=spec.get("num_stages", DEFAULT_NUM_STAGES),
                     registers=regs,
                     spill_stores=st,
                     spill_loads=ld,

@@ -70,22 +70,28 @@
 # of 8 fp16/bf16 or 4 fp32 elements: 16, 40, 64, 80, 96, 128, 192, 256) take no copy. The mask
 # is read element by element through its own strides (any broadcast, no copy; bool as u8).
 #
-# Configs: attention_config (kernel, padded head dim, dtype, mask or not, arch): head dims go to
-# one of three buckets, BLOCK_D = 64, 128, 256 (for q/k and v alike), with a (BLOCK_M, BLOCK_N,
-# num_warps) table per kernel and bucket for fp16/bf16 and one for fp32 (smaller), and smaller
-# 16-bit tiles with a mask (its unvectorised tile loads take registers). sm_90 uses the sm_80
-# tables. num_stages is Triton's default (3): the AOT report compiles with it, so the launchers
-# launch with it too. Dropout is the constexpr DROPOUT: 0 compiles no dropout code; 1 compiles
-# it behind a uniform runtime branch (drop_thr != 0). Only the common configurations (fp16 /
-# bf16 without a mask or with a bool mask) have both variants (a no-dropout launch pays
-# nothing); the others (fp32, additive masks) have only DROPOUT=1, which their no-dropout
-# launches also use (the branch skips the work; the variant's registers are the price). Where
-# a DROPOUT=1 variant would spill with the usual tile, _DROPOUT_TILES gives it a smaller one.
+# Configs: attention_config (kernel, padded head dim, dtype, arch, mask or not, dropout): head
+# dims go to one of three buckets, BLOCK_D = 64, 128, 256 (for q/k and v alike), with a
+# (BLOCK_M, BLOCK_N, num_warps) table per kernel and bucket for fp16/bf16 and one for fp32
+# (smaller), and smaller 16-bit tiles with a mask (its unvectorised tile loads take registers).
+# The arch is the launching GPU's table, config_arch(device): 90 for compute capability 9.x,
+# else 80 (the launchers' arch= overrides it: the interpreter tests pick one). num_stages (the
+# loop's software-pipelining depth) is part of the config, passed at every launch and compiled
+# with by the AOT report: Triton's default 3, except _SM90_STAGES (sm_90: 4 for the 16-bit
+# forward at d128 / d256); sm_90 otherwise uses the sm_80 tiles. Dropout is the constexpr
+# DROPOUT: 0 compiles no dropout code; 1 compiles it behind a uniform runtime branch
+# (drop_thr != 0). Only the common configurations (fp16 / bf16 without a mask or with a bool
+# mask) have both variants (a no-dropout launch pays nothing); the others (fp32, additive
+# masks) have only DROPOUT=1, which their no-dropout launches also use (the branch skips the
+# work; the variant's registers are the price). Where a DROPOUT=1 variant would spill with the
+# usual tile, _DROPOUT_TILES gives it a smaller one.
 # aot_specs(): per head bucket, fp16 / bf16: forward, dK/dV, dQ for 4 mask kinds (none, bool,
 # additive T, additive fp32), the first two twice (DROPOUT 0 / 1), + the preprocess = 19; fp32:
-# 3 kernels x 3 mask kinds + the preprocess = 10; 3 x (19 + 19 + 10) = 144 specs (window,
-# causal-ness, bottom_right, varlen and dropout's seed / threshold are runtime arguments); all
-# compile for sm_80 and sm_90 with zero spills and shared memory within both limits.
+# 3 kernels x 3 mask kinds + the preprocess = 10; 3 x (19 + 19 + 10) = 144 launches per arch
+# (window, causal-ness, bottom_right, varlen and dropout's seed / threshold are runtime
+# arguments). A spec names the archs that launch it: 120 are shared, and the 24 16-bit forward
+# configs of the d128 / d256 buckets are one spec per arch (3 vs 4 stages): 168 specs, 288
+# (spec, arch) compiles, all with zero spills and shared memory within the arch's limit.
 #
 # Limits and trade-offs:
 #   * head dims E, Ev <= 256, one BLOCK_D for both: head dim 16 or 32 pays the padding to 64
@@ -690,15 +696,18 @@ def _attn_bwd_dq_kernel(
 @dataclass(frozen=True)
 class AttnConfig:
     """A program tile: block_m queries by block_n keys (the backward preprocess: block_m rows,
-    block_n unused) on num_warps warps; block_d is the padded head dim."""
+    block_n unused) on num_warps warps, the loop software-pipelined num_stages deep; block_d is
+    the padded head dim."""
 
     block_m: int
     block_n: int
     block_d: int
     num_warps: int
+    num_stages: int = aot.DEFAULT_NUM_STAGES
 
     def __str__(self) -> str:
-        return f"m{self.block_m}n{self.block_n}d{self.block_d}w{self.num_warps}"
+        return (f"m{self.block_m}n{self.block_n}d{self.block_d}w{self.num_warps}"
+                f"s{self.num_stages}")  # fmt: skip
 
 
 KERNELS = ("fwd", "pre", "dkdv", "dq")
@@ -753,6 +762,24 @@ _DROPOUT_TILES = {
 }
 # the preprocess: 4096 elements of O and of dO per program on 4 warps (32 per thread each)
 _PRE_ELEMS, _PRE_WARPS = 4096, 4
+# sm_90's own choices: num_stages by (kernel, 16-bit?, block_d); every tile and every other
+# entry is sm_80's (Triton's default, 3 stages). The forward's K/V loop is software-pipelined
+# num_stages deep, each stage one K and one V tile in shared memory (16-32 KB for these 16-bit
+# tiles: 32 or 64 keys x d128, 32 keys x d256). Reason for the 4th stage: sm_90's wgmma tensor
+# cores finish an iteration's two dots about 2.5x sooner per SM than sm_80's mma.sync (dense
+# fp16: ~990 TFLOPS on 132 SMs vs ~312 on 108) while a load from memory takes about as long,
+# so at equal tiles the loop needs more K/V tiles in flight to keep them busy; and sm_90 has
+# the room: with it these programs take 88-188 KB (ptxas, sm_90), within the 227 KB per block
+# with >= 39 KB to spare, at no occupancy cost (160-255 registers per thread on 8 warps
+# already allow one program per SM). sm_80 keeps 3: its slower dots cover the loads' latency
+# sooner (4 stages would fit there too: 132-156 KB for the unmasked and fp32-mask programs).
+# d64 keeps 3 on sm_90 as well: its unmasked 4-warp program has no register headroom (252 of
+# 255 at 3 stages, 255 at 4). No GPU was available to time any of this: the argument above is
+# the whole case; the AOT report checks 0 spills and shared memory within each arch's limit.
+_SM90_STAGES = {
+    ("fwd", True, 128): 4,
+    ("fwd", True, 256): 4,
+}
 
 
 def head_bucket(head_dim: int) -> int:
@@ -774,7 +801,8 @@ def attention_config(
     """Launch config of ``kernel`` ("fwd", "pre", "dkdv", "dq") for head dim max(E, Ev) =
     ``head_dim`` (<= 256, after the padding to 16 bytes), data type ``dtype``, with or without
     a mask, for the variant with dropout code (DROPOUT=1) or without, on an sm_``arch`` GPU
-    (80, 90; 90 uses the sm_80 tiles, which compile without spills there too)."""
+    (80, 90: config_arch; 90 uses the sm_80 tiles, which compile without spills there too,
+    with _SM90_STAGES' deeper pipelines)."""
     if kernel not in KERNELS:
         raise ValueError(f"attention_config: kernel must be one of {KERNELS}, got {kernel!r}")
     if arch not in ARCHS:
@@ -786,7 +814,10 @@ def attention_config(
     bm, bn, w = _MASKED_TILES.get(key, _TILES[key]) if masked else _TILES[key]
     if dropout:
         bm, bn, w = _DROPOUT_TILES.get((*key, masked), (bm, bn, w))
-    return AttnConfig(bm, bn, d, w)
+    stages = aot.DEFAULT_NUM_STAGES
+    if arch == 90:
+        stages = _SM90_STAGES.get(key, stages)
+    return AttnConfig(bm, bn, d, w, stages)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -825,11 +856,14 @@ def _placeholder(device: torch.device) -> torch.Tensor:
     return _PLACEHOLDER[device]
 
 
-def _arch(device: torch.device) -> int:
+def config_arch(device: torch.device) -> int:
+    """The config table (ARCHS) for ``device``: 90 for a compute capability 9.x GPU (sm_90's
+    227 KB of shared memory per block), 80 for every other GPU and for a device that is not a
+    GPU (the interpreter on CPU tensors; tests pick an arch with the launchers' ``arch``)."""
     if device.type != "cuda":
         return 80
-    major, _ = torch.cuda.get_device_capability(device)
-    return 90 if major >= 9 else 80
+    major, minor = torch.cuda.get_device_capability(device)
+    return 90 if 90 <= major * 10 + minor < 100 else 80
 
 
 def _check_tensor(fn: str, name: str, t, shape: tuple, dtype: torch.dtype, device) -> None:
@@ -985,7 +1019,7 @@ def _copy_back(dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src[..., : dst.shape[-1]])
 
 
-def attention_fwd(q, k, v, mask, out, lse, opts) -> None:
+def attention_fwd(q, k, v, mask, out, lse, opts, *, arch: int | None = None) -> None:
     """out, lse = attention.h's forward.
 
     q (B, Hq, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev): fp32 / fp16 / bf16 strided views whose
@@ -999,7 +1033,8 @@ def attention_fwd(q, k, v, mask, out, lse, opts) -> None:
     outside every sequence are not written).
     Tensors that are not 16-byte aligned (start, batch / head / row strides, head dim a
     multiple of 16 bytes) are served through a zero-padded aligned copy (outputs: a scratch
-    copied back): extra traffic, same results.
+    copied back): extra traffic, same results. arch: the config table (ARCHS) to launch with;
+    None: config_arch(q.device).
     """
     fn = "attention_fwd"
     b, hq, length, e, hk, s, ev = _check_qkv(fn, q, k, v)
@@ -1012,7 +1047,8 @@ def attention_fwd(q, k, v, mask, out, lse, opts) -> None:
     wl, wr = _window(opts, length, s)
     vec = _vec(q.dtype)
     e_p, ev_p = _pad(e, vec), _pad(ev, vec)
-    cfg = attention_config("fwd", max(e_p, ev_p), q.dtype, _arch(q.device), kind != 0, drop == 1)
+    arch = config_arch(q.device) if arch is None else arch
+    cfg = attention_config("fwd", max(e_p, ev_p), q.dtype, arch, kind != 0, drop == 1)
     n_mb = triton.cdiv(max_q, cfg.block_m)
     grid = _grid(fn, n_mb, nb, hq)
     if grid == 0:
@@ -1024,18 +1060,19 @@ def attention_fwd(q, k, v, mask, out, lse, opts) -> None:
         *_strides(o_), *m_st, hq, hq // hk, length, s, e_p, ev_p, n_mb, int(varlen),
         float(opts.scale) * _LOG2E_PY, wl, wr, int(bool(opts.bottom_right)), *drop_args,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, MASK=min(kind, 2),
-        DROPOUT=drop, num_warps=cfg.num_warps,
+        DROPOUT=drop, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     _copy_back(out, o_)
 
 
-def attention_bwd(dout, q, k, v, out, lse, mask, dq, dk, dv, opts) -> None:
+def attention_bwd(dout, q, k, v, out, lse, mask, dq, dk, dv, opts, *, arch: int | None = None
+                  ) -> None:  # fmt: skip
     """dq, dk, dv = attention.h's backward (deterministic: no atomics, fixed summation order).
 
     dout, out (B, Hq, L, Ev) and q, k, v, mask, lse, opts as attention_fwd's (out and lse as
     it stored them); dq, dk, dv like q, k, v (any strides, last dim contiguous), overwritten
     (varlen: rows outside every sequence are not written). Uses a (B, Hq, L) fp32 scratch for
-    rowsum(dout * out); unaligned tensors as in attention_fwd.
+    rowsum(dout * out); unaligned tensors and arch as in attention_fwd.
     """
     fn = "attention_bwd"
     b, hq, length, e, hk, s, ev = _check_qkv(fn, q, k, v)
@@ -1049,7 +1086,7 @@ def attention_bwd(dout, q, k, v, out, lse, mask, dq, dk, dv, opts) -> None:
     thr, drop_args = _dropout(fn, opts)
     drop = dropout_variant(q.dtype, kind, thr)
     wl, wr = _window(opts, length, s)
-    arch = _arch(q.device)
+    arch = config_arch(q.device) if arch is None else arch
     vec = _vec(q.dtype)
     e_p, ev_p = _pad(e, vec), _pad(ev, vec)
     d = max(e_p, ev_p)
@@ -1070,6 +1107,7 @@ def attention_bwd(dout, q, k, v, out, lse, mask, dq, dk, dv, opts) -> None:
         _attn_bwd_pre_kernel[(grids[0],)](
             o_, do_, delta, *_strides(o_), *_strides(do_), hq, length, ev_p, n_pre,
             BLOCK_M=pre.block_m, BLOCK_D=pre.block_d, num_warps=pre.num_warps,
+            num_stages=pre.num_stages,
         )  # fmt: skip
     strides = (*_strides(q_), *_strides(k_), *_strides(v_), *_strides(do_))
     if grids[1]:
@@ -1077,21 +1115,22 @@ def attention_bwd(dout, q, k, v, out, lse, mask, dq, dk, dv, opts) -> None:
             q_, k_, v_, do_, lse, delta, dk_, dv_, m, cu_q, cu_k, *strides, *_strides(dk_),
             *_strides(dv_), *m_st, hq, hk, hq // hk, length, s, e_p, ev_p, *tail,
             BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, BLOCK_D=kv.block_d, MASK=min(kind, 2),
-            DROPOUT=drop, num_warps=kv.num_warps,
+            DROPOUT=drop, num_warps=kv.num_warps, num_stages=kv.num_stages,
         )  # fmt: skip
     if grids[2]:
         _attn_bwd_dq_kernel[(grids[2],)](
             q_, k_, v_, do_, lse, delta, dq_, m, cu_q, cu_k, *strides, *_strides(dq_), *m_st,
             hq, hq // hk, length, s, e_p, ev_p, n_mb, *tail[1:],
             BLOCK_M=cq.block_m, BLOCK_N=cq.block_n, BLOCK_D=cq.block_d, MASK=min(kind, 2),
-            DROPOUT=drop, num_warps=cq.num_warps,
+            DROPOUT=drop, num_warps=cq.num_warps, num_stages=cq.num_stages,
         )  # fmt: skip
     for dst, src in ((dq, dq_), (dk, dk_), (dv, dv_)):
         _copy_back(dst, src)
 
 
 # ---------------------------------------------------------------------------------------------
-# AOT spec list: every (kernel, signature, constexprs, num_warps) the launchers can pick
+# AOT spec list: every (kernel, signature, constexprs, num_warps, num_stages, archs) the
+# launchers can pick
 # ---------------------------------------------------------------------------------------------
 
 _TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -1135,22 +1174,26 @@ def _spec(kernel: str, t: str, cfg: AttnConfig, kind: int, drop: int = 0) -> dic
         label = f"{t} {kernel} {cfg} mask:{('none', 'bool', 'add', 'add32')[kind]}"
         label += " drop" if drop else ""
     return dict(kernel=fn, signature=sig, constexprs=const, num_warps=cfg.num_warps,
-                config=label)  # fmt: skip
+                num_stages=cfg.num_stages, config=label)  # fmt: skip
 
 
 def aot_specs(aligned: bool = False) -> list[dict]:
-    """Every (kernel, signature, constexprs, num_warps) attention_fwd / attention_bwd can launch:
+    """Every (kernel, signature, constexprs, num_warps, num_stages) attention_fwd / attention_bwd
+    can launch, per arch:
     3 head-dim buckets x (fp16 / bf16: forward, dK/dV, dQ for 4 mask kinds, the none / bool ones
     with DROPOUT 0 and 1, + the preprocess = 19 each; fp32: 3 kernels x 3 mask kinds + the
-    preprocess = 10) = 144 specs (the window, causal-ness, bottom_right, varlen and the dropout
-    seed / threshold are runtime arguments, and sm_90 uses the sm_80 tiles).
+    preprocess = 10) = 144 launches per arch (the window, causal-ness, bottom_right, varlen and
+    the dropout seed / threshold are runtime arguments; sm_90 uses the sm_80 tiles, with
+    _SM90_STAGES' num_stages): 168 specs, 120 shared by sm_80 and sm_90 and 24 + 24 of one arch
+    (the 16-bit forward at d128 / d256), 288 (spec, arch) pairs.
 
-    Each spec is a dict with kernel (the JITFunction), signature, constexprs, num_warps and
+    Each spec is a dict with kernel (the JITFunction), signature, constexprs, num_warps,
+    num_stages, archs (the ARCHS whose launchers pick it; it compiles for those only) and
     config (a short label), for lmkernels.triton_kernels.aot.compile_report. aligned=True gives
     the variants the JIT builds for 16-byte-aligned tensors (vectorised loads); the default gives
     the generic variants.
     """
-    specs, seen = [], set()
+    by_key: dict[tuple, dict] = {}  # one spec per distinct launch, with the archs that pick it
     for dtype in _DTYPES:
         t = _TY[dtype]
         for d in HEAD_BUCKETS:
@@ -1161,9 +1204,11 @@ def aot_specs(aligned: bool = False) -> list[dict]:
                         for drop in drops:
                             cfg = attention_config(kernel, d, dtype, arch, kind != 0, drop == 1)
                             key = (t, kernel, cfg, kind, drop)
-                            if key not in seen:
-                                seen.add(key)
-                                specs.append(_spec(kernel, t, cfg, kind, drop))
+                            if key not in by_key:
+                                by_key[key] = _spec(kernel, t, cfg, kind, drop)
+                                by_key[key]["archs"] = ()
+                            by_key[key]["archs"] += (arch,)
+    specs = list(by_key.values())
     if not aligned:
         return specs
     specs = aot.aligned_variants(specs)
