@@ -54,6 +54,29 @@ def use_backend(name: str | None) -> Iterator[None]:
         _selected.reset(token)
 
 
+def remember_backend(ctx) -> None:
+    """Record on an autograd ``ctx`` the backend that the forward's ``use_backend`` selected.
+
+    Autograd runs the backward of CUDA tensors on its own device thread, where that block (a
+    context variable) is not set; :func:`in_forward_backend` re-enters it there, so a backward
+    runs on the forward's backend. (In a torch.compile'd graph the backward kernels dispatch
+    when the graph runs: there ``LMKERNELS_BACKEND`` or the default order applies.)
+    """
+    ctx.lmk_backend = _selected.get()
+
+
+def in_forward_backend(grads: Callable) -> Callable:
+    """Wrap ``grads(ctx, *grad_outputs)`` to run under the backend :func:`remember_backend`
+    saved on ``ctx``."""
+
+    @functools.wraps(grads)
+    def run(ctx, *args):
+        with use_backend(getattr(ctx, "lmk_backend", None)):
+            return grads(ctx, *args)
+
+    return run
+
+
 def selected_backend() -> str | None:
     """The explicitly requested backend (context manager, then LMKERNELS_BACKEND), or None."""
     name = _selected.get()

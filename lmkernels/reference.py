@@ -174,9 +174,11 @@ SINUSOID_POSITIONS = 2**31  # positions of the sinusoid lie in [0, 2^31) (embedd
 
 def sinusoid_inv_freq(dim: int, device: torch.device | str | None = None) -> Tensor:
     """``10000^(-2i / dim)`` for i < ceil(dim / 2) in fp64: the frequencies of the sinusoidal
-    position encoding, computed here once so that every backend uses the same bits."""
-    two_i = torch.arange(0, dim, 2, dtype=torch.float64, device=device)
-    return torch.pow(10000.0, -two_i / dim)
+    position encoding, computed here once so that every backend uses the same bits: always on
+    the CPU (CUDA's fp64 pow differs in the last bit, which moves angles near 2^31 by an fp32
+    ulp of the result), then moved to ``device``."""
+    two_i = torch.arange(0, dim, 2, dtype=torch.float64)
+    return torch.pow(10000.0, -two_i / dim).to(device)
 
 
 def sinusoid(pos: Tensor, dim: int, dtype: torch.dtype) -> Tensor:

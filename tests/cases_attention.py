@@ -96,6 +96,11 @@ def torch_sdpa_fp32_mask(q, k, v, attn_mask):
     wrong results for an fp32 mask on fp64 q when L != S: measured 2.4 off)."""
     if q.dtype == torch.float64:
         attn_mask = attn_mask.to(torch.float64)
+    elif q.is_cuda and q.dtype != attn_mask.dtype:
+        # torch's CUDA kernels refuse an fp32 mask on 16-bit q, which its CPU path (and every
+        # lmkernels backend) takes: run torch on the CPU
+        args = (t.cpu() for t in (q, k, v, attn_mask))
+        return torch_sdpa_fp32_mask(*args).to(q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 

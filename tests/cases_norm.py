@@ -30,6 +30,15 @@ def _params(n_shape, dtype, device, gen, weight, bias, param_dtype=None):
     return w, b
 
 
+def _torch_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """F.layer_norm. torch's CUDA kernel rejects fp32 weight / bias with 16-bit x, which its
+    CPU kernel (and ours, on every device) takes: such calls run torch on the CPU."""
+    if x.is_cuda and any(p is not None and p.dtype != x.dtype for p in (weight, bias)):
+        cpu = [None if t is None else t.cpu() for t in (weight, bias)]
+        return F.layer_norm(x.cpu(), normalized_shape, *cpu, eps=eps).to(x.device)
+    return F.layer_norm(x, normalized_shape, weight, bias, eps=eps)
+
+
 def _ln(name, shape, n_dims=1, weight=True, bias=True, param_dtype=None, scale=2.0, offset=0.5,
         transform=None, large=False, dtypes=None, eps=1e-5):  # fmt: skip
     def make(dtype, device, gen):
@@ -41,7 +50,7 @@ def _ln(name, shape, n_dims=1, weight=True, bias=True, param_dtype=None, scale=2
         return (x, n_shape, w, b), dict(eps=eps)
 
     kw = {} if dtypes is None else dict(dtypes=dtypes)
-    return Case("layer_norm", name, make, LF.layer_norm, F.layer_norm, small=not large, **kw)
+    return Case("layer_norm", name, make, LF.layer_norm, _torch_layer_norm, small=not large, **kw)
 
 
 def _rms(name, shape, n_dims=1, weight=True, param_dtype=None, scale=2.0, offset=0.5,
@@ -74,7 +83,17 @@ def _special(rms):
 
     op = "rms_norm" if rms else "layer_norm"
     return Case(op, "nan_inf_zero_rows", make, LF.rms_norm if rms else LF.layer_norm,
-                F.rms_norm if rms else F.layer_norm)  # fmt: skip
+                _torch_rms_norm if rms else F.layer_norm)  # fmt: skip
+
+
+def _torch_rms_norm(x, normalized_shape, weight=None, eps=None):
+    """F.rms_norm; on CUDA fp64 it runs on the CPU: torch's fp64 CUDA rms_norm turns a row
+    holding an inf into NaN throughout (torch 2.11 on an H100), where its fp32 CUDA and CPU
+    kernels give 0 * inf = NaN at the inf only (x * rsqrt(inf) = 0 elsewhere)."""
+    if x.is_cuda and x.dtype == torch.float64:
+        w = None if weight is None else weight.cpu()
+        return F.rms_norm(x.cpu(), normalized_shape, w, eps).to(x.device)
+    return F.rms_norm(x, normalized_shape, weight, eps)
 
 
 _LN = []

@@ -67,6 +67,8 @@ def test_env_variable_selects_backend(monkeypatch):
 
 
 def test_default_order_on_cpu_uses_the_cpu_backend(monkeypatch):
+    if availability("cpu", "cpu") is not None:
+        pytest.skip(f"the cpu backend is not available here: {availability('cpu', 'cpu')}")
     calls = []
     real = torch.ops.lmkernels_cpu.softmax_fwd
 
@@ -88,3 +90,47 @@ def test_info_cli_lists_every_backend_with_reasons():
     assert "torch" in out and "available" in out
     if not torch.cuda.is_available():
         assert "runs on CUDA tensors" in out
+
+
+_BACKWARD_OPS = {
+    "softmax": lambda x: LF.softmax(x, dim=-1),
+    "layer_norm": lambda x: LF.layer_norm(x, (8,)),
+    "rms_norm": lambda x: LF.rms_norm(x, (8,)),
+    "rotary": lambda x: LF.apply_rotary(
+        x.view(1, 2, 2, 8), torch.ones(2, 8, dtype=x.dtype), torch.zeros(2, 8, dtype=x.dtype)
+    ),
+    "embedding": lambda x: LF.embedding(torch.tensor([0, 1, 1]), x),
+    "sdpa": lambda x: LF.scaled_dot_product_attention(*(x.view(1, 1, 4, 8),) * 3),
+}
+
+
+@pytest.mark.parametrize("op", list(_BACKWARD_OPS))
+def test_backward_runs_on_the_forward_backend(monkeypatch, op):
+    """Autograd runs a CUDA backward on its own device thread, outside the forward's
+    use_backend block; the backward must still run on the forward's backend. Simulated with a
+    backward on another thread (a new thread starts without the block's context variable)."""
+    import threading
+
+    from lmkernels import backends
+
+    seen = []
+    real = backends.selected_backend
+    monkeypatch.setattr(backends, "selected_backend", lambda: seen.append(real()) or seen[-1])
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    with lmkernels.use_backend("reference"):
+        y = _BACKWARD_OPS[op](x)
+    seen.clear()
+    errors = []
+
+    def backward():
+        try:
+            y.sum().backward()
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    t = threading.Thread(target=backward)
+    t.start()
+    t.join()
+    assert not errors, errors
+    assert x.grad is not None
+    assert seen and set(seen) == {"reference"}, seen

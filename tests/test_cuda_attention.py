@@ -1128,6 +1128,9 @@ def test_kernels_under_host_emulation(monkeypatch, tmp_path):
     if os.environ.get("LMKERNELS_EMULATE_CUDA", "1") == "0":
         pytest.skip("LMKERNELS_EMULATE_CUDA=0: the CUDA attention kernels' host emulation "
                     "(about 1.5 minutes) is turned off")  # fmt: skip
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: this file's other tests run the CUDA kernels themselves "
+                    "(the host emulation is their stand-in on machines without one)")  # fmt: skip
     mod = _emulated_module(tmp_path)
     monkeypatch.setitem(sys.modules, "lmkernels._cuda", mod)
     monkeypatch.setattr(lmkernels, "_cuda", mod, raising=False)

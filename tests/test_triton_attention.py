@@ -523,44 +523,45 @@ def test_layouts_and_determinism(dtype, small_tiles):
 
 def test_launcher_errors():
     q, k, v = _make(1, 4, 2, 5, 6, 16, 8, torch.float32, torch.Generator().manual_seed(0))
-    out, lse = torch.empty(1, 4, 5, 8), torch.empty(1, 4, 5)
-    opts = _opts(16)
+    with torch.device(DEV):  # every tensor below on q's device (a GPU where one runs)
+        out, lse = torch.empty(1, 4, 5, 8), torch.empty(1, 4, 5)
+        opts = _opts(16)
 
-    def bad(match, q=q, k=k, v=v, mask=None, out=out, lse=lse, opts=opts):
-        with pytest.raises(ValueError, match="attention_fwd: " + match):
-            A.attention_fwd(q, k, v, mask, out, lse, opts)
+        def bad(match, q=q, k=k, v=v, mask=None, out=out, lse=lse, opts=opts):
+            with pytest.raises(ValueError, match="attention_fwd: " + match):
+                A.attention_fwd(q, k, v, mask, out, lse, opts)
 
-    bad("dtype torch.float64", q=q.double(), k=k.double(), v=v.double(), out=out.double())
-    bad("k must be", k=k.half())
-    bad("Hq .4. must be a multiple of Hk .3.", k=torch.randn(1, 3, 6, 16),
-        v=torch.randn(1, 3, 6, 8))  # fmt: skip
-    bad("k must be", k=torch.randn(1, 2, 6, 15))
-    bad("head dims", q=torch.randn(1, 4, 5, 300), k=torch.randn(1, 2, 6, 300))
-    bad("q.s last dim must be contiguous", q=torch.randn(1, 4, 16, 5).transpose(2, 3))
-    bad("out must be", out=torch.empty(1, 4, 5, 9))
-    bad("lse must be", lse=torch.empty(1, 4, 5, dtype=torch.float16))
-    bad("lse must be contiguous", lse=torch.empty(1, 5, 4).transpose(1, 2))
-    bad("mask must be bool, torch.float32 or float32",
-        mask=torch.zeros(1, 4, 5, 6, dtype=torch.int32))  # fmt: skip
-    bad("mask must be bool, torch.float16 or float32", q=q.half(), k=k.half(), v=v.half(),
-        out=out.half(), mask=torch.zeros(1, 4, 5, 6, dtype=torch.float64))  # fmt: skip
-    bad("seed must be in", opts=_opts(16, dropout_p=0.1, seed=1 << 64))
-    bad("mask must be a", mask=torch.zeros(1, 4, 5, 5, dtype=torch.bool))
-    cu = torch.tensor([0, 5], dtype=torch.int32)
-    bad("cu_q and cu_k must be given together", opts=_opts(16, cu_q=cu))
-    bad("cu_q must be a non-empty 1-D int32", opts=_opts(16, cu_q=cu.long(), cu_k=cu))
-    bad("a mask is only for dense", mask=torch.ones(1, 4, 5, 6, dtype=torch.bool),
-        opts=_opts(16, cu_q=cu, cu_k=torch.tensor([0, 6], dtype=torch.int32)))  # fmt: skip
-    bad("a packed .varlen. batch has B == 1", q=q.expand(2, 4, 5, 16), k=k.expand(2, 2, 6, 16),
-        v=v.expand(2, 2, 6, 8), out=torch.empty(2, 4, 5, 8), lse=torch.empty(2, 4, 5),
-        opts=_opts(16, cu_q=cu, cu_k=torch.tensor([0, 6], dtype=torch.int32)))  # fmt: skip
-    with pytest.raises(ValueError, match="attention_bwd: dq must be"):
-        A.attention_bwd(out, q, k, v, out, lse, None, torch.empty(1, 4, 5, 8), torch.empty_like(k),
-                        torch.empty_like(v), opts)  # fmt: skip
-    with pytest.raises(ValueError, match="attention_config: kernel"):
-        A.attention_config("bwd", 64, torch.float16)
-    with pytest.raises(ValueError, match="attention_config: arch"):
-        A.attention_config("fwd", 64, torch.float16, arch=75)
+        bad("dtype torch.float64", q=q.double(), k=k.double(), v=v.double(), out=out.double())
+        bad("k must be", k=k.half())
+        bad("Hq .4. must be a multiple of Hk .3.", k=torch.randn(1, 3, 6, 16),
+            v=torch.randn(1, 3, 6, 8))  # fmt: skip
+        bad("k must be", k=torch.randn(1, 2, 6, 15))
+        bad("head dims", q=torch.randn(1, 4, 5, 300), k=torch.randn(1, 2, 6, 300))
+        bad("q.s last dim must be contiguous", q=torch.randn(1, 4, 16, 5).transpose(2, 3))
+        bad("out must be", out=torch.empty(1, 4, 5, 9))
+        bad("lse must be", lse=torch.empty(1, 4, 5, dtype=torch.float16))
+        bad("lse must be contiguous", lse=torch.empty(1, 5, 4).transpose(1, 2))
+        bad("mask must be bool, torch.float32 or float32",
+            mask=torch.zeros(1, 4, 5, 6, dtype=torch.int32))  # fmt: skip
+        bad("mask must be bool, torch.float16 or float32", q=q.half(), k=k.half(), v=v.half(),
+            out=out.half(), mask=torch.zeros(1, 4, 5, 6, dtype=torch.float64))  # fmt: skip
+        bad("seed must be in", opts=_opts(16, dropout_p=0.1, seed=1 << 64))
+        bad("mask must be a", mask=torch.zeros(1, 4, 5, 5, dtype=torch.bool))
+        cu = torch.tensor([0, 5], dtype=torch.int32)
+        bad("cu_q and cu_k must be given together", opts=_opts(16, cu_q=cu))
+        bad("cu_q must be a non-empty 1-D int32", opts=_opts(16, cu_q=cu.long(), cu_k=cu))
+        bad("a mask is only for dense", mask=torch.ones(1, 4, 5, 6, dtype=torch.bool),
+            opts=_opts(16, cu_q=cu, cu_k=torch.tensor([0, 6], dtype=torch.int32)))  # fmt: skip
+        bad("a packed .varlen. batch has B == 1", q=q.expand(2, 4, 5, 16), k=k.expand(2, 2, 6, 16),
+            v=v.expand(2, 2, 6, 8), out=torch.empty(2, 4, 5, 8), lse=torch.empty(2, 4, 5),
+            opts=_opts(16, cu_q=cu, cu_k=torch.tensor([0, 6], dtype=torch.int32)))  # fmt: skip
+        with pytest.raises(ValueError, match="attention_bwd: dq must be"):
+            A.attention_bwd(out, q, k, v, out, lse, None, torch.empty(1, 4, 5, 8),
+                            torch.empty_like(k), torch.empty_like(v), opts)  # fmt: skip
+        with pytest.raises(ValueError, match="attention_config: kernel"):
+            A.attention_config("bwd", 64, torch.float16)
+        with pytest.raises(ValueError, match="attention_config: arch"):
+            A.attention_config("fwd", 64, torch.float16, arch=75)
 
 
 # --------------------------------------------------------------------------------- AOT specs
@@ -660,8 +661,8 @@ def _record_launches(monkeypatch, arch: int, run: bool) -> set:
                         opts = _opts(e, window_right=0, dropout_p=p, seed=2**64 - 1)
                         out, lse = _ours_fwd(q, k, v, mask, opts, arch)
                         _ours_bwd(out, q, k, v, out, lse, mask, opts, arch)
-                cu = torch.tensor([0, 1, 5], dtype=torch.int32)
-                cu_k = torch.tensor([0, 2, 4], dtype=torch.int32)
+                cu = torch.tensor([0, 1, 5], dtype=torch.int32, device=DEV)
+                cu_k = torch.tensor([0, 2, 4], dtype=torch.int32, device=DEV)
                 for p in (0.0, 0.25):
                     opts = _opts(e, cu, cu_k, max_q=2, max_k=2, window_left=1, bottom_right=True,
                                  dropout_p=p, seed=2**63 + 5)  # fmt: skip

@@ -57,11 +57,11 @@
 // dq); in dkdv, whose column pairs are queries, the lanes holding keys j and j ^ 1 each draw one
 // of the two rows and swap a bit (one shuffle). A varlen sequence starting at an odd packed key
 // draws per element instead.
-// Numerics: scores and softmax in fp32; the module is built with --use_fast_math, so exp2 / log2
-// are the MUFU approximations (relative error ~2^-22). The tensor-core kernels round P (and dS)
-// to T for their second product (as every flash kernel does); the row sums use the fp32 P.
-// Device primitives (ldmatrix, mma, cp.async, shuffles) sit in one block below; a host test
-// harness may define LMK_ATTN_EMULATE and provide them (with the launch macro) to run the
+// Numerics: scores and softmax in fp32; exp2 / log2 are the MUFU approximations (fast_exp2 /
+// fast_log2: relative error ~2^-22); everything else is IEEE (no --use_fast_math). The tensor-core
+// kernels round P (and dS) to T for their second product (as every flash kernel does); the row sums
+// use the fp32 P. Device primitives (ldmatrix, mma, cp.async, shuffles) sit in one block below; a
+// host test harness may define LMK_ATTN_EMULATE and provide them (with the launch macro) to run the
 // kernels on a CPU: each CTA as cooperative threads, the warp collectives computed from the PTX
 // fragment layouts.
 #include <cuda_bf16.h>
@@ -154,8 +154,19 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-__device__ __forceinline__ float fast_exp2(float x) { return exp2f(x); }  // ex2.approx
-__device__ __forceinline__ float fast_log2(float x) { return log2f(x); }  // lg2.approx
+// The MUFU approximations (relative error ~2^-22; results below 2^-126 flush to 0), as every
+// flash kernel uses for its softmax; the module is built without --use_fast_math, so exp2f /
+// log2f would be the slower IEEE ones.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ float fast_log2(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 
 template <typename V>
 __device__ __forceinline__ V ld_g(const V* p) {

@@ -47,7 +47,7 @@
 //                            f32 polynomials run with -ftz, both within the contract's few ulp.
 //                            The index arrays' widths are run-time flags (a uniform branch).
 //
-// Numerics: the module is built with --use_fast_math (-ftz, fused multiply-adds); the backward's
+// Numerics: nvcc may fuse multiply-adds (its default); the backward's
 // adds and the scale multiply are written as add.rn.f32 / mul.rn.f32 PTX (fp64: __dadd_rn /
 // __dmul_rn), so they are IEEE operations that keep denormals and are never fused (the PTX has
 // no .ftz operation): the sums, started from +0 like the reference's zero-filled table, are bit

@@ -55,11 +55,12 @@
 // kMaxBlocks blocks and loop (grid-stride) over further rows or tiles; element offsets are
 // 64-bit (rows * cols may exceed 2^31).
 //
-// Numerics: fp32 math and accumulation. The module is built with --use_fast_math (denormals
-// flush to zero; the divisions inside Chan's merge are approximate); the per-row divisions by
-// cols and the reciprocal square root are correctly rounded intrinsics (__fdiv_rn,
-// __frsqrt_rn). NaN or inf in a row give NaN or inf in that row only (y, mean/rstd, dh); they do
-// reach dw/db, which sum over rows, as in torch. eps is used as given (converted to fp32).
+// Numerics: fp32 math and accumulation, IEEE (no --use_fast_math: denormals kept); the weights
+// of Chan's merge use the fast division (__fdividef: counts, within 2 ulp); the per-row
+// divisions by cols and the reciprocal square root are correctly rounded (__fdiv_rn,
+// __frsqrt_rn). NaN or inf in a row give NaN or inf in
+// that row only (y, mean/rstd, dh); they do reach dw/db, which sum over rows, as in torch. eps is
+// used as given (converted to fp32).
 //
 // Limits: fp64 data is not supported (cudaErrorNotSupported); the caller uses another backend.
 // One block per long row means a few very long rows (e.g. 8 x 262144) cannot fill a big GPU; a
@@ -157,6 +158,14 @@ __device__ __forceinline__ void load_param(const float* p, int64_t j, float abse
 
 // ------------------------------------------------------------------ row reductions
 
+// a / b correctly rounded, but denormal operands and results flush to 0: the IEEE division's
+// denormal path costs registers that the 1024-thread looped backward (64 per thread) lacks.
+__device__ __forceinline__ float div_rn_ftz(float a, float b) {
+  float q;
+  asm("div.rn.ftz.f32 %0, %1, %2;" : "=f"(q) : "f"(a), "f"(b));
+  return q;
+}
+
 // Running (count, mean, M2 = sum of squared deviations from the mean) of a set of values.
 struct Moments {
   float n, mean, m2;
@@ -168,7 +177,7 @@ __device__ __forceinline__ Moments merge(const Moments& a, const Moments& b) {
   if (b.n == 0.f) return a;
   if (a.n == 0.f) return b;
   const float n = a.n + b.n;
-  const float wb = b.n / n;
+  const float wb = __fdividef(b.n, n);  // counts: the fast division is within 2 ulp
   const float d = b.mean - a.mean;
   return Moments{n, a.mean + d * wb, a.m2 + b.m2 + d * d * a.n * wb};
 }
@@ -521,8 +530,8 @@ __global__ void __launch_bounds__(BLOCK, kCachedThreadsPerSM / BLOCK)
       }
     }
     s = row_sum<TPR, BLOCK>(s);
-    const float c1 = a.rms ? 0.f : __fdiv_rn(s.x, n);
-    const float c2 = __fdiv_rn(s.y, n);
+    const float c1 = a.rms ? 0.f : div_rn_ftz(s.x, n);
+    const float c2 = div_rn_ftz(s.y, n);
 
     // pass 2: dh
 #pragma unroll
@@ -560,8 +569,8 @@ __global__ void __launch_bounds__(BLOCK, kLoopThreadsPerSM / BLOCK)
       }
     }
     s = row_sum<TPR, BLOCK>(s);
-    const float c1 = a.rms ? 0.f : __fdiv_rn(s.x, n);
-    const float c2 = __fdiv_rn(s.y, n);
+    const float c1 = a.rms ? 0.f : div_rn_ftz(s.x, n);
+    const float c2 = div_rn_ftz(s.y, n);
 
     // pass 2: dh
     for (int64_t j = start; j < a.cols; j += kStride) {

@@ -30,8 +30,8 @@
 // column stride 0 or 1).
 //
 // Numerics: fp32 math and accumulation for fp32/fp16/bf16 data; outputs rounded to nearest.
-// The module is built with --use_fast_math, so exp/log are the MUFU approximations (relative
-// error ~1e-6 near the row max, larger only for values that are tiny next to it).
+// exp / log are the IEEE expf / logf (the module is built without --use_fast_math: its MUFU
+// approximations put the fp32 gradients beyond twice torch's error, seen on an H100).
 // NaN in a row makes the whole row NaN; with a mask or causal a fully masked row gives 0
 // (log: -inf); without them an all -inf row gives NaN, as torch does.
 //

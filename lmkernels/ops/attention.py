@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from lmkernels import reference
-from lmkernels.backends import Impl, dispatch
+from lmkernels.backends import Impl, dispatch, in_forward_backend, remember_backend
 from lmkernels.ops._common import eager_call
 
 
@@ -349,6 +349,7 @@ _NON_TENSOR = 10  # the op's arguments after q, k, v, mask
 
 
 def _setup_context(ctx, inputs, output):
+    remember_backend(ctx)
     q, k, v, mask, *rest = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, mask, rest[4], rest[5], rest[9])
@@ -356,6 +357,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
+@in_forward_backend
 def _grads(ctx, dout, dlse, bwd):
     q, k, v, out, lse, mask, cu_q, cu_k, seed = ctx.saved_tensors
     scale, wl, wr, br, _, _, max_q, max_k, dropout_p, _ = ctx.rest

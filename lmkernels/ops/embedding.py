@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from lmkernels import reference
-from lmkernels.backends import Impl, dispatch
+from lmkernels.backends import Impl, dispatch, in_forward_backend, remember_backend
 from lmkernels.ops._common import DTYPE_CODE, eager_call
 
 # ------------------------------------------------------------------------------- launchers
@@ -86,6 +86,8 @@ def _cuda_fwd(weight: Tensor, idx: Tensor, out: Tensor) -> None:
     if n == 0:
         return
     rows, dim = weight.shape
+    if rows == 0:  # every index is bad (and an empty CUDA tensor's data pointer is null)
+        reference.check_indices(idx, rows)
     status = torch.empty(1, dtype=torch.int64, device=idx.device)
     with torch.cuda.device(idx.device):
         _cuda.embedding_fwd(
@@ -116,6 +118,11 @@ def _cuda_tp_fwd(
     if n == 0:
         return
     rows, dim = tok_weight.shape
+    if rows == 0 or (pos_weight is not None and pos_weight.shape[0] == 0):
+        # every id or every position is bad (and an empty CUDA tensor's data pointer is null,
+        # which the module reads as "no table"): the reference's checks, in its order
+        reference.check_indices(ids, rows)
+        reference.check_positions(pos, pos_weight)
     if pos_weight is None:
         num_pos, pos_ptr, pos_stride = reference.SINUSOID_POSITIONS, 0, 0
         freq_ptr = inv_freq.data_ptr()
@@ -327,12 +334,14 @@ def _(tok_weight, ids, pos_weight, pos, scale, padding_idx):
 
 
 def _setup_context(ctx, inputs, output):
+    remember_backend(ctx)
     weight, idx, padding_idx, scale_grad_by_freq = inputs
     ctx.save_for_backward(idx)
     ctx.num_embeddings, ctx.padding_idx = weight.shape[0], padding_idx
     ctx.scale_grad_by_freq = scale_grad_by_freq
 
 
+@in_forward_backend
 def _grads(ctx, dy, bwd):
     (idx,) = ctx.saved_tensors
     dw = bwd(dy, idx, ctx.num_embeddings, ctx.padding_idx, ctx.scale_grad_by_freq)
@@ -345,6 +354,7 @@ embedding_fwd.register_autograd(
 
 
 def _tp_setup_context(ctx, inputs, output):
+    remember_backend(ctx)
     tok_weight, ids, pos_weight, pos, scale, padding_idx = inputs
     ctx.save_for_backward(ids, pos)
     ctx.num_tok = tok_weight.shape[0]
@@ -352,6 +362,7 @@ def _tp_setup_context(ctx, inputs, output):
     ctx.scale, ctx.padding_idx = scale, padding_idx
 
 
+@in_forward_backend
 def _tp_grads(ctx, dy, bwd):
     ids, pos = ctx.saved_tensors
     d_tok = d_pos = None

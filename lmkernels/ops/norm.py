@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from lmkernels import reference
-from lmkernels.backends import Impl, dispatch
+from lmkernels.backends import Impl, dispatch, in_forward_backend, remember_backend
 from lmkernels.ops._common import DTYPE_CODE, FLOAT_DTYPES, eager_call
 
 ROWS_PER_BLOCK = 64  # lmk::kNormRowsPerBlock: rows per dw/db partial sum (norm.h)
@@ -238,6 +238,7 @@ def _(dy, dh_out, h, weight, mean, rstd, rms, need_dw, need_db):
 
 
 def _setup_context(ctx, inputs, output):
+    remember_backend(ctx)
     x, residual, weight, bias, eps, rms = inputs
     y, h, mean, rstd = output
     ctx.save_for_backward(x if residual is None else h, weight, mean, rstd)
@@ -247,6 +248,7 @@ def _setup_context(ctx, inputs, output):
         ctx.mark_non_differentiable(h)
 
 
+@in_forward_backend
 def _grads(ctx, dy, dh_out, bwd):
     h, weight, mean, rstd = ctx.saved_tensors
     need_dw, need_db = ctx.needs_input_grad[2], ctx.needs_input_grad[3]

@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from lmkernels import reference
-from lmkernels.backends import Impl, dispatch
+from lmkernels.backends import Impl, dispatch, in_forward_backend, remember_backend
 from lmkernels.ops._common import eager_call, row_offsets
 
 # ------------------------------------------------------------------------------- launchers
@@ -143,11 +143,13 @@ def _(x, cos, sin, interleaved):
 
 
 def _setup_context(ctx, inputs, output):
+    remember_backend(ctx)
     _, cos, sin, interleaved = inputs
     ctx.save_for_backward(cos, sin)
     ctx.interleaved = interleaved
 
 
+@in_forward_backend
 def _grads(ctx, dy, bwd):
     cos, sin = ctx.saved_tensors
     return bwd(dy, cos, sin, ctx.interleaved), None, None, None

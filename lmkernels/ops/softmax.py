@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from lmkernels import reference
-from lmkernels.backends import Impl, dispatch
+from lmkernels.backends import Impl, dispatch, in_forward_backend, remember_backend
 from lmkernels.ops._common import (
     DTYPE_CODE,
     FLOAT_DTYPES,
@@ -180,12 +180,14 @@ def _(y, dy, dim, scale, log):
 
 
 def _setup_context(ctx, inputs, output):
+    remember_backend(ctx)
     x, dim, scale, log, mask, causal = inputs
     ctx.save_for_backward(output)
     ctx.dim, ctx.scale, ctx.log = dim, scale, log
     ctx.mask_shape = None if mask is None else mask.shape
 
 
+@in_forward_backend
 def _grads(ctx, dy, bwd):
     (y,) = ctx.saved_tensors
     if not ctx.needs_input_grad[4]:

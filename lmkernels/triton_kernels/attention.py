@@ -284,9 +284,10 @@ def _philox4x32_10(c0, c1, c2, c3, k0, k1):
 
 @triton.jit
 def _u32(x):
-    # an int32 scalar argument holding a uint32 bit pattern (or the constexpr 1 the JIT
-    # specialises) as a uint32 scalar
-    return tl.to_tensor(x).to(tl.uint32, bitcast=True)
+    # an int32 scalar argument holding a uint32 bit pattern (or the constexpr 1 that some
+    # Triton versions specialise) as a uint32 scalar; tl.cast takes both (tl.to_tensor is
+    # newer than Triton 3.6)
+    return tl.cast(x, tl.uint32, bitcast=True)
 
 
 @triton.jit

@@ -174,7 +174,7 @@ def _norm_fwd_kernel(
         res_row = res_ptr + base
         h_row = h_ptr + base
     h = _load_h(x_ptr + base, res_row, h_row, offs, valid, HAS_RES)
-    n = cols.to(tl.float32)
+    n = tl.cast(cols, tl.float32)  # cols == 1 may arrive as a constexpr
     if RMS:
         xc = h  # 0 past the row end
     else:
@@ -216,7 +216,7 @@ def _norm_fwd_looped_kernel(
     if HAS_RES:
         res_row = res_ptr + base
         h_row = h_ptr + base
-    n = cols.to(tl.float32)
+    n = tl.cast(cols, tl.float32)  # cols == 1 may arrive as a constexpr
 
     # pass 1: h (stored when fused), per-lane statistics of h - h0 (see _row_shift). Lane l
     # sees the elements l, l + BLOCK, ...; in chunk k every live lane has seen k + 1 elements,
@@ -312,7 +312,7 @@ def _norm_bwd_kernel(
     blk = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     valid = offs < cols
-    n = cols.to(tl.float32)
+    n = tl.cast(cols, tl.float32)  # cols == 1 may arrive as a constexpr
     w = tl.load(w_ptr + offs, mask=valid & (has_w != 0), other=1.0)
     dw_acc = tl.zeros([BLOCK], tl.float32)
     db_acc = tl.zeros([BLOCK], tl.float32)
@@ -373,7 +373,7 @@ def _norm_bwd_stats_kernel(
         s2 += g * _xhat(h, mean, rstd, valid, RMS)
         if not RMS:
             s1 += g
-    n = cols.to(tl.float32)
+    n = tl.cast(cols, tl.float32)  # cols == 1 may arrive as a constexpr
     tl.store(c2_ptr + row, tl.math.div_rn(tl.sum(s2, axis=0), n))
     if not RMS:
         tl.store(c1_ptr + row, tl.math.div_rn(tl.sum(s1, axis=0), n))
@@ -592,6 +592,9 @@ def norm_bwd(
     None: no gradient of the returned h); weight: (cols,) fp32 or None; mean: (rows,) fp32, None
     exactly when rms; rstd: (rows,) fp32. Writes dh, and dw / db ((cols,) fp32) when given:
     deterministic, from per-block partial sums over ROWS_PER_BLOCK rows added in block order.
+    The row kernels run without FMA contraction: g = dy * w feeds both the row sum c1 and
+    g - c1, and a fused multiply-add there leaves the product's rounding error as a spurious
+    gradient (one column: rstd * ulp(g) where the exact gradient is 0; seen on an H100).
     """
     rows, cols = dy.shape
     if rows == 0 or cols == 0:
@@ -616,17 +619,19 @@ def norm_bwd(
         _norm_bwd_kernel[(blocks,)](
             dy, dh_out_arg, h, w, mean, rstd, dh, dw_part, db_part, rows, cols, *flags,
             BLOCK=cfg.block, ROWS=ROWS_PER_BLOCK, RMS=bool(rms), num_warps=cfg.num_warps,
+            enable_fp_fusion=False,
         )  # fmt: skip
     else:
         c = torch.empty((1 if rms else 2, rows), dtype=torch.float32, device=dy.device)
         c1, c2 = (None, c[0]) if rms else (c[0], c[1])
         _norm_bwd_stats_kernel[(rows,)](
             dy, h, w, mean, rstd, c1, c2, cols, flags[1],
-            BLOCK=cfg.block, RMS=bool(rms), num_warps=cfg.num_warps,
+            BLOCK=cfg.block, RMS=bool(rms), num_warps=cfg.num_warps, enable_fp_fusion=False,
         )  # fmt: skip
         _norm_bwd_looped_kernel[(blocks, triton.cdiv(cols, cfg.block))](
             dy, dh_out_arg, h, w, mean, rstd, c1, c2, dh, dw_part, db_part, rows, cols, *flags,
             BLOCK=cfg.block, ROWS=ROWS_PER_BLOCK, RMS=bool(rms), num_warps=cfg.num_warps,
+            enable_fp_fusion=False,
         )  # fmt: skip
     if need_part:
         outs = [t for t in (dw, db) if t is not None]
@@ -695,7 +700,8 @@ def _bwd_specs(cfg: NormConfig) -> list[dict]:
             names = set(kernel.arg_names)
             k_types = {k: v for k, v in types.items() if k in names}
             k_const = {k: v for k, v in const.items() if k in names}
-            specs.append(_spec(kernel, k_types, k_const, cfg.num_warps, label))
+            spec = _spec(kernel, k_types, k_const, cfg.num_warps, label)
+            specs.append(dict(spec, enable_fp_fusion=False))  # see norm_bwd
     return specs
 
 

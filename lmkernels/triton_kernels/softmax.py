@@ -158,7 +158,7 @@ def _softmax_fwd_looped_kernel(
     if HAS_MASK:
         m_row = mask_ptr + tl.load(mask_off_ptr + row)
     q = row
-    n_live = cols.to(tl.int64)  # columns that can be unmasked
+    n_live = tl.cast(cols, tl.int64)  # columns that can be unmasked
     if CAUSAL:
         q = row % causal_rows
         n_live = tl.minimum(n_live, q + 1)
