@@ -1,11 +1,15 @@
 # make test   - create ./.venv if missing, install, build, run the whole suite
 # make bench  - same setup, then run the benchmark suite (results in benchmarks/results/)
-# make gpu-check - on a machine with an NVIDIA GPU: the suite + benchmarks on the GPU
+# make gpu-check - on a machine with an NVIDIA GPU: the suite + benchmarks on the GPU, with the
+#                  CUDA build of torch that $(GPU_PY) imports (installs nothing: works offline)
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 BENCH_ARGS ?=
+GPU_PY ?= python3
+# xdist when installed: on a GPU machine the Triton JIT compiles dominate the suite's time
+GPU_PYTEST_ARGS ?= $(shell $(GPU_PY) -c "import xdist" 2>/dev/null && echo "-n 8 --dist worksteal")
 
 .PHONY: test bench gpu-check build venv lint clean
 
@@ -41,11 +45,13 @@ test: build lint
 bench: build
 	$(PY) -m lmkernels.bench $(BENCH_ARGS)
 
-gpu-check: build
-	$(PY) -m lmkernels info
-	$(PY) -m lmkernels gpu-report
-	$(PY) -m pytest tests -q
-	$(PY) -m lmkernels.bench $(BENCH_ARGS)
+gpu-check:
+	$(GPU_PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: $(GPU_PY) sees no CUDA device')"
+	$(GPU_PY) -m pip install -q -e . --no-build-isolation --no-deps
+	$(GPU_PY) -m lmkernels info
+	$(GPU_PY) -m lmkernels gpu-report
+	$(GPU_PY) -m pytest tests -q $(GPU_PYTEST_ARGS)
+	$(GPU_PY) -m lmkernels.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf build lmkernels/*.so *.egg-info
