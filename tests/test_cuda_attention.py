@@ -958,6 +958,7 @@ inline void cp_async_wait() {
 }
 
 inline float fast_exp2(float x) { return exp2f(x); }
+inline float mul_rn(float a, float b) { return a * b; }  // g++ for x86-64 has no FMA here
 inline float fast_log2(float x) { return log2f(x); }
 
 template <typename V>

@@ -13,6 +13,9 @@ import pytest
 
 import lmkernels
 
+# one AOT report per process (it takes minutes): under xdist every test here runs on one worker
+pytestmark = pytest.mark.xdist_group("gpu_report")
+
 
 @functools.cache
 def _report() -> dict:

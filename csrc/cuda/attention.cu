@@ -162,6 +162,10 @@ __device__ __forceinline__ float fast_exp2(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
+// s * scale_log2 rounded, never contracted into a following add: the backward recomputes P from
+// the forward's rounded scaled scores, so an FMA in one pass and not the other would shift every
+// exponent by the product's rounding (fp32 dV beyond twice torch's error on an H100).
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ float fast_log2(float x) {
   float y;
   asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -602,7 +606,7 @@ __global__ void __launch_bounds__(MmaFwd<T, D, DROP>::kThreads, MmaFwd<T, D, DRO
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
             const int jj = t * 8 + tig * 2 + c;
-            float x = s[t][2 * r + c] * a.scale_log2;
+            float x = mul_rn(s[t][2 * r + c], a.scale_log2);
             if (!whole) x = (jj < lo || jj >= hi) ? kNegInf : x + (c == 0 ? madd.x : madd.y);
             s[t][2 * r + c] = x;
           }
@@ -772,7 +776,7 @@ __device__ __forceinline__ void probs_and_ds(const Args& a, float (&s)[SN][4], f
         const int col = col0 + t * 8 + c;
         float p = 0.f;
         if (col >= lo && col < hi) {
-          p = fast_exp2(s[t][2 * r + c] * a.scale_log2 + (c == 0 ? madd.x : madd.y) -
+          p = fast_exp2(mul_rn(s[t][2 * r + c], a.scale_log2) + (c == 0 ? madd.x : madd.y) -
                         lse2_of(r, col));
         }
         const float dpz = DROP ? z[c] * a.drop_scale * dp[t][2 * r + c] : dp[t][2 * r + c];
@@ -1135,7 +1139,7 @@ __global__ void __launch_bounds__(kSimtThreads, 2) attn_fwd_simt_kernel(const Ar
         key_range(a, i, i, off, sq.Sb, jlo, jhi);
         float x = kNegInf;
         if (j >= jlo && j < jhi) {
-          x = dot[r] * a.scale_log2;
+          x = mul_rn(dot[r], a.scale_log2);
           if (a.mask != nullptr && i < sq.Lb) {
             const unsigned char* mrow_p = static_cast<const unsigned char*>(a.mask) +
                                           (b * a.m_sb + h * a.m_sh + i * a.m_sl) * msz;
@@ -1223,7 +1227,7 @@ template <typename T>
 __device__ __forceinline__ float prob(const Args& a, float dot, float lse2, bool inside,
                                       const unsigned char* mrow_p, int64_t j) {
   if (!inside || lse2 == kNegInf) return 0.f;
-  float x = dot * a.scale_log2;
+  float x = mul_rn(dot, a.scale_log2);
   if (mrow_p != nullptr) x += mask_log2<T>(a, mrow_p, j);
   return fast_exp2(x - lse2);
 }

@@ -5,15 +5,17 @@
 // Algorithm (forward), per row:
 //   pass 1  read x (and the residual); h = x + residual rounded to S (stored to h when there is
 //           a residual); statistics in fp32 from h as stored:
-//             cached rows   h stays in registers; mean = sum h / cols, then
-//                           var = sum (h - mean)^2 / cols from the registers (exact two-pass);
+//             cached rows   h stays in registers; shifted by the row's first element h0:
+//                           dm = sum (h - h0) / cols, mean = h0 + dm, then var =
+//                           sum ((h - h0) - dm)^2 / cols from the registers (exact two-pass);
 //             looped rows   per-thread running moments (count, mean, M2): exact moments of each
 //                           loaded pack merged with Chan's formula, merged over the row the
 //                           same way (a second read of the row is saved);
 //             rms           var = sum h^2 / cols (mean = 0, not stored).
-//   pass 2  y = (h - mean) * rstd * w + b, rounded once (RNE) to T, with rstd = 1 / sqrt(var +
-//           eps) (correctly rounded); mean (layer_norm) and rstd stored per row. Looped rows read
-//           h again (from h with a residual, else from x).
+//   pass 2  y = (h - mean) * rstd * w + b (cached rows: ((h - h0) - dm) * rstd * w + b, which
+//           keeps the bits an fp32 mean of a large-mean row rounds away), rounded once (RNE) to
+//           T, with rstd = 1 / sqrt(var + eps) (correctly rounded); mean (layer_norm) and rstd
+//           stored per row. Looped rows read h again (from h with a residual, else from x).
 // Backward, per row (g = dy * w, xhat = (h - mean) * rstd, c1 = sum g / cols (0 for rms),
 // c2 = sum g * xhat / cols):
 //   pass 1  read dy, h; sum g and sum g * xhat (cached rows keep g and xhat in registers), one
@@ -328,12 +330,12 @@ __device__ __forceinline__ void reload_h(const FwdArgs& a, int64_t off, float (&
 // (column j).
 template <typename T, int V>
 __device__ __forceinline__ void write_y(const FwdArgs& a, int64_t off, int64_t j,
-                                        const float (&hv)[V], float mean, float rstd) {
+                                        const float (&hv)[V], float shift, float dm, float rstd) {
   float w[V], b[V], y[V];
   load_param<V>(a.weight, j, 1.f, w);
   load_param<V>(a.bias, j, 0.f, b);
 #pragma unroll
-  for (int i = 0; i < V; ++i) y[i] = (hv[i] - mean) * rstd * w[i] + b[i];
+  for (int i = 0; i < V; ++i) y[i] = ((hv[i] - shift) - dm) * rstd * w[i] + b[i];
   store_floats<T, V>(static_cast<T*>(a.y) + off, y);
 }
 
@@ -352,7 +354,7 @@ __global__ void __launch_bounds__(BLOCK, kCachedThreadsPerSM / BLOCK)
     const int64_t base = row * a.cols;
     float hv[NP][V];
 
-    // pass 1: h (stored with a residual), its sum (rms: sum of squares)
+    // pass 1: h (stored with a residual); rms: its sum of squares
     float s = 0.f;
 #pragma unroll
     for (int k = 0; k < NP; ++k) {
@@ -360,23 +362,39 @@ __global__ void __launch_bounds__(BLOCK, kCachedThreadsPerSM / BLOCK)
       if (j < cols) {
         make_h<T, S, V>(a, base + j, hv[k]);
 #pragma unroll
-        for (int i = 0; i < V; ++i) s += a.rms ? hv[k][i] * hv[k][i] : hv[k][i];
+        for (int i = 0; i < V; ++i) s += hv[k][i] * hv[k][i];
       }
     }
-    s = row_sum<TPR, BLOCK>(s);
-    float mean = 0.f;
+    float mean = 0.f, shift = 0.f, dm = 0.f;
     float var;
     if (a.rms) {
-      var = __fdiv_rn(s, n);
+      var = __fdiv_rn(row_sum<TPR, BLOCK>(s), n);
     } else {
-      mean = __fdiv_rn(s, n);
+      // layer norm, shifted by the row's first element h0 (on lane 0; the sum of it and zeros
+      // is exact): dm = sum(h - h0) / cols, mean = h0 + dm, var = sum((h - h0) - dm)^2 / cols.
+      // The centred values keep the bits that an fp32 mean of a large-mean row rounds away.
+      shift = row_sum<TPR, BLOCK>(map.lane == 0 ? hv[0][0] : 0.f);
+      float d = 0.f;
+#pragma unroll
+      for (int k = 0; k < NP; ++k) {
+        const int j = (k * TPR + map.lane) * V;
+        if (j < cols) {
+#pragma unroll
+          for (int i = 0; i < V; ++i) d += hv[k][i] - shift;
+        }
+      }
+      dm = __fdiv_rn(row_sum<TPR, BLOCK>(d), n);
+      mean = shift + dm;
       float q = 0.f;
 #pragma unroll
       for (int k = 0; k < NP; ++k) {
         const int j = (k * TPR + map.lane) * V;
         if (j < cols) {
 #pragma unroll
-          for (int i = 0; i < V; ++i) q += (hv[k][i] - mean) * (hv[k][i] - mean);
+          for (int i = 0; i < V; ++i) {
+            const float c = (hv[k][i] - shift) - dm;
+            q += c * c;
+          }
         }
       }
       var = __fdiv_rn(row_sum<TPR, BLOCK>(q), n);
@@ -391,7 +409,7 @@ __global__ void __launch_bounds__(BLOCK, kCachedThreadsPerSM / BLOCK)
 #pragma unroll
     for (int k = 0; k < NP; ++k) {
       const int j = (k * TPR + map.lane) * V;
-      if (j < cols) write_y<T, V>(a, base + j, j, hv[k], mean, rstd);
+      if (j < cols) write_y<T, V>(a, base + j, j, hv[k], shift, dm, rstd);
     }
   }
 }
@@ -449,7 +467,7 @@ __global__ void __launch_bounds__(BLOCK, kLoopThreadsPerSM / BLOCK)
     for (int64_t j = start; j < a.cols; j += kStride) {
       float hv[V];
       reload_h<T, S, V>(a, base + j, hv);
-      write_y<T, V>(a, base + j, j, hv, mean, rstd);
+      write_y<T, V>(a, base + j, j, hv, mean, 0.f, rstd);
     }
   }
 }

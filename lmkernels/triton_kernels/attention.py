@@ -857,6 +857,15 @@ def _placeholder(device: torch.device) -> torch.Tensor:
     return _PLACEHOLDER[device]
 
 
+def fp_fusion(dtype: torch.dtype) -> bool:
+    """Whether the kernels for ``dtype`` are compiled with FMA contraction: not for fp32. The
+    backward recomputes P = exp2(s * scale - lse2); where the forward rounds s * scale (it feeds
+    the row max too) and the backward's contracts into the subtraction, every exponent moves by
+    the product's rounding, a systematic error that put fp32 dV beyond twice torch's on an
+    H100. 16-bit data keeps the faster contracted code (its bound is far looser)."""
+    return dtype != torch.float32
+
+
 def config_arch(device: torch.device) -> int:
     """The config table (ARCHS) for ``device``: 90 for a compute capability 9.x GPU (sm_90's
     227 KB of shared memory per block), 80 for every other GPU and for a device that is not a
@@ -1062,6 +1071,7 @@ def attention_fwd(q, k, v, mask, out, lse, opts, *, arch: int | None = None) -> 
         float(opts.scale) * _LOG2E_PY, wl, wr, int(bool(opts.bottom_right)), *drop_args,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, MASK=min(kind, 2),
         DROPOUT=drop, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        enable_fp_fusion=fp_fusion(q.dtype),
     )  # fmt: skip
     _copy_back(out, o_)
 
@@ -1108,7 +1118,7 @@ def attention_bwd(dout, q, k, v, out, lse, mask, dq, dk, dv, opts, *, arch: int 
         _attn_bwd_pre_kernel[(grids[0],)](
             o_, do_, delta, *_strides(o_), *_strides(do_), hq, length, ev_p, n_pre,
             BLOCK_M=pre.block_m, BLOCK_D=pre.block_d, num_warps=pre.num_warps,
-            num_stages=pre.num_stages,
+            num_stages=pre.num_stages, enable_fp_fusion=fp_fusion(q.dtype),
         )  # fmt: skip
     strides = (*_strides(q_), *_strides(k_), *_strides(v_), *_strides(do_))
     if grids[1]:
@@ -1117,6 +1127,7 @@ def attention_bwd(dout, q, k, v, out, lse, mask, dq, dk, dv, opts, *, arch: int 
             *_strides(dv_), *m_st, hq, hk, hq // hk, length, s, e_p, ev_p, *tail,
             BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, BLOCK_D=kv.block_d, MASK=min(kind, 2),
             DROPOUT=drop, num_warps=kv.num_warps, num_stages=kv.num_stages,
+            enable_fp_fusion=fp_fusion(q.dtype),
         )  # fmt: skip
     if grids[2]:
         _attn_bwd_dq_kernel[(grids[2],)](
@@ -1124,6 +1135,7 @@ def attention_bwd(dout, q, k, v, out, lse, mask, dq, dk, dv, opts, *, arch: int 
             hq, hq // hk, length, s, e_p, ev_p, n_mb, *tail[1:],
             BLOCK_M=cq.block_m, BLOCK_N=cq.block_n, BLOCK_D=cq.block_d, MASK=min(kind, 2),
             DROPOUT=drop, num_warps=cq.num_warps, num_stages=cq.num_stages,
+            enable_fp_fusion=fp_fusion(q.dtype),
         )  # fmt: skip
     for dst, src in ((dq, dq_), (dk, dk_), (dv, dv_)):
         _copy_back(dst, src)
@@ -1174,8 +1186,11 @@ def _spec(kernel: str, t: str, cfg: AttnConfig, kind: int, drop: int = 0) -> dic
                      MASK=min(kind, 2), DROPOUT=drop)  # fmt: skip
         label = f"{t} {kernel} {cfg} mask:{('none', 'bool', 'add', 'add32')[kind]}"
         label += " drop" if drop else ""
-    return dict(kernel=fn, signature=sig, constexprs=const, num_warps=cfg.num_warps,
+    spec = dict(kernel=fn, signature=sig, constexprs=const, num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages, config=label)  # fmt: skip
+    if t == "fp32":
+        spec["enable_fp_fusion"] = False  # see fp_fusion
+    return spec
 
 
 def aot_specs(aligned: bool = False) -> list[dict]:
