@@ -222,15 +222,24 @@ def _bits(t: Tensor) -> Tensor:
     return t.detach().contiguous().view(-1).view(torch.uint8)
 
 
-def check_deterministic(case: Case, dtype: torch.dtype, device="cpu", runs: int = 3) -> None:
-    """Repeated forward and backward on the same inputs must be bitwise identical."""
+def check_deterministic(case: Case, dtype: torch.dtype, device="cpu", runs: int = 3,
+                        threads: tuple[int, ...] = ()) -> None:  # fmt: skip
+    """Repeated forward and backward on the same inputs must be bitwise identical; with
+    ``threads``, run i uses ``threads[i % len(threads)]`` torch threads (the bits must not
+    depend on the thread count either)."""
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(0)
     args, kwargs = case.make(dtype, device, gen)
     first = None
-    for _ in range(runs):
-        outs, grads = _run(case.ours, [_clone(a) for a in args], kwargs,
-                           1 if case.backward else None, device, dtype)  # fmt: skip
+    old_threads = torch.get_num_threads()
+    for i in range(runs):
+        if threads:
+            torch.set_num_threads(threads[i % len(threads)])
+        try:
+            outs, grads = _run(case.ours, [_clone(a) for a in args], kwargs,
+                               1 if case.backward else None, device, dtype)  # fmt: skip
+        finally:
+            torch.set_num_threads(old_threads)
         flat = outs + [g for g in grads if g is not None]
         if first is None:
             first = flat

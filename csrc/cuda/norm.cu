@@ -339,6 +339,22 @@ __device__ __forceinline__ void write_y(const FwdArgs& a, int64_t off, int64_t j
   store_floats<T, V>(static_cast<T*>(a.y) + off, y);
 }
 
+// The sum of f(h) over this thread's cached packs that lie inside the row (packs at columns
+// (k * TPR + lane) * V, as the cached kernels lay them out).
+template <int TPR, int NP, int V, typename F>
+__device__ __forceinline__ float sum_cached(const float (&hv)[NP][V], int lane, int cols, F f) {
+  float acc = 0.f;
+#pragma unroll
+  for (int k = 0; k < NP; ++k) {
+    const int j = (k * TPR + lane) * V;
+    if (j < cols) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) acc += f(hv[k][i]);
+    }
+  }
+  return acc;
+}
+
 // Rows of at most TPR * V * NP columns (V = kVec<T>, cols % V == 0, aligned pointers), cached
 // in registers. Thread `lane` of a row owns the packs starting at columns (k * TPR + lane) * V,
 // k < NP; all indices into the cache are compile-time constants.
@@ -374,29 +390,13 @@ __global__ void __launch_bounds__(BLOCK, kCachedThreadsPerSM / BLOCK)
       // is exact): dm = sum(h - h0) / cols, mean = h0 + dm, var = sum((h - h0) - dm)^2 / cols.
       // The centred values keep the bits that an fp32 mean of a large-mean row rounds away.
       shift = row_sum<TPR, BLOCK>(map.lane == 0 ? hv[0][0] : 0.f);
-      float d = 0.f;
-#pragma unroll
-      for (int k = 0; k < NP; ++k) {
-        const int j = (k * TPR + map.lane) * V;
-        if (j < cols) {
-#pragma unroll
-          for (int i = 0; i < V; ++i) d += hv[k][i] - shift;
-        }
-      }
+      const float d = sum_cached<TPR>(hv, map.lane, cols, [=](float h) { return h - shift; });
       dm = __fdiv_rn(row_sum<TPR, BLOCK>(d), n);
       mean = shift + dm;
-      float q = 0.f;
-#pragma unroll
-      for (int k = 0; k < NP; ++k) {
-        const int j = (k * TPR + map.lane) * V;
-        if (j < cols) {
-#pragma unroll
-          for (int i = 0; i < V; ++i) {
-            const float c = (hv[k][i] - shift) - dm;
-            q += c * c;
-          }
-        }
-      }
+      const float q = sum_cached<TPR>(hv, map.lane, cols, [=](float h) {
+        const float c = (h - shift) - dm;
+        return c * c;
+      });
       var = __fdiv_rn(row_sum<TPR, BLOCK>(q), n);
     }
     const float rstd = rstd_of(var, a.eps);

@@ -117,6 +117,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from lmkernels.triton_kernels import aot
 from lmkernels.triton_kernels._common import cast_out as _cast_out
@@ -145,6 +146,20 @@ def _mma(a, b, acc):
     else:
         acc = tl.dot(a, b, acc)
     return acc
+
+
+@triton.jit
+def _scaled(s, qk_scale):
+    # s * qk_scale rounded to fp32 and never contracted into a later add (libdevice's
+    # mul_rn; the interpreter has no libdevice, and its numpy product is rounded anyway). The
+    # backward recomputes P = exp2(s * qk_scale - lse2) from the forward's scaled scores: one
+    # pass contracting the product and the other not moved every exponent by its rounding
+    # (fp32 dV at 1.07x its bound on an H100).
+    if _INTERPRET:
+        y = s * qk_scale
+    else:
+        y = libdevice.mul_rn(s, qk_scale)
+    return y
 
 
 @triton.jit
@@ -416,7 +431,7 @@ def _attn_fwd_kernel(
         n_ok = offs_n < sb
         k = tl.load(_tile(k_base, offs_n, k_sl, offs_d),
                     mask=n_ok[:, None] & (offs_d < E)[None, :], other=0.0)  # fmt: skip
-        s = _mma(q, tl.trans(k), None) * qk_scale
+        s = _scaled(_mma(q, tl.trans(k), None), qk_scale)
         m_tile = m_base + offs_m.to(tl.int64)[:, None] * m_sl + offs_n.to(tl.int64)[None, :] * m_ss
         s = _scores(s, m_tile, m_ok[:, None] & n_ok[None, :], (offs_m + off)[:, None],
                     offs_n[None, :], (kb < f_lo) | (kb >= f_hi), sb, wl, wr, MASK)  # fmt: skip
@@ -564,7 +579,7 @@ def _attn_bwd_dkdv_kernel(
         lse = tl.load(lse_ptr + row0 + offs_m, mask=m_ok, other=-float("inf"))
         lse2 = tl.where(lse == -float("inf"), float("inf"), lse * _LOG2E)  # no key: P = 0
         delta = tl.load(delta_ptr + row0 + offs_m, mask=m_ok, other=0.0)
-        st = _mma(k, tl.trans(q), None) * qk_scale  # (BLOCK_N, BLOCK_M)
+        st = _scaled(_mma(k, tl.trans(q), None), qk_scale)  # (BLOCK_N, BLOCK_M)
         m_tile = (mask_ptr + bt64 * m_sb + h * m_sh + offs_m.to(tl.int64)[None, :] * m_sl
                   + offs_n.to(tl.int64)[:, None] * m_ss)  # fmt: skip
         st = _scores(st, m_tile, n_ok[:, None] & m_ok[None, :], (offs_m + off)[None, :],
@@ -670,7 +685,7 @@ def _attn_bwd_dq_kernel(
                     mask=n_ok[:, None] & (offs_d < E)[None, :], other=0.0)  # fmt: skip
         v = tl.load(_tile(v_base, offs_n, v_sl, offs_d),
                     mask=n_ok[:, None] & (offs_d < Ev)[None, :], other=0.0)  # fmt: skip
-        s = _mma(q, tl.trans(k), None) * qk_scale
+        s = _scaled(_mma(q, tl.trans(k), None), qk_scale)
         m_tile = m_base + offs_m.to(tl.int64)[:, None] * m_sl + offs_n.to(tl.int64)[None, :] * m_ss
         s = _scores(s, m_tile, m_ok[:, None] & n_ok[None, :], (offs_m + off)[:, None],
                     offs_n[None, :], (kb < f_lo) | (kb >= f_hi), sb, wl, wr, MASK)  # fmt: skip
@@ -855,15 +870,6 @@ def _placeholder(device: torch.device) -> torch.Tensor:
     if device not in _PLACEHOLDER:
         _PLACEHOLDER[device] = torch.zeros(2, dtype=torch.int32, device=device)
     return _PLACEHOLDER[device]
-
-
-def fp_fusion(dtype: torch.dtype) -> bool:
-    """Whether the kernels for ``dtype`` are compiled with FMA contraction: not for fp32. The
-    backward recomputes P = exp2(s * scale - lse2); where the forward rounds s * scale (it feeds
-    the row max too) and the backward's contracts into the subtraction, every exponent moves by
-    the product's rounding, a systematic error that put fp32 dV beyond twice torch's on an
-    H100. 16-bit data keeps the faster contracted code (its bound is far looser)."""
-    return dtype != torch.float32
 
 
 def config_arch(device: torch.device) -> int:
@@ -1071,7 +1077,6 @@ def attention_fwd(q, k, v, mask, out, lse, opts, *, arch: int | None = None) -> 
         float(opts.scale) * _LOG2E_PY, wl, wr, int(bool(opts.bottom_right)), *drop_args,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, MASK=min(kind, 2),
         DROPOUT=drop, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        enable_fp_fusion=fp_fusion(q.dtype),
     )  # fmt: skip
     _copy_back(out, o_)
 
@@ -1118,7 +1123,7 @@ def attention_bwd(dout, q, k, v, out, lse, mask, dq, dk, dv, opts, *, arch: int 
         _attn_bwd_pre_kernel[(grids[0],)](
             o_, do_, delta, *_strides(o_), *_strides(do_), hq, length, ev_p, n_pre,
             BLOCK_M=pre.block_m, BLOCK_D=pre.block_d, num_warps=pre.num_warps,
-            num_stages=pre.num_stages, enable_fp_fusion=fp_fusion(q.dtype),
+            num_stages=pre.num_stages,
         )  # fmt: skip
     strides = (*_strides(q_), *_strides(k_), *_strides(v_), *_strides(do_))
     if grids[1]:
@@ -1127,7 +1132,6 @@ def attention_bwd(dout, q, k, v, out, lse, mask, dq, dk, dv, opts, *, arch: int 
             *_strides(dv_), *m_st, hq, hk, hq // hk, length, s, e_p, ev_p, *tail,
             BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, BLOCK_D=kv.block_d, MASK=min(kind, 2),
             DROPOUT=drop, num_warps=kv.num_warps, num_stages=kv.num_stages,
-            enable_fp_fusion=fp_fusion(q.dtype),
         )  # fmt: skip
     if grids[2]:
         _attn_bwd_dq_kernel[(grids[2],)](
@@ -1135,7 +1139,6 @@ def attention_bwd(dout, q, k, v, out, lse, mask, dq, dk, dv, opts, *, arch: int 
             hq, hq // hk, length, s, e_p, ev_p, n_mb, *tail[1:],
             BLOCK_M=cq.block_m, BLOCK_N=cq.block_n, BLOCK_D=cq.block_d, MASK=min(kind, 2),
             DROPOUT=drop, num_warps=cq.num_warps, num_stages=cq.num_stages,
-            enable_fp_fusion=fp_fusion(q.dtype),
         )  # fmt: skip
     for dst, src in ((dq, dq_), (dk, dk_), (dv, dv_)):
         _copy_back(dst, src)
@@ -1186,11 +1189,8 @@ def _spec(kernel: str, t: str, cfg: AttnConfig, kind: int, drop: int = 0) -> dic
                      MASK=min(kind, 2), DROPOUT=drop)  # fmt: skip
         label = f"{t} {kernel} {cfg} mask:{('none', 'bool', 'add', 'add32')[kind]}"
         label += " drop" if drop else ""
-    spec = dict(kernel=fn, signature=sig, constexprs=const, num_warps=cfg.num_warps,
+    return dict(kernel=fn, signature=sig, constexprs=const, num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages, config=label)  # fmt: skip
-    if t == "fp32":
-        spec["enable_fp_fusion"] = False  # see fp_fusion
-    return spec
 
 
 def aot_specs(aligned: bool = False) -> list[dict]:
