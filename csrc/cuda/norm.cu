@@ -60,9 +60,9 @@
 // Numerics: fp32 math and accumulation, IEEE (no --use_fast_math: denormals kept); the weights
 // of Chan's merge use the fast division (__fdividef: counts, within 2 ulp); the per-row
 // divisions by cols and the reciprocal square root are correctly rounded (__fdiv_rn,
-// __frsqrt_rn). NaN or inf in a row give NaN or inf in
-// that row only (y, mean/rstd, dh); they do reach dw/db, which sum over rows, as in torch. eps is
-// used as given (converted to fp32).
+// __frsqrt_rn; the looped backward's two divisions flush denormals, div_rn_ftz). NaN or inf in a
+// row give NaN or inf in that row only (y, mean/rstd, dh); they do reach dw/db, which sum over
+// rows, as in torch. eps is used as given (converted to fp32).
 //
 // Limits: fp64 data is not supported (cudaErrorNotSupported); the caller uses another backend.
 // One block per long row means a few very long rows (e.g. 8 x 262144) cannot fill a big GPU; a
