@@ -370,20 +370,18 @@ __global__ void __launch_bounds__(BLOCK, kCachedThreadsPerSM / BLOCK)
     const int64_t base = row * a.cols;
     float hv[NP][V];
 
-    // pass 1: h (stored with a residual); rms: its sum of squares
-    float s = 0.f;
+    // pass 1: h (stored with a residual)
 #pragma unroll
     for (int k = 0; k < NP; ++k) {
       const int j = (k * TPR + map.lane) * V;
       if (j < cols) {
         make_h<T, S, V>(a, base + j, hv[k]);
-#pragma unroll
-        for (int i = 0; i < V; ++i) s += hv[k][i] * hv[k][i];
       }
     }
     float mean = 0.f, shift = 0.f, dm = 0.f;
     float var;
     if (a.rms) {
+      const float s = sum_cached<TPR>(hv, map.lane, cols, [](float h) { return h * h; });
       var = __fdiv_rn(row_sum<TPR, BLOCK>(s), n);
     } else {
       // layer norm, shifted by the row's first element h0 (on lane 0; the sum of it and zeros
