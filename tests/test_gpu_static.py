@@ -1,5 +1,5 @@
-"""GPU code proven without a GPU: every Triton kernel config compiles for sm_80 and sm_90 with
-zero spills and shared memory within the arch limit; the CUDA module is built for sm_80 and
+"""GPU code proven without a GPU: every Triton kernel config compiles for sm_80, sm_86 and sm_90
+with zero spills and shared memory within the arch limit; the CUDA module is built for sm_80 and
 sm_90 with zero spills (local memory) wherever nvcc exists."""
 
 import functools
@@ -26,23 +26,27 @@ def _report() -> dict:
     return json.loads(res.stdout)
 
 
-def test_every_triton_config_compiles_for_sm80_sm90_without_spills():
+def test_every_triton_config_compiles_for_sm80_sm86_sm90_without_spills():
     import importlib
 
-    from lmkernels.gpu_report import TRITON_MODULES
+    from lmkernels.gpu_report import ARCHS, SM86_MODULES, TRITON_MODULES
 
     rows = _report()["triton"]
-    # (spec, arch) pairs: a spec naming its archs (per-arch configs) compiles for those only
+    # (spec, arch) pairs: a spec naming its archs (per-arch configs) compiles for those only;
+    # the modules without an sm_86 table compile for sm_80 and sm_90
     counts = {
         name: sum(
-            len(s.get("archs", (80, 90)))
+            len(s.get("archs", ARCHS if name in SM86_MODULES else (80, 90)))
             for s in importlib.import_module(f"lmkernels.triton_kernels.{name}").aot_specs()
         )
         for name in TRITON_MODULES
     }
     assert all(counts.values()), counts
     assert len(rows) == sum(counts.values())
-    assert {r["arch"] for r in rows} == {80, 90}
+    assert {r["arch"] for r in rows} == {80, 86, 90} == set(ARCHS)
+    assert {r["smem_limit"] for r in rows} == {163 * 1024, 99 * 1024, 227 * 1024}
+    # the modules compiled for sm_80 only (not attention) fit sm_86's 99 KB per block too
+    assert all(r["smem"] <= 99 * 1024 for r in rows if not r["kernel"].startswith("_attn_"))
     bad = [r for r in rows if r["spill_stores"] or r["spill_loads"] or r["smem"] > r["smem_limit"]]
     assert not bad, bad[:5]
     assert all(0 < r["registers"] <= 255 for r in rows)

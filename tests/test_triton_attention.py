@@ -566,12 +566,12 @@ def test_launcher_errors():
 
 # --------------------------------------------------------------------------------- AOT specs
 
-# aot_specs(): 144 distinct launches shared by both archs, of which the 24 16-bit forward
-# configs with sm_90's 4 stages (_SM90_STAGES: d128 and d256 x 6 mask / dropout variants x fp16
-# and bf16) are split into an sm_80 and an sm_90 spec: 168 specs, and still 144 x 2 = 288
-# (spec, arch) compiles in the AOT report.
-N_SPECS = 168
-N_COMPILES = 288
+# aot_specs(): 144 distinct launches per arch (80, 86, 90). A launch whose config differs
+# between archs in num_stages (sm_90's 4 for the 16-bit forward at d128 / d256, the 99 KB GPUs'
+# 2 or 1 in _SM86_STAGES) is one spec per distinct config, naming the archs that pick it: 223
+# specs, and 144 x 3 = 432 (spec, arch) compiles in the AOT report.
+N_SPECS = 223
+N_COMPILES = 432
 
 
 def _every_config(arch):
@@ -601,11 +601,30 @@ def test_sm90_configs_differ_only_where_intended():
             assert c90[key] == c, key
 
 
+def test_sm86_configs_differ_only_where_intended():
+    """The 99 KB GPUs take sm_80's tiles everywhere, with fewer pipeline stages exactly where
+    sm_80's program needs more than 99 KB of shared memory (the AOT report checks the limit):
+    every d256 variant, the unmasked 16-bit forward at d128, the masked 16-bit d64 forward with
+    dropout code."""
+    c80, c86 = _every_config(80), _every_config(86)
+    fewer = {k for k, c in c86.items() if c != c80[k]}
+    want = {k for k in c80 if k[0] != "pre" and k[1] == 256}
+    want |= {("fwd", 128, t, False, dr) for t in (torch.float16, torch.bfloat16)
+             for dr in (False, True)}  # fmt: skip
+    want |= {("fwd", 64, t, True, True) for t in (torch.float16, torch.bfloat16)}
+    assert fewer == want
+    for key in fewer:
+        c = c80[key]
+        assert c86[key] == dataclasses.replace(c, num_stages=c86[key].num_stages), key
+        assert c86[key].num_stages < c.num_stages, key
+
+
 def test_config_arch(monkeypatch):
-    """The launchers' table follows the compute capability: 9.x -> sm_90's, else sm_80's."""
+    """The launchers' table follows the compute capability: 9.x -> sm_90's; the 99 KB GPUs
+    (8.6, 8.9, 12.x, and those before 8.0) -> the sm_86 one; else sm_80's."""
     assert A.config_arch(torch.device("cpu")) == 80
-    for cap, arch in (((8, 0), 80), ((8, 6), 80), ((8, 9), 80), ((9, 0), 90), ((10, 0), 80),
-                      ((12, 0), 80)):  # fmt: skip
+    for cap, arch in (((8, 0), 80), ((8, 6), 86), ((8, 7), 80), ((8, 9), 86), ((9, 0), 90),
+                      ((10, 0), 80), ((12, 0), 86), ((12, 1), 86), ((7, 5), 86)):  # fmt: skip
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, cap=cap: cap)
         assert A.config_arch(torch.device("cuda", 0)) == arch, cap
 
@@ -623,9 +642,10 @@ class _Capture:
         return launch
 
 
-@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("arch", [80, 86, 90])
 def test_num_stages_reaches_the_launch(monkeypatch, arch):
-    """Every launch passes its config's num_stages (sm_90's 4 for the d128 16-bit forward)."""
+    """Every launch passes its config's num_stages (sm_90's 4 for the d128 16-bit forward,
+    the 99 KB GPUs' 2)."""
     calls = []
     for name in ("_attn_fwd_kernel", "_attn_bwd_pre_kernel", "_attn_bwd_dkdv_kernel",
                  "_attn_bwd_dq_kernel"):  # fmt: skip
@@ -638,7 +658,7 @@ def test_num_stages_reaches_the_launch(monkeypatch, arch):
             "_attn_bwd_dkdv_kernel": A.attention_config("dkdv", 128, torch.float16, arch),
             "_attn_bwd_dq_kernel": A.attention_config("dq", 128, torch.float16, arch)}  # fmt: skip
     assert calls == [(n, c.num_warps, c.num_stages, c.block_m) for n, c in want.items()]
-    assert calls[0][2] == (4 if arch == 90 else 3)
+    assert calls[0][2] == {80: 3, 86: 2, 90: 4}[arch]
 
 
 def _record_launches(monkeypatch, arch: int, run: bool) -> set:
@@ -671,7 +691,7 @@ def _record_launches(monkeypatch, arch: int, run: bool) -> set:
     return seen
 
 
-@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("arch", [80, 86, 90])
 def test_aot_specs_cover_every_launch(monkeypatch, arch):
     """Every launch on ``arch`` (types, constexprs, num_warps, num_stages) over head dims,
     dtypes, mask kinds, windows and varlen is one of aot_specs() for that arch, and none of
@@ -679,14 +699,14 @@ def test_aot_specs_cover_every_launch(monkeypatch, arch):
     listed for that arch."""
     specs = A.aot_specs()
     assert len({spec_key(s) for s in specs}) == len(specs) == N_SPECS
-    # (spec, arch) pairs: what the AOT report compiles; sm_90's own configs replace sm_80's
+    # (spec, arch) pairs: what the AOT report compiles; an arch's own configs replace sm_80's
     assert sum(len(s["archs"]) for s in specs) == N_COMPILES
-    assert all(s["archs"] in ((80,), (90,), (80, 90)) for s in specs)
+    assert all(s["archs"] and set(s["archs"]) <= set(A.ARCHS) for s in specs)
     listed = spec_keys(specs, arch)
-    # the interpreter ignores num_stages: where sm_90's configs differ from sm_80's in nothing
+    # the interpreter ignores num_stages: where an arch's configs differ from sm_80's in nothing
     # else, its launches compute what sm_80's do, so they are recorded without running them
     tiles = [{k: dataclasses.replace(c, num_stages=3) for k, c in _every_config(a).items()}
-             for a in (80, 90)]  # fmt: skip
+             for a in (80, arch)]  # fmt: skip
     seen = _record_launches(monkeypatch, arch, run=arch == 80 or tiles[0] != tiles[1])
     assert seen == listed, (sorted(seen - listed)[:2], sorted(listed - seen)[:2])
 

@@ -40,7 +40,8 @@
 // so dkdv takes 32 keys per CTA and splits the work over the warps: warp w computes S^T / dP^T
 // for keys 16 (w % 2) .. + 15 and queries 16 (w / 2) .. + 15 of the tile, P^T and dS^T (rounded
 // to T) meet in shared memory, and the warp accumulates columns 128 (w / 2) .. + 127 of its
-// keys' dk / dv from there; dq keeps its register path with key tiles of 32. fp32 data runs the
+// keys' dk / dv from there; dq keeps its register path with key tiles of 16 (its Q, dO, K, V and
+// mask tiles then fit 99 KB of shared memory, see kSmemPerBlock). fp32 data runs the
 // SIMT kernels (attn_bwd_dkdv_kernel<T> / attn_bwd_dq_kernel<T>: dkdv per 16 keys, a warp per
 // 4 keys and a lane per column of dk / dv, a lane per query of a 32-row tile recomputing S, P and
 // dP; dq per 16 rows with key tiles of 32, as the forward).
@@ -48,7 +49,7 @@
 // Masks: bool, additive T, or additive f32 (on 16-bit data too; used unrounded in fp32).
 // Dropout (drop_threshold > 0; a template parameter DROP of every kernel, so the kernels without it
 // are unchanged; with it, the D = 128 backward takes smaller tiles: dkdv query tiles of 16, dq key
-// tiles of 32, which keeps it within the registers without spills; D = 256 has these already): the
+// tiles of 32, which keeps it within the registers without spills; D = 256 has such tiles): the
 // keep bits come from lmk/philox.h with the packed positions as counters (varlen: batch 0, rows
 // cu_q[b] + i, keys cu_k[b] + j). The forward's row max / sum / lse use the undropped P, P V takes
 // P * keep and the epilogue multiplies by drop_scale; the backward uses dS = P (keep drop_scale dP
@@ -281,6 +282,10 @@ __device__ __forceinline__ void query_range(const Args& a, int64_t k_lo, int64_t
 }
 
 constexpr int kMaskBool = 0, kMaskT = 1, kMaskF32 = 2;
+// Dynamic shared memory a block may use on every target GPU: the opt-in maximum of compute
+// capability 8.6 / 8.9 / 12.x (8.0: 163 KB, 9.0: 227 KB). Each kernel's is checked against it
+// at compile time, so one build serves them all.
+constexpr int kSmemPerBlock = 99 * 1024;
 
 // Bytes per mask element.
 template <typename T>
@@ -375,6 +380,7 @@ struct MmaFwd {
   static constexpr int kSmemData = (BM + 2 * BN) * D * static_cast<int>(sizeof(T));
   // with a mask: plus its (BM x BN) tile in log2 units
   static constexpr int kSmemMask = kSmemData + BM * kMaskLd * static_cast<int>(sizeof(float));
+  static_assert(kSmemMask <= kSmemPerBlock, "the forward's shared memory must fit every target GPU");
 };
 
 // The mask's (BM x BN) tile for query rows m0.. and keys n0.. in log2 units (0 / -inf for bool)
@@ -711,13 +717,16 @@ struct MmaBwd {
                                 (kSplit ? 2 * BN * kLdP * static_cast<int>(sizeof(T)) : 0);
   static constexpr int kSmem1Mask = kSmem1 + BN * kLdM1 * static_cast<int>(sizeof(float));
   // dq: BM query rows per CTA (16 per warp), key tiles of BNK keys (D = 256: dq takes 128
-  // registers per thread, so small key tiles)
+  // registers per thread, so small key tiles; 16 keys keep Q, dO, K, V and the mask tile
+  // within 99 KB: 32 would need 106 KB with a mask)
   static constexpr int BM = 64;
-  static constexpr int BNK = D > 64 && (DROP || D > 128) ? 32 : 64;
+  static constexpr int BNK = D > 128 ? 16 : D > 64 && DROP ? 32 : 64;
   static constexpr int kLdM2 = BNK + 8;
   static constexpr int kSmem2 = (2 * BM + 2 * BNK) * D * static_cast<int>(sizeof(T));
   static constexpr int kSmem2Mask = kSmem2 + BM * kLdM2 * static_cast<int>(sizeof(float));
   static constexpr int kMinBlocks = D <= 64 ? 2 : 1;
+  static_assert(kSmem1Mask <= kSmemPerBlock && kSmem2Mask <= kSmemPerBlock,
+                "the backward's shared memory must fit every target GPU");
 };
 
 // lse in log2 units for P = exp2(x - lse2), with +inf for a row without keys (so its P is 0) and
@@ -1057,7 +1066,11 @@ constexpr int kSimtKeys = 4 * kSimtRows;  // keys per CTA of the dk / dv kernel
 constexpr int kSimtQT = 32;               // query rows per tile there (a lane per row)
 
 // Padded row length of a shared fp32 tile: odd, so a lane per row reads distinct banks.
-__host__ __device__ __forceinline__ int pad_odd(int n) { return n | 1; }
+__host__ __device__ constexpr int pad_odd(int n) { return n | 1; }
+// The SIMT kernels' shared bytes grow with the head dims; at the largest (256):
+static_assert((kSimtBM * pad_odd(256) + kSimtBN * 2 * pad_odd(256)) * 4 <= kSmemPerBlock &&
+                  (kSimtQT + kSimtKeys) * 2 * pad_odd(256) * 4 <= kSmemPerBlock,
+              "the SIMT kernels' shared memory must fit every target GPU");
 
 // rows x n elements of T (rows `stride` apart) as fp32 into sm (rows ld apart); rows >= nrows
 // are zeros.

@@ -77,7 +77,7 @@ def _compile_chunk(args: tuple[int, int, tuple[int, ...]]) -> list[dict]:
 
 
 def compile_report(
-    specs: list[dict], archs: tuple[int, ...] = (80, 90), jobs: int | None = None
+    specs: list[dict], archs: tuple[int, ...] = (80, 86, 90), jobs: int | None = None
 ) -> list[dict]:
     """Compile every spec for every arch it targets; one row per (spec, arch).
 

@@ -75,10 +75,12 @@
 # (BLOCK_M, BLOCK_N, num_warps) table per kernel and bucket for fp16/bf16 and one for fp32
 # (smaller), and smaller 16-bit tiles with a mask (its unvectorised tile loads take registers).
 # The arch is the launching GPU's table, config_arch(device): 90 for compute capability 9.x,
-# else 80 (the launchers' arch= overrides it: the interpreter tests pick one). num_stages (the
-# loop's software-pipelining depth) is part of the config, passed at every launch and compiled
-# with by the AOT report: Triton's default 3, except _SM90_STAGES (sm_90: 4 for the 16-bit
-# forward at d128 / d256); sm_90 otherwise uses the sm_80 tiles. Dropout is the constexpr
+# 86 for the GPUs with 99 KB of shared memory per block (8.6, 8.9, 12.x), else 80 (the
+# launchers' arch= overrides it: the interpreter tests pick one). num_stages (the loop's
+# software-pipelining depth) is part of the config, passed at every launch and compiled with by
+# the AOT report: Triton's default 3, except _SM90_STAGES (sm_90: 4 for the 16-bit forward at
+# d128 / d256) and _SM86_STAGES (99 KB: 2, or 1, where sm_80's program needs more); every arch
+# uses the sm_80 tiles. Dropout is the constexpr
 # DROPOUT: 0 compiles no dropout code; 1 compiles it behind a uniform runtime branch
 # (drop_thr != 0). Only the common configurations (fp16 / bf16 without a mask or with a bool
 # mask) have both variants (a no-dropout launch pays nothing); the others (fp32, additive
@@ -89,9 +91,9 @@
 # additive T, additive fp32), the first two twice (DROPOUT 0 / 1), + the preprocess = 19; fp32:
 # 3 kernels x 3 mask kinds + the preprocess = 10; 3 x (19 + 19 + 10) = 144 launches per arch
 # (window, causal-ness, bottom_right, varlen and dropout's seed / threshold are runtime
-# arguments). A spec names the archs that launch it: 120 are shared, and the 24 16-bit forward
-# configs of the d128 / d256 buckets are one spec per arch (3 vs 4 stages): 168 specs, 288
-# (spec, arch) compiles, all with zero spills and shared memory within the arch's limit.
+# arguments). A spec names the archs that launch it (a config whose num_stages differs between
+# archs is one spec per distinct config): 223 specs, 432 (spec, arch) compiles for sm_80 / 86 /
+# 90, all with zero spills and shared memory within the arch's limit.
 #
 # Limits and trade-offs:
 #   * head dims E, Ev <= 256, one BLOCK_D for both: head dim 16 or 32 pays the padding to 64
@@ -728,13 +730,13 @@ class AttnConfig:
 
 KERNELS = ("fwd", "pre", "dkdv", "dq")
 HEAD_BUCKETS = (64, 128, 256)
-ARCHS = (80, 90)
+ARCHS = (80, 86, 90)
 
 # (kernel, 16-bit?, block_d) -> (block_m, block_n, num_warps). fp16/bf16 tiles follow
 # FlashAttention-2's (128 x 64 forward tiles; the dK/dV program holds k, v, dk, dv for its
 # block_n keys, so its block_n shrinks with the head dim); fp32 (IEEE products on FMA units)
 # uses smaller tiles. Every entry is checked by the AOT report (registers, spills, shared
-# memory with Triton's default 3 pipeline stages) on sm_80 and sm_90.
+# memory with Triton's default 3 pipeline stages) on sm_80, sm_86 and sm_90.
 _TILES = {
     ("fwd", True, 64): (128, 64, 4),
     ("fwd", True, 128): (128, 64, 8),
@@ -796,6 +798,21 @@ _SM90_STAGES = {
     ("fwd", True, 128): 4,
     ("fwd", True, 256): 4,
 }
+# The 99 KB GPUs' choices (config_arch 86: compute capability 8.6 / 8.9 / 12.x, whose blocks
+# get at most 99 KB of shared memory, against sm_80's 163 KB): sm_80's tiles with 2 pipeline
+# stages instead of 3 for the variants, keyed (kernel, 16-bit?, block_d, masked?, dropout?),
+# whose sm_80 program needs more than 99 KB: the d256 ones (a K + V stage of 32 16-bit or 16
+# fp32 keys is 32 KB), the unmasked 16-bit forward at d128 (m128n64: 115 KB) and the 16-bit d64
+# forward with mask and dropout (its fp32-mask launches stage a 32 KB mask tile: 120 KB). One
+# stage fewer frees one K / V (and mask) tile: the AOT report checks each within 99 KB on sm_86
+# with zero spills. Tiles stay sm_80's, so the results are bitwise sm_80's.
+_SM86_STAGES = {
+    **{(k, b, 256, m, dr): 2 for k in ("fwd", "dkdv", "dq") for b in (False, True)
+       for m in (False, True) for dr in (False, True)},
+    **{("fwd", True, 128, False, dr): 2 for dr in (False, True)},
+    ("fwd", True, 64, True, True): 2,
+    ("dq", False, 256, True, True): 1,  # 2 stages: 100 KB with an fp32 mask
+}  # fmt: skip
 
 
 def head_bucket(head_dim: int) -> int:
@@ -817,8 +834,8 @@ def attention_config(
     """Launch config of ``kernel`` ("fwd", "pre", "dkdv", "dq") for head dim max(E, Ev) =
     ``head_dim`` (<= 256, after the padding to 16 bytes), data type ``dtype``, with or without
     a mask, for the variant with dropout code (DROPOUT=1) or without, on an sm_``arch`` GPU
-    (80, 90: config_arch; 90 uses the sm_80 tiles, which compile without spills there too,
-    with _SM90_STAGES' deeper pipelines)."""
+    (ARCHS, see config_arch; 86 and 90 use the sm_80 tiles, which compile without spills
+    there too, with _SM86_STAGES' shallower or _SM90_STAGES' deeper pipelines)."""
     if kernel not in KERNELS:
         raise ValueError(f"attention_config: kernel must be one of {KERNELS}, got {kernel!r}")
     if arch not in ARCHS:
@@ -833,6 +850,8 @@ def attention_config(
     stages = aot.DEFAULT_NUM_STAGES
     if arch == 90:
         stages = _SM90_STAGES.get(key, stages)
+    elif arch == 86:
+        stages = _SM86_STAGES.get((*key, masked, dropout), stages)
     return AttnConfig(bm, bn, d, w, stages)
 
 
@@ -874,12 +893,19 @@ def _placeholder(device: torch.device) -> torch.Tensor:
 
 def config_arch(device: torch.device) -> int:
     """The config table (ARCHS) for ``device``: 90 for a compute capability 9.x GPU (sm_90's
-    227 KB of shared memory per block), 80 for every other GPU and for a device that is not a
-    GPU (the interpreter on CPU tensors; tests pick an arch with the launchers' ``arch``)."""
+    227 KB of shared memory per block); 86 for 8.6, 8.9 and 12.x (99 KB per block; also taken,
+    as the smallest table, by the GPUs before 8.0, which are not a target: the report does not
+    compile for them); 80 for every other GPU (8.0 and 8.7: 163 KB; 10.x: 227 KB) and for a
+    device that is not a GPU (the interpreter on CPU tensors; tests pick an arch with the
+    launchers' ``arch``)."""
     if device.type != "cuda":
         return 80
     major, minor = torch.cuda.get_device_capability(device)
-    return 90 if 90 <= major * 10 + minor < 100 else 80
+    if major == 9:
+        return 90
+    if (major, minor) in ((8, 6), (8, 9)) or major == 12 or major < 8:
+        return 86
+    return 80
 
 
 def _check_tensor(fn: str, name: str, t, shape: tuple, dtype: torch.dtype, device) -> None:
@@ -1199,9 +1225,9 @@ def aot_specs(aligned: bool = False) -> list[dict]:
     3 head-dim buckets x (fp16 / bf16: forward, dK/dV, dQ for 4 mask kinds, the none / bool ones
     with DROPOUT 0 and 1, + the preprocess = 19 each; fp32: 3 kernels x 3 mask kinds + the
     preprocess = 10) = 144 launches per arch (the window, causal-ness, bottom_right, varlen and
-    the dropout seed / threshold are runtime arguments; sm_90 uses the sm_80 tiles, with
-    _SM90_STAGES' num_stages): 168 specs, 120 shared by sm_80 and sm_90 and 24 + 24 of one arch
-    (the 16-bit forward at d128 / d256), 288 (spec, arch) pairs.
+    the dropout seed / threshold are runtime arguments; sm_86 and sm_90 use the sm_80 tiles,
+    with _SM86_STAGES' / _SM90_STAGES' num_stages): 223 specs (one per distinct config, 81 of
+    them shared by all three archs), 432 (spec, arch) pairs.
 
     Each spec is a dict with kernel (the JITFunction), signature, constexprs, num_warps,
     num_stages, archs (the ARCHS whose launchers pick it; it compiles for those only) and
