@@ -15,6 +15,7 @@ from torch import Tensor
 
 from lmkernels import reference as _reference
 from lmkernels.ops import attention as _attention_ops
+from lmkernels.ops import cross_entropy as _ce_ops
 from lmkernels.ops import embedding as _embedding_ops
 from lmkernels.ops import norm as _norm_ops
 from lmkernels.ops import rotary as _rotary_ops
@@ -33,6 +34,9 @@ __all__ = [
     "apply_rotary",
     "scaled_dot_product_attention",
     "varlen_attention",
+    "cross_entropy",
+    "linear_cross_entropy",
+    "perplexity",
 ]
 
 
@@ -866,3 +870,178 @@ def varlen_attention(
     q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
     out = _attention_ops.attention(q4, k4, v4, None, opts, seed)  # (1, Hq, total, Ev)
     return out.squeeze(0).transpose(0, 1)
+
+
+# ---------------------------------------------------------------------------- cross-entropy
+
+
+def _check_reduction(fn: str, reduction: object, size_average=None, reduce=None) -> str:
+    if size_average is not None or reduce is not None:  # torch's legacy arguments (it warns)
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    if reduction not in _ce_ops.REDUCTIONS:
+        raise ValueError(f"{fn}: reduction must be one of {_ce_ops.REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def _check_number(fn: str, name: str, v: object, lo: float, hi: float = math.inf) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not lo <= float(v) <= hi:
+        raise ValueError(f"{fn}: {name} must be a number in [{lo}, {hi}], got {v!r}")
+    return float(v)
+
+
+def _check_int(fn: str, name: str, v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{fn}: {name} must be an int, got {type(v).__name__}")
+    return int(v)
+
+
+def _class_targets(fn: str, target: object, shape: tuple[int, ...], device) -> Tensor:
+    """``target`` as a flat int64 tensor, checked against the expected ``shape``."""
+    if not isinstance(target, Tensor):
+        raise TypeError(f"{fn}: target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype == torch.bool or target.dtype.is_floating_point or target.is_complex():
+        raise TypeError(f"{fn}: target must hold class indices (an integer dtype) or, for "
+                        f"cross_entropy, class probabilities of input's shape; got dtype "
+                        f"{target.dtype} and shape {tuple(target.shape)}")  # fmt: skip
+    if tuple(target.shape) != shape:
+        raise ValueError(f"{fn}: target must have shape {shape} for these inputs, got "
+                         f"{tuple(target.shape)}")  # fmt: skip
+    if target.device != device:
+        raise ValueError(f"{fn}: target is on {target.device}, input on {device}")
+    return target.reshape(-1).long()
+
+
+def _class_weight(fn: str, name: str, w: object, classes: int, input: Tensor) -> Tensor | None:
+    if w is None:
+        return None
+    w = _check_float_tensor(fn, name, w)
+    if w.dim() != 1 or w.shape[0] != classes:
+        raise ValueError(f"{fn}: {name} must be a 1-D tensor of {classes} class weights, got "
+                         f"shape {tuple(w.shape)}")  # fmt: skip
+    if w.device != input.device:
+        raise ValueError(f"{fn}: {name} is on {w.device}, input on {input.device}")
+    return w.to(_ce_ops.acc_dtype(input.dtype))
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    inplace_backward: bool = False,
+) -> Tensor:
+    """``torch.nn.functional.cross_entropy``: class-index targets on (C,), (N, C) or (N, C, d1,
+    ...) inputs with class weights, ignore_index, label smoothing and every reduction, the loss
+    and (for 'mean' / 'sum') the gradient computed in one pass over the logits. A target that
+    is neither ignore_index nor a class raises IndexError (on a GPU too: one flag read back,
+    no device assert). Class-probability targets (floating, input's shape) are served by
+    torch's own implementation (the reference path).
+
+    ``inplace_backward=True`` writes the gradient over ``input`` (saving its memory; ``input``
+    is marked modified, so autograd rejects a later use of its old value); only plain eager
+    calls on inputs whose classes are contiguous take it, others compute out of place."""
+    fn = "cross_entropy"
+    input = _check_float_tensor(fn, "input", input)
+    reduction = _check_reduction(fn, reduction, size_average, reduce)
+    eps = _check_number(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
+    ignore_index = _check_int(fn, "ignore_index", ignore_index)
+    if input.dim() == 0:
+        raise ValueError(f"{fn}: input must have at least 1 dimension (the classes), got 0-D")
+    if isinstance(target, Tensor) and target.dtype.is_floating_point:
+        if tuple(target.shape) != tuple(input.shape):
+            raise ValueError(f"{fn}: class-probability targets must have input's shape "
+                             f"{tuple(input.shape)}, got {tuple(target.shape)}")  # fmt: skip
+        return torch.nn.functional.cross_entropy(input, target, weight, None, ignore_index,
+                                                 None, reduction, eps)  # fmt: skip
+    classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    shape = () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
+    t = _class_targets(fn, target, shape, input.device)
+    w = _class_weight(fn, "weight", weight, classes, input)
+    if input.dim() == 1:
+        rows = input.unsqueeze(0)
+    elif input.dim() == 2:
+        rows = input
+    else:
+        rows = input.movedim(1, -1).reshape(-1, classes)
+    inplace = inplace_backward and input.dim() <= 2  # rows is input or a view of it
+    if classes > 1 and rows.stride(1) != 1 or rows.shape[0] > 1 and rows.stride(0) < classes:
+        rows, inplace = rows.contiguous(), False
+    if inplace:  # (the one-row view of a 1-D input is made inside, see _CrossEntropyInplace)
+        rows = input
+    loss = _ce_ops.cross_entropy_rows(rows, t, w, ignore_index, eps, 0.0, 0.0, reduction,
+                                      inplace)  # fmt: skip
+    if reduction == "none":
+        loss = loss.reshape(shape)
+    return loss.to(input.dtype)
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None = None,
+    *,
+    class_weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """``cross_entropy(linear(hidden, weight, bias), target, ...)`` without the (tokens, vocab)
+    logits: the tokens run in chunks of ``chunk_size`` (default: about 2^24 logits per chunk),
+    whose logits exist only while the chunk is processed; gradients for hidden, weight and
+    bias. ``hidden``: (..., H); ``weight``: (V, H); ``bias``: (V,); ``target``: hidden's leading
+    shape, class indices. Options as :func:`cross_entropy` (``class_weight`` is its
+    ``weight``), plus ``z_loss`` (adds z_loss * logsumexp(logits)^2 per token not ignored) and
+    ``softcap`` (the logits become softcap * tanh(logits / softcap) first)."""
+    fn = "linear_cross_entropy"
+    hidden = _check_float_tensor(fn, "hidden", hidden)
+    weight = _check_float_tensor(fn, "weight", weight)
+    reduction = _check_reduction(fn, reduction)
+    eps = _check_number(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
+    zl = _check_number(fn, "z_loss", z_loss, 0.0)
+    cap = 0.0 if softcap is None else _check_number(fn, "softcap", softcap, 0.0)
+    if softcap is not None and cap == 0.0:
+        raise ValueError(f"{fn}: softcap must be positive (or None), got {softcap!r}")
+    ignore_index = _check_int(fn, "ignore_index", ignore_index)
+    if chunk_size is not None and (_check_int(fn, "chunk_size", chunk_size) < 1):
+        raise ValueError(f"{fn}: chunk_size must be >= 1, got {chunk_size}")
+    if hidden.dim() < 1:
+        raise ValueError(f"{fn}: hidden must be (..., H), got a 0-D tensor")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{fn}: weight must be (V, H) with H = hidden.shape[-1] = "
+                         f"{hidden.shape[-1]}, got {tuple(weight.shape)}")  # fmt: skip
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (t.dtype != hidden.dtype or t.device != hidden.device):
+            raise ValueError(f"{fn}: {name} must have hidden's dtype {hidden.dtype} and device "
+                             f"{hidden.device}, got {t.dtype} on {t.device}")  # fmt: skip
+    if bias is not None:
+        bias = _check_float_tensor(fn, "bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{fn}: bias must have shape ({weight.shape[0]},), got "
+                             f"{tuple(bias.shape)}")  # fmt: skip
+    shape = tuple(hidden.shape[:-1])
+    t = _class_targets(fn, target, shape, hidden.device)
+    cw = _class_weight(fn, "class_weight", class_weight, weight.shape[0], hidden)
+    h = hidden.reshape(-1, hidden.shape[-1])
+    loss = _ce_ops.linear_cross_entropy_rows(h, weight, bias, t, cw, ignore_index, eps, cap, zl,
+                                             reduction, chunk_size)  # fmt: skip
+    if reduction == "none":
+        loss = loss.reshape(shape)
+    return loss.to(hidden.dtype)
+
+
+def perplexity(
+    input: Tensor, target: Tensor, weight: Tensor | None = None, ignore_index: int = -100
+) -> Tensor:
+    """exp of the mean cross-entropy over the targets that are not ignored (the per-token
+    perplexity of a language model), with :func:`cross_entropy`'s arguments; differentiable.
+    NaN when every target is ignored."""
+    return torch.exp(cross_entropy(input, target, weight, ignore_index=ignore_index).float())

@@ -14,7 +14,7 @@ import importlib
 import json
 
 # one entry per op module in lmkernels/triton_kernels that has aot_specs()
-TRITON_MODULES = ("softmax", "norm", "embedding", "rotary", "attention")
+TRITON_MODULES = ("softmax", "norm", "embedding", "rotary", "attention", "cross_entropy")
 # the Triton targets: sm_80 (A100: 163 KB of shared memory per block), sm_86 (the 99 KB GPUs:
 # 8.6, 8.9, 12.x) and sm_90 (H100: 227 KB)
 ARCHS = (80, 86, 90)

@@ -15,6 +15,7 @@ __all__ = [
     "Embedding",
     "TokenPositionalEmbedding",
     "MultiheadAttention",
+    "CrossEntropyLoss",
 ]
 
 
@@ -221,3 +222,13 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         elif not self.batch_first:
             out = out.transpose(0, 1)
         return out, None
+
+
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    """``torch.nn.CrossEntropyLoss`` (same constructor and buffers) computed by
+    :func:`lmkernels.functional.cross_entropy`."""
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
+                               reduction=self.reduction,
+                               label_smoothing=self.label_smoothing)  # fmt: skip

@@ -426,3 +426,56 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
         dk[b : b + 1, :, rk] = dkh.view(1, hk, group, sk, -1).sum(2)
         dv[b : b + 1, :, rk] = dvh.view(1, hk, group, sk, -1).sum(2)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def cross_entropy_rows(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: float,
+    z_loss: float,
+    scale: Tensor | None,
+    want_grad: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """Per-row loss (accumulator dtype) and, with ``want_grad``, the gradient of
+    ``scale[r] * loss[r]`` (the data type) of 2-D ``logits`` (rows, cols): the contract of
+    csrc/include/lmk/cross_entropy.h. ``scale``: (rows,) or () in the accumulator dtype, or None
+    (1). A target outside [0, cols) counts as ignored."""
+    acc = _acc_dtype(logits.dtype)
+    rows, cols = logits.shape
+    x = logits.to(acc)
+    cap = torch.tensor(softcap, dtype=acc).item()
+    z = cap * torch.tanh(x / cap) if softcap > 0 else x
+    t = target.long()
+    valid = (t != ignore_index) & (t >= 0) & (t < cols)
+    tc = torch.where(valid, t, 0)
+    w = torch.ones(cols, dtype=acc, device=x.device) if weight is None else weight.to(acc)
+    eps = torch.tensor(label_smoothing, dtype=acc)
+    zl = torch.tensor(z_loss, dtype=acc)
+    # max-shifted by hand: torch.logsumexp special-cases an infinite max, where the contract
+    # (and torch's log_softmax) gives NaN
+    m = z.amax(1, keepdim=True) if cols else torch.full((rows, 1), -torch.inf, dtype=acc)
+    lse = (m + torch.log(torch.exp(z - m).sum(1, keepdim=True)))[:, 0]
+    wt = w[tc] if cols else torch.zeros(rows, dtype=acc, device=x.device)
+    zt = z.gather(1, tc[:, None])[:, 0] if cols else torch.zeros_like(wt)
+    big_w, s = w.sum(), (z * w).sum(1)
+    loss = (1 - eps) * wt * (lse - zt) + zl * lse * lse
+    if label_smoothing != 0:  # (omitted at 0: a -inf logit would make it 0 * inf)
+        loss = loss + eps / max(cols, 1) * (big_w * lse - s)
+    loss = torch.where(valid, loss, torch.zeros((), dtype=acc))
+    if not want_grad:
+        return loss, None
+    p = torch.exp(z - lse[:, None])
+    coef = (1 - eps) * wt + eps * big_w / cols + 2 * zl * lse
+    g = p * coef[:, None] - eps * w / cols
+    pt = p.gather(1, tc[:, None])[:, 0]  # the target: its terms apart (see the contract)
+    gt = (1 - eps) * wt * (pt - 1) + eps / cols * (big_w * pt - wt) + 2 * zl * lse * pt
+    g.scatter_(1, tc[:, None], gt[:, None])
+    if softcap > 0:
+        g = g * (1 - (z / cap) ** 2)
+    if scale is not None:
+        g = g * (scale.to(acc)[:, None] if scale.dim() else scale.to(acc))
+    g = torch.where(valid[:, None], g, torch.zeros((), dtype=acc))
+    return loss, g.to(logits.dtype)

@@ -1,6 +1,7 @@
 """The conformance suite: every registered case x every backend x every dtype."""
 
 import cases_attention  # noqa: F401  (registers its cases)
+import cases_cross_entropy  # noqa: F401
 import cases_embedding  # noqa: F401
 import cases_norm  # noqa: F401
 import cases_rotary  # noqa: F401
@@ -33,9 +34,10 @@ NARROWER = {("triton", op): {torch.float32, torch.float16, torch.bfloat16} for o
 # tested in test_embedding.py / test_token_positional.py / test_rotary.py).
 NARROWER |= {("triton", op): {torch.float32, torch.float16, torch.bfloat16}
              for op in ("embedding", "token_positional_embedding", "apply_rotary")}  # fmt: skip
-# Triton attention: fp32/fp16/bf16 (BackendUnavailable naming the dtype).
+# Triton attention and cross-entropy: fp32/fp16/bf16 (BackendUnavailable naming the dtype).
 NARROWER |= {("triton", op): {torch.float32, torch.float16, torch.bfloat16}
-             for op in ("attention", "varlen_attention")}  # fmt: skip
+             for op in ("attention", "varlen_attention", "cross_entropy",
+                        "linear_cross_entropy")}  # fmt: skip
 
 
 def _enter(backend: str, case, dtype):

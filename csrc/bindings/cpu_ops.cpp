@@ -20,6 +20,7 @@
 #include <string>
 
 #include "lmk/attention.h"
+#include "lmk/cross_entropy.h"
 #include "lmk/embedding.h"
 #include "lmk/norm.h"
 #include "lmk/rotary.h"
@@ -27,6 +28,7 @@
 
 namespace lmk::cpu {
 namespace DEFAULT {
+void cross_entropy(const CrossEntropyParams& p);
 void rotary(const RotaryParams& p);
 int64_t embedding_fwd(const EmbeddingFwdParams& p);
 void embedding_bwd(const EmbeddingBwdParams& p);
@@ -39,6 +41,7 @@ void attention_fwd(const AttnParams& p);
 void attention_bwd(const AttnBwdParams& p);
 }  // namespace DEFAULT
 namespace AVX2 {
+void cross_entropy(const CrossEntropyParams& p);
 void rotary(const RotaryParams& p);
 int64_t embedding_fwd(const EmbeddingFwdParams& p);
 void embedding_bwd(const EmbeddingBwdParams& p);
@@ -694,6 +697,74 @@ void attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   }
 }
 
+// ------------------------------------------------------------------ cross_entropy
+// (lmk/cross_entropy.h)
+
+// A 2-D (rows, cols) CPU tensor whose classes are contiguous (any row stride >= cols).
+void check_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "lmkernels_cpu: ", name, " must be a CPU tensor, got ",
+              t.device());
+  TORCH_CHECK(t.dim() == 2, "lmkernels_cpu: ", name, " must be 2-D (rows, cols), got ", t.dim(),
+              "-D");
+  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, "lmkernels_cpu: ", name,
+              " must have unit stride along the classes, got ", t.stride(1));
+  TORCH_CHECK(t.size(0) <= 1 || t.stride(0) >= t.size(1), "lmkernels_cpu: ", name,
+              " must not overlap itself (row stride ", t.stride(0), " < cols ", t.size(1), ")");
+}
+
+void cross_entropy(const at::Tensor& logits, const at::Tensor& target,
+                   const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& scale,
+                   const std::optional<at::Tensor>& loss, const std::optional<at::Tensor>& grad,
+                   int64_t ignore_index, double label_smoothing, double softcap, double z_loss) {
+  check_rows(logits, "logits");
+  CrossEntropyParams p;
+  p.dtype = data_dtype(logits, "logits");
+  p.rows = logits.size(0);
+  p.cols = logits.size(1);
+  p.logits = logits.data_ptr();
+  p.logits_row_stride = logits.stride(0);
+  const at::ScalarType acc = acc_type(logits.scalar_type());
+  TORCH_CHECK(target.device().is_cpu() && target.scalar_type() == at::kLong && target.dim() == 1 &&
+                  target.size(0) == p.rows && target.is_contiguous(),
+              "lmkernels_cpu: target must be a contiguous 1-D int64 CPU tensor of length rows = ",
+              p.rows, ", got ", target.scalar_type(), " ", target.sizes());
+  p.target = target.const_data_ptr<int64_t>();
+  p.weight = vec_arg(weight, "weight", p.cols, acc);
+  if (scale.has_value()) {
+    const at::Tensor& v = *scale;
+    TORCH_CHECK(v.dim() <= 1, "lmkernels_cpu: scale must be 0-D or 1-D, got ", v.dim(), "-D");
+    p.scale = vec_arg(v.dim() == 0 ? v.reshape({1}) : v, "scale", v.dim() == 0 ? 1 : p.rows, acc);
+    p.scale_stride = v.dim() == 0 ? 0 : 1;
+  }
+  p.loss = const_cast<void*>(vec_arg(loss, "loss", p.rows, acc));
+  if (grad.has_value()) {
+    const at::Tensor& g = *grad;
+    check_rows(g, "grad");
+    LMK_CHECK_LIKE(g, logits, "grad", "logits");
+    const bool same = g.data_ptr() == logits.data_ptr() && g.strides() == logits.strides();
+    TORCH_CHECK(same || at::get_overlap_status(g, logits) == at::MemOverlapStatus::No,
+                "lmkernels_cpu: grad must be the logits tensor itself or not overlap it");
+    p.grad = g.data_ptr();
+    p.grad_row_stride = g.stride(0);
+  }
+  TORCH_CHECK(p.loss != nullptr || p.grad != nullptr,
+              "lmkernels_cpu: cross_entropy needs loss or grad (or both)");
+  TORCH_CHECK(label_smoothing >= 0 && label_smoothing <= 1,
+              "lmkernels_cpu: label_smoothing must be in [0, 1], got ", label_smoothing);
+  TORCH_CHECK(softcap >= 0 && std::isfinite(softcap), "lmkernels_cpu: softcap must be >= 0, got ",
+              softcap);
+  TORCH_CHECK(z_loss >= 0 && std::isfinite(z_loss), "lmkernels_cpu: z_loss must be >= 0, got ",
+              z_loss);
+  p.ignore_index = ignore_index;
+  p.label_smoothing = label_smoothing;
+  p.softcap = softcap;
+  p.z_loss = z_loss;
+  if (use_avx2()) {
+    cpu::AVX2::cross_entropy(p);
+  } else {
+    cpu::DEFAULT::cross_entropy(p);
+  }
+}
 }  // namespace
 }  // namespace lmk
 
@@ -728,6 +799,10 @@ TORCH_LIBRARY(lmkernels_cpu, m) {
       "Tensor? mask, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, float scale, int window_left, "
       "int window_right, bool bottom_right, Tensor? cu_q, Tensor? cu_k, int max_q, int max_k, "
       "int seed=0, int drop_threshold=0, float drop_scale=1.0) -> ()");
+  m.def(
+      "cross_entropy(Tensor logits, Tensor target, Tensor? weight, Tensor? scale, "
+      "Tensor(a!)? loss, Tensor(b!)? grad, int ignore_index, float label_smoothing, "
+      "float softcap, float z_loss) -> ()");
   m.def("capability() -> str", &lmk::capability);
 }
 
@@ -742,6 +817,7 @@ TORCH_LIBRARY_IMPL(lmkernels_cpu, CPU, m) {
   m.impl("norm_bwd", &lmk::norm_bwd);
   m.impl("attention_fwd", &lmk::attention_fwd);
   m.impl("attention_bwd", &lmk::attention_bwd);
+  m.impl("cross_entropy", &lmk::cross_entropy);
 }
 
 // Importable as `lmkernels._C` (an empty module; loading it registers the ops above).

@@ -15,6 +15,8 @@
 
 #include "lmk/attention.h"
 #include "lmk/attention_cuda.h"
+#include "lmk/cross_entropy.h"
+#include "lmk/cross_entropy_cuda.h"
 #include "lmk/embedding.h"
 #include "lmk/embedding_cuda.h"
 #include "lmk/norm.h"
@@ -664,6 +666,86 @@ void attention_bwd(uint64_t dout, uint64_t q, uint64_t k, uint64_t v, uint64_t o
              op);
 }
 
+// A double for an error message: 6 significant digits ("1.5", "1e-09", "nan", "-inf").
+std::string fmt(double v) {
+  std::ostringstream out;
+  out << v;
+  return out.str();
+}
+
+void cross_entropy(uint64_t logits, uint64_t target, uint64_t weight, uint64_t scale, uint64_t loss,
+                   uint64_t grad, int64_t dtype, int64_t rows, int64_t cols,
+                   int64_t logits_row_stride, int64_t grad_row_stride, int64_t scale_stride,
+                   int64_t ignore_index, double label_smoothing, double softcap, double z_loss,
+                   uint64_t stream) {
+  const char* op = "cross_entropy";
+  lmk::CrossEntropyParams p;
+  p.dtype = data_dtype(op, dtype);
+  check_nonnegative(op, "rows", rows);
+  check_nonnegative(op, "cols", cols);
+  if (rows > 1 && logits_row_stride < cols) {
+    value_error(op, "logits_row_stride",
+                "expected >= cols (" + std::to_string(cols) + ") for " + std::to_string(rows) +
+                    " rows, got " + std::to_string(logits_row_stride));
+  }
+  if (grad != 0 && rows > 1 && grad_row_stride < cols) {
+    value_error(op, "grad_row_stride",
+                "expected >= cols (" + std::to_string(cols) + ") for " + std::to_string(rows) +
+                    " rows, got " + std::to_string(grad_row_stride));
+  }
+  if (grad != 0 && grad == logits && rows > 1 && grad_row_stride != logits_row_stride) {
+    value_error(op, "grad_row_stride",
+                "an in-place gradient (grad == logits) needs logits_row_stride (" +
+                    std::to_string(logits_row_stride) + "), got " +
+                    std::to_string(grad_row_stride));
+  }
+  if (scale_stride != 0 && scale_stride != 1) {
+    value_error(op, "scale_stride",
+                "expected 0 (one scale) or 1 (one per row), got " + std::to_string(scale_stride));
+  }
+  if (!(label_smoothing >= 0.0 && label_smoothing <= 1.0)) {
+    value_error(op, "label_smoothing", "expected a value in [0, 1], got " + fmt(label_smoothing));
+  }
+  if (!(softcap >= 0.0) || !std::isfinite(softcap)) {
+    value_error(op, "softcap", "expected a finite value >= 0 (0: none), got " + fmt(softcap));
+  }
+  if (!(z_loss >= 0.0) || !std::isfinite(z_loss)) {
+    value_error(op, "z_loss", "expected a finite value >= 0, got " + fmt(z_loss));
+  }
+  if (loss == 0 && grad == 0 && rows > 0 && cols > 0) {
+    value_error(op, "loss", "both loss and grad are null: at least one output is needed");
+  }
+  if (rows == 0) return;  // nothing to launch
+  const int64_t esize = lmk::dtype_size(p.dtype);
+  check_pointer(op, "target", target);
+  check_aligned(op, "target", target, 8);
+  if (cols > 0) {
+    check_pointer(op, "logits", logits);
+    check_aligned(op, "logits", logits, esize);
+    if (grad != 0) check_aligned(op, "grad", grad, esize);
+  }
+  check_aligned(op, "weight", weight, 4);
+  check_aligned(op, "scale", scale, 4);
+  check_aligned(op, "loss", loss, 4);
+
+  p.logits = reinterpret_cast<const void*>(logits);
+  p.rows = rows;
+  p.cols = cols;
+  p.logits_row_stride = logits_row_stride;
+  p.target = reinterpret_cast<const int64_t*>(target);
+  p.weight = reinterpret_cast<const void*>(weight);
+  p.ignore_index = ignore_index;
+  p.label_smoothing = label_smoothing;
+  p.softcap = softcap;
+  p.z_loss = z_loss;
+  p.scale = reinterpret_cast<const void*>(scale);
+  p.scale_stride = scale_stride;
+  p.loss = reinterpret_cast<void*>(loss);
+  p.grad = reinterpret_cast<void*>(grad);
+  p.grad_row_stride = grad_row_stride;
+  check_cuda(lmk::cross_entropy_cuda(p, as_stream(stream)), op);
+}
+
 // What this module was built for. Never raises and never needs a GPU.
 py::dict build_info() {
   std::vector<std::string> archs;
@@ -684,10 +766,10 @@ py::dict build_info() {
   d["driver_version"] = driver;  // 0: no driver
   d["cudart"] = "static";
   d["dtypes"] = std::vector<std::string>{"F32", "F16", "BF16"};
-  d["ops"] =
-      std::vector<std::string>{"softmax_fwd",     "softmax_bwd",   "norm_fwd",      "norm_bwd",
-                               "embedding_check", "embedding_fwd", "embedding_bwd", "token_pos_fwd",
-                               "rotary",          "attention_fwd", "attention_bwd"};
+  d["ops"] = std::vector<std::string>{"softmax_fwd",   "softmax_bwd",     "norm_fwd",
+                                      "norm_bwd",      "embedding_check", "embedding_fwd",
+                                      "embedding_bwd", "token_pos_fwd",   "rotary",
+                                      "attention_fwd", "attention_bwd",   "cross_entropy"};
   return d;
 }
 
@@ -811,6 +893,21 @@ PYBIND11_MODULE(_cuda, m) {
         "the forward's inputs and its out and lse; arguments as attention_fwd. workspace: fp32\n"
         "device memory laid out like lse (B * Hq * L elements; varlen Hq * total_q).\n"
         "Deterministic (no atomics). Asynchronous on `stream`.");
+  m.def("cross_entropy", &cross_entropy, py::arg("logits"), py::arg("target"), py::arg("weight"),
+        py::arg("scale"), py::arg("loss"), py::arg("grad"), py::arg("dtype"), py::arg("rows"),
+        py::arg("cols"), py::arg("logits_row_stride"), py::arg("grad_row_stride"),
+        py::arg("scale_stride"), py::arg("ignore_index"), py::arg("label_smoothing"),
+        py::arg("softcap"), py::arg("z_loss"), py::arg("stream"),
+        "Cross entropy per row of (rows, cols) logits (lmk/cross_entropy.h): loss[r] (fp32) and,\n"
+        "when grad is given, the gradient of scale_r * loss[r] rounded once to dtype. With\n"
+        "z = softcap * tanh(x / softcap) (softcap 0: z = x), t = target[r] (int64), w = weight\n"
+        "(fp32, cols; 0: ones), eps = label_smoothing:\n"
+        "loss = (1 - eps) w_t (lse - z_t) + eps / cols (sum w lse - sum w z) + z_loss lse^2.\n"
+        "A row whose target is ignore_index or outside [0, cols) is ignored (loss 0, gradient 0,\n"
+        "no logit read). logits, grad: dtype F32=0, F16=1 or BF16=2, rows logits_row_stride /\n"
+        "grad_row_stride elements apart, unit column stride; grad may equal logits (in place,\n"
+        "same stride). scale: 0 (1), or fp32 read at r * scale_stride (0: one value, 1: per row).\n"
+        "loss or grad may be 0 (not written), not both. Asynchronous on `stream`.");
   m.def("build_info", &build_info,
         "dict: archs (machine code), ptx_arch, cuda_version (CUDART_VERSION), driver_version\n"
         "(0 = no driver), cudart, dtypes, ops.");

@@ -110,48 +110,8 @@ class Buf {
   A* p_ = nullptr;
 };
 
-// ------------------------------------------------------------------ exp2 (8 lanes)
-// 2^u = 2^n * q(f), u = n + f, |f| <= 1/2, q of degree 5 (minimax, 1.9e-7 relative; the constants
-// of softmax.cpp). u is clamped to [-127, 128]: below -127 gives exactly 0 (-inf included), above
-// 128 gives +inf; NaN stays NaN.
-constexpr float kLog2e = 1.44269504088896341f;
+// exp2v (vec.h): the degree-5 2^u, 1.9e-7 relative.
 constexpr double kLn2 = 0.693147180559945309;
-constexpr float kMagic = 12582912.f + 127.f;  // 1.5 * 2^23 + bias: rounds, and leaves n + 127
-constexpr float kF1 = 6.931470037e-01f, kF2 = 2.402224243e-01f, kF3 = 5.550733581e-02f,
-                kF4 = 9.671507403e-03f, kF5 = 1.326471101e-03f;
-
-#if defined(CPU_CAPABILITY_AVX2)
-inline Vf exp2v(Vf u) {
-  __m256 uc = _mm256_max_ps(_mm256_set1_ps(-127.f), u.v);  // keeps NaN (second operand)
-  uc = _mm256_min_ps(_mm256_set1_ps(128.f), uc);
-  const __m256 t = _mm256_add_ps(uc, _mm256_set1_ps(kMagic));
-  const __m256 f = _mm256_sub_ps(uc, _mm256_sub_ps(t, _mm256_set1_ps(kMagic)));
-  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(kF5), f, _mm256_set1_ps(kF4));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kF3));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kF2));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kF1));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
-  const __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23));
-  return {_mm256_mul_ps(p, s)};
-}
-#else
-inline float exp2s(float u) {
-  float uc = -127.f > u ? -127.f : u;  // keeps NaN
-  uc = 128.f < uc ? 128.f : uc;
-  const float t = uc + kMagic;
-  const float f = uc - (t - kMagic);
-  const float p = ((((kF5 * f + kF4) * f + kF3) * f + kF2) * f + kF1) * f + 1.f;
-  uint32_t bits;
-  std::memcpy(&bits, &t, sizeof(bits));
-  bits <<= 23;
-  float s;
-  std::memcpy(&s, &bits, sizeof(s));
-  return p * s;
-}
-inline Vf exp2v(Vf u) {
-  return vmap([&](int i) { return exp2s(u.v[i]); });
-}
-#endif
 
 // ------------------------------------------------------------------ matrix products
 // C[M x N] (+)= A[M x K] * B[K x N], N a multiple of kNR. A(r, k) = a[r * lda + k], or with kTA

@@ -46,35 +46,7 @@ namespace {
 
 #include "vec.h"
 
-constexpr int64_t kChunk = 2048;  // columns per fp32 partial sum (then added in double)
-
-// Rows per parallel task so that a task holds >= ~32K elements.
-inline int64_t row_grain(int64_t cols) {
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1));
-}
-
-// Sum over the row [0, n) of what f adds: f(acc, j, k) returns acc plus the contribution of the
-// 8 columns at j, of which k are valid (lanes beyond must add 0). fp32 vector accumulators per
-// chunk of kChunk columns, chunk sums added in double.
-template <class F>
-double row_sum(int64_t n, F f) {
-  double total = 0.0;
-  for (int64_t c = 0; c < n; c += kChunk) {
-    const int64_t e = std::min(n, c + kChunk);
-    Vf s0 = vset(0.f), s1 = s0, s2 = s0, s3 = s0;
-    int64_t j = c;
-    for (; j + 4 * kW <= e; j += 4 * kW) {
-      s0 = f(s0, j, kW);
-      s1 = f(s1, j + kW, kW);
-      s2 = f(s2, j + 2 * kW, kW);
-      s3 = f(s3, j + 3 * kW, kW);
-    }
-    for (; j + kW <= e; j += kW) s0 = f(s0, j, kW);
-    if (j < e) s1 = f(s1, j, e - j);
-    total += hsum(vadd(vadd(s0, s1), vadd(s2, s3)));
-  }
-  return total;
-}
+// kChunk and row_sum (fp32 vector sums per chunk, chunk sums added in double): vec.h.
 
 // Sums of d and of its square over the row in one pass, with the chunking of row_sum: pair(j,
 // d0, d1) gives d at the 16 columns from j (in any order: only sums are taken), d_at(j, k) at

@@ -68,9 +68,8 @@ namespace {
 // exp_neg constants: 2^n * p(r), x = n ln2 + r, |r| <= ln2/2. p is a degree-5 polynomial with
 // p(0) = 1, fitted for minimax relative error on [-ln2/2, ln2/2] (9e-8 before rounding).
 constexpr float kExpLo = -88.f;  // clamp: n = -127 below about -87.7, whose 2^n bits are +0
-constexpr float kLog2e = 1.44269504088896341f;
-constexpr float kMagic = 12582912.f + 127.f;  // 1.5 * 2^23 + bias: rounds, and leaves n + 127
-constexpr float kLn2Hi = 0.693359375f;        // ln2 split so that n * kLn2Hi is exact
+// kLog2e, kMagic and the degree-5 2^f constants kF1..kF5 are vec.h's (its exp2v).
+constexpr float kLn2Hi = 0.693359375f;  // ln2 split so that n * kLn2Hi is exact
 constexpr float kLn2Lo = -2.12194440e-4f;
 constexpr float kP1 = 9.999997020e-01f, kP2 = 4.999915063e-01f, kP3 = 1.666763574e-01f,
                 kP4 = 4.189793020e-02f, kP5 = 8.290315047e-03f;
@@ -86,9 +85,7 @@ constexpr float kExp2Lo = -127.f;  // 2^n bits of n = -127 are +0
 constexpr float kD1 = 6.932829022e-01f, kD2 = 2.422102094e-01f, kD3 = 5.500861630e-02f;
 constexpr float kE1 = 6.931241751e-01f, kE2 = 2.402409911e-01f, kE3 = 5.590633675e-02f,
                 kE4 = 9.582820348e-03f;
-// Degree 5 (1.9e-7 relative, evaluated in fp32): fp32 data.
-constexpr float kF1 = 6.931470037e-01f, kF2 = 2.402224243e-01f, kF3 = 5.550733581e-02f,
-                kF4 = 9.671507403e-03f, kF5 = 1.326471101e-03f;
+// Degree 5 (1.9e-7 relative, evaluated in fp32): fp32 data; kF1..kF5 of vec.h.
 
 // ------------------------------------------------------------------ exp, masks (8 lanes)
 #if defined(CPU_CAPABILITY_AVX2)
@@ -628,11 +625,6 @@ void fwd_row(const FwdRow<T>& a) {
   const float s = part_sum(a, 0, a.valid, m);
   part_out(a, 0, a.valid, m, s);
   part_tail(a, 0, a.cols);
-}
-
-// Rows per task so that one task holds >= ~32K elements.
-inline int64_t row_grain(int64_t cols) {
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1));
 }
 
 // Split long rows into column blocks when there are too few rows to keep every thread busy.

@@ -5,8 +5,8 @@
 // Data of type float / c10::Half / c10::BFloat16 is widened to fp32 on load and rounded to
 // nearest even on store.
 // The including file includes <immintrin.h> (AVX2 build), <c10/util/BFloat16.h>,
-// <c10/util/Half.h>, <cmath>, <cstdint>, <cstring>, <limits> and <type_traits> first (at global
-// scope).
+// <c10/util/Half.h>, <algorithm>, <cmath>, <cstdint>, <cstring>, <limits> and <type_traits> first
+// (at global scope).
 #pragma once
 
 using c10::BFloat16;
@@ -271,4 +271,78 @@ inline Vf keep_first(Vf a, int64_t n, float fill) {
 constexpr bool kHasFma = true;
 #else
 constexpr bool kHasFma = false;
+#endif
+
+// Rows per parallel task so that one task holds >= ~32K elements (small tensors run on the
+// calling thread).
+inline int64_t row_grain(int64_t cols) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1));
+}
+
+constexpr int64_t kChunk = 2048;  // columns per fp32 partial sum (then added in double)
+
+// Sum over the row [0, n) of what f adds: f(acc, j, k) returns acc plus the contribution of the
+// 8 columns at j, of which k are valid (lanes beyond must add 0). fp32 vector accumulators per
+// chunk of kChunk columns, chunk sums added in double.
+template <class F>
+double row_sum(int64_t n, F f) {
+  double total = 0.0;
+  for (int64_t c = 0; c < n; c += kChunk) {
+    const int64_t e = std::min(n, c + kChunk);
+    Vf s0 = vset(0.f), s1 = s0, s2 = s0, s3 = s0;
+    int64_t j = c;
+    for (; j + 4 * kW <= e; j += 4 * kW) {
+      s0 = f(s0, j, kW);
+      s1 = f(s1, j + kW, kW);
+      s2 = f(s2, j + 2 * kW, kW);
+      s3 = f(s3, j + 3 * kW, kW);
+    }
+    for (; j + kW <= e; j += kW) s0 = f(s0, j, kW);
+    if (j < e) s1 = f(s1, j, e - j);
+    total += hsum(vadd(vadd(s0, s1), vadd(s2, s3)));
+  }
+  return total;
+}
+
+// ------------------------------------------------------------------ exp2 (8 lanes)
+// 2^u = 2^n * q(f), u = n + f, |f| <= 1/2, q of degree 5 (minimax relative, q(0) = 1, 1.9e-7
+// relative: fp32 accuracy). u is clamped to [-127, 128]: below -127 gives exactly 0 (-inf
+// included), above 128 gives +inf; NaN stays NaN. softmax.cpp keeps lower-degree twins for
+// results rounded to 16 bits.
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kMagic = 12582912.f + 127.f;  // 1.5 * 2^23 + bias: rounds, and leaves n + 127
+constexpr float kF1 = 6.931470037e-01f, kF2 = 2.402224243e-01f, kF3 = 5.550733581e-02f,
+                kF4 = 9.671507403e-03f, kF5 = 1.326471101e-03f;
+
+#if defined(CPU_CAPABILITY_AVX2)
+inline Vf exp2v(Vf u) {
+  __m256 uc = _mm256_max_ps(_mm256_set1_ps(-127.f), u.v);  // keeps NaN (second operand)
+  uc = _mm256_min_ps(_mm256_set1_ps(128.f), uc);
+  const __m256 t = _mm256_add_ps(uc, _mm256_set1_ps(kMagic));
+  const __m256 f = _mm256_sub_ps(uc, _mm256_sub_ps(t, _mm256_set1_ps(kMagic)));
+  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(kF5), f, _mm256_set1_ps(kF4));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kF3));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kF2));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kF1));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+  const __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23));
+  return {_mm256_mul_ps(p, s)};
+}
+#else
+inline float exp2s(float u) {
+  float uc = -127.f > u ? -127.f : u;  // keeps NaN
+  uc = 128.f < uc ? 128.f : uc;
+  const float t = uc + kMagic;
+  const float f = uc - (t - kMagic);
+  const float p = ((((kF5 * f + kF4) * f + kF3) * f + kF2) * f + kF1) * f + 1.f;
+  uint32_t bits;
+  std::memcpy(&bits, &t, sizeof(bits));
+  bits <<= 23;
+  float s;
+  std::memcpy(&s, &bits, sizeof(s));
+  return p * s;
+}
+inline Vf exp2v(Vf u) {
+  return vmap([&](int i) { return exp2s(u.v[i]); });
+}
 #endif

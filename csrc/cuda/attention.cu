@@ -380,7 +380,8 @@ struct MmaFwd {
   static constexpr int kSmemData = (BM + 2 * BN) * D * static_cast<int>(sizeof(T));
   // with a mask: plus its (BM x BN) tile in log2 units
   static constexpr int kSmemMask = kSmemData + BM * kMaskLd * static_cast<int>(sizeof(float));
-  static_assert(kSmemMask <= kSmemPerBlock, "the forward's shared memory must fit every target GPU");
+  static_assert(kSmemMask <= kSmemPerBlock,
+                "the forward's shared memory must fit every target GPU");
 };
 
 // The mask's (BM x BN) tile for query rows m0.. and keys n0.. in log2 units (0 / -inf for bool)

@@ -1,0 +1,551 @@
+"""Cross-entropy (and the fused linear + cross-entropy) as torch.library custom ops.
+
+``lmkernels::cross_entropy_fwd(logits, target, weight, ...)`` takes (rows, cols) logits with
+the classes contiguous and validated targets, and returns the reduced loss (in the accumulation
+dtype) and, for the 'mean' and 'sum' reductions, the gradient of that loss with respect to the
+logits, computed in the same pass over the logits: the backward only multiplies it by the
+incoming gradient. The 'none' reduction has a per-row incoming gradient, unknown in the
+forward: there ``lmkernels::cross_entropy_bwd`` recomputes the rows from the logits with it.
+Semantics (every backend): csrc/include/lmk/cross_entropy.h.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from lmkernels import reference
+from lmkernels.backends import Impl, dispatch, in_forward_backend, remember_backend
+from lmkernels.ops._common import DTYPE_CODE, FLOAT_DTYPES, eager_call
+
+REDUCTIONS = ("none", "mean", "sum")  # the reduction argument of the ops: an index into this
+
+# ------------------------------------------------------------------------------- launchers
+# launch(logits, target, weight, scale, loss, grad, ignore_index, eps, softcap, z_loss): the
+# kernel contract on (rows, cols) logits; weight / scale / loss in the accumulation dtype.
+
+
+def _cpu(logits, target, weight, scale, loss, grad, ignore, eps, softcap, z_loss):
+    torch.ops.lmkernels_cpu.cross_entropy(
+        logits, target, weight, scale, loss, grad, ignore, eps, softcap, z_loss
+    )
+
+
+def _triton(logits, target, weight, scale, loss, grad, ignore, eps, softcap, z_loss):
+    from lmkernels.triton_kernels import cross_entropy as k
+
+    k.cross_entropy_fwd(logits, target, weight, loss, grad, ignore_index=ignore,
+                        label_smoothing=eps, softcap=softcap, z_loss=z_loss,
+                        scale=scale)  # fmt: skip
+
+
+def _cuda(logits, target, weight, scale, loss, grad, ignore, eps, softcap, z_loss):
+    from lmkernels import _cuda
+
+    def ptr(t):
+        return 0 if t is None else t.data_ptr()
+
+    with torch.cuda.device(logits.device):
+        _cuda.cross_entropy(
+            ptr(logits), ptr(target), ptr(weight), ptr(scale), ptr(loss), ptr(grad),
+            DTYPE_CODE[logits.dtype], logits.shape[0], logits.shape[1], logits.stride(0),
+            0 if grad is None else grad.stride(0),
+            0 if scale is None or scale.dim() == 0 else 1,
+            ignore, eps, softcap, z_loss, torch.cuda.current_stream(logits.device).cuda_stream,
+        )  # fmt: skip
+
+
+def _reference(logits, target, weight, scale, loss, grad, ignore, eps, softcap, z_loss):
+    rows, g = reference.cross_entropy_rows(logits, target, weight, ignore, eps, softcap, z_loss,
+                                           scale, grad is not None)  # fmt: skip
+    if loss is not None:
+        loss.copy_(rows)
+    if grad is not None:
+        grad.copy_(g)
+
+
+def _dtypes(*allowed: torch.dtype):
+    def supports(logits: Tensor, *_):
+        if logits.dtype not in allowed:
+            return (f"dtype {logits.dtype} is not supported "
+                    f"(supported: {', '.join(map(str, allowed))})")  # fmt: skip
+        return None
+
+    return supports
+
+
+_GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_LAUNCH = {
+    "reference": Impl(_reference),
+    "cpu": Impl(_cpu, _dtypes(*FLOAT_DTYPES)),
+    "triton": Impl(_triton, _dtypes(*_GPU_DTYPES)),
+    "cuda": Impl(_cuda, _dtypes(*_GPU_DTYPES)),
+}
+
+
+def launch(logits, target, weight, scale, loss, grad, ignore, eps, softcap, z_loss) -> None:
+    """Run the kernel contract on the selected backend (also the linear + cross-entropy's)."""
+    if logits.shape[0] == 0:
+        return
+    fn = dispatch("cross_entropy", _LAUNCH, logits.device, logits)
+    fn(logits, target, weight, scale, loss, grad, ignore, eps, softcap, z_loss)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def mean_denominator(target: Tensor, weight: Tensor | None, ignore: int, acc) -> Tensor:
+    """'mean''s divisor: the sum of the class weights of the rows not ignored (their count
+    without weights), as torch's nll_loss; 0 when every row is ignored (the mean is then NaN)."""
+    valid = target != ignore
+    if weight is None or weight.numel() == 0:
+        return valid.sum(dtype=acc)
+    return torch.where(valid, weight[torch.where(valid, target, 0)], 0).sum(dtype=acc)
+
+
+def check_targets(target: Tensor, classes: int, ignore: int) -> None:
+    """IndexError naming the first target that is neither ignore_index nor in [0, classes).
+    Inside the ops (not in the public functions), so torch.compile traces no data-dependent
+    branch; on a GPU it reads one flag back (a synchronisation) instead of a device assert."""
+    bad = (target != ignore) & ((target < 0) | (target >= classes))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise IndexError(f"cross_entropy: target {int(target[i])} (at position {i} of the "
+                         f"flattened target) is out of bounds for {classes} classes and is not "
+                         f"ignore_index ({ignore})")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- registered ops
+
+
+def _run_fwd(logits, target, weight, ignore, eps, softcap, z_loss, reduction, want_grad):
+    check_targets(target, logits.shape[1], ignore)
+    acc = acc_dtype(logits.dtype)
+    rows = logits.shape[0]
+    loss = torch.empty(rows, dtype=acc, device=logits.device)
+    how = REDUCTIONS[reduction]
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if want_grad else None
+    scale = None
+    if how == "mean":
+        denom = mean_denominator(target, weight, ignore, acc)
+        scale = 1.0 / denom  # inf when every row is ignored: those rows' gradient is 0 anyway
+    launch(logits, target, weight, scale, loss, grad, ignore, eps, softcap, z_loss)
+    if how == "mean":
+        loss = loss.sum() / denom
+    elif how == "sum":
+        loss = loss.sum()
+    return loss, grad if grad is not None else logits.new_empty(0)
+
+
+def _fwd_outputs(logits, reduction, want_grad):
+    acc = acc_dtype(logits.dtype)
+    shape = (logits.shape[0],) if REDUCTIONS[reduction] == "none" else ()
+    loss = logits.new_empty(shape, dtype=acc)
+    return loss, torch.empty_like(logits) if want_grad else logits.new_empty(0)
+
+
+def _run_bwd(logits, target, weight, dloss, ignore, eps, softcap, z_loss):
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    launch(logits, target, weight, dloss.to(acc_dtype(logits.dtype)), None, grad, ignore, eps,
+           softcap, z_loss)  # fmt: skip
+    return grad
+
+
+@torch.library.custom_op("lmkernels::cross_entropy_fwd", mutates_args=())
+def cross_entropy_fwd(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: float,
+    z_loss: float,
+    reduction: int,
+    want_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    return _run_fwd(logits, target, weight, ignore_index, label_smoothing, softcap, z_loss,
+                    reduction, want_grad)  # fmt: skip
+
+
+@cross_entropy_fwd.register_fake
+def _(logits, target, weight, ignore_index, label_smoothing, softcap, z_loss, reduction,
+      want_grad):  # fmt: skip
+    return _fwd_outputs(logits, reduction, want_grad)
+
+
+@torch.library.custom_op("lmkernels::cross_entropy_bwd", mutates_args=())
+def cross_entropy_bwd(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    dloss: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: float,
+    z_loss: float,
+) -> Tensor:
+    return _run_bwd(logits, target, weight, dloss, ignore_index, label_smoothing, softcap,
+                    z_loss)  # fmt: skip
+
+
+@cross_entropy_bwd.register_fake
+def _(logits, target, weight, dloss, ignore_index, label_smoothing, softcap, z_loss):
+    return torch.empty_like(logits)
+
+
+# ------------------------------------------------------------------------------------ autograd
+
+
+def _setup_context(ctx, inputs, output):
+    remember_backend(ctx)
+    logits, target, weight, ignore, eps, softcap, z_loss, reduction, want_grad = inputs
+    loss, grad = output
+    ctx.mark_non_differentiable(grad)
+    ctx.args = (ignore, eps, softcap, z_loss)
+    ctx.dtype, ctx.stored = logits.dtype, want_grad
+    # with the gradient computed in the forward only it is needed; else the backward
+    # recomputes from the logits
+    ctx.save_for_backward(*((grad,) if want_grad else (logits, target, weight)))
+
+
+@in_forward_backend
+def _grads(ctx, dloss, bwd):
+    if ctx.needs_input_grad[2]:
+        raise RuntimeError("cross_entropy: the derivative for 'weight' is not implemented "
+                           "(as in torch)")  # fmt: skip
+    if not ctx.needs_input_grad[0]:
+        return (None,) * 9
+    if ctx.stored:
+        (grad,) = ctx.saved_tensors
+        dx = grad * dloss.to(grad.dtype if grad.dtype == torch.float64 else torch.float32)
+        dx = dx.to(ctx.dtype)
+    else:
+        logits, target, weight = ctx.saved_tensors
+        dx = bwd(logits, target, weight, dloss, *ctx.args)
+    return dx, None, None, None, None, None, None, None, None
+
+
+cross_entropy_fwd.register_autograd(
+    lambda ctx, dloss, _dgrad: _grads(ctx, dloss, cross_entropy_bwd),
+    setup_context=_setup_context,
+)
+
+
+class _CrossEntropyEager(torch.autograd.Function):
+    """The same forward and backward as the registered op, for plain eager calls."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        out = _run_fwd(*args)
+        _setup_context(ctx, args, out)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dloss, _dgrad):
+        return _grads(ctx, dloss, _run_bwd)
+
+
+class _CrossEntropyInplace(torch.autograd.Function):
+    """inplace_backward=True: the gradient is written over the logits (marked dirty)."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, ignore, eps, softcap, z_loss, reduction):
+        # logits: (rows, cols), or (cols,) (one row: its view is made here, as autograd cannot
+        # take a view modified in place by a Function with two outputs)
+        remember_backend(ctx)
+        logits2d = logits.view(1, -1) if logits.dim() == 1 else logits
+        check_targets(target, logits2d.shape[1], ignore)
+        acc = acc_dtype(logits2d.dtype)
+        loss = torch.empty(logits2d.shape[0], dtype=acc, device=logits2d.device)
+        how = REDUCTIONS[reduction]
+        scale = None
+        if how == "mean":
+            denom = mean_denominator(target, weight, ignore, acc)
+            scale = 1.0 / denom
+        launch(logits2d, target, weight, scale, loss, logits2d, ignore, eps, softcap, z_loss)
+        if how == "mean":
+            loss = loss.sum() / denom
+        elif how == "sum":
+            loss = loss.sum()
+        ctx.mark_dirty(logits)
+        ctx.save_for_backward(logits)
+        ctx.none = how == "none"
+        return loss, logits
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dloss, _dlogits):
+        (grad,) = ctx.saved_tensors
+        g = dloss.to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
+        dx = grad * (g[:, None] if ctx.none and grad.dim() == 2 else g)
+        return dx.to(grad.dtype), None, None, None, None, None, None, None
+
+
+# ------------------------------------------------------------------------------ entry point
+
+
+def cross_entropy_rows(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: float,
+    z_loss: float,
+    reduction: str,
+    inplace_backward: bool = False,
+) -> Tensor:
+    """The reduced loss (accumulation dtype; 'none': per row) of (rows, cols) ``logits`` with
+    autograd (with ``inplace_backward``, ``logits`` may also be one (cols,) row; the gradient
+    is then written over it). ``target``: int64 (rows,), each ignore_index or in [0, cols);
+    ``weight``: None or (cols,) of the accumulation dtype. The public functions call this with
+    validated arguments. Plain eager calls run the backend directly; everything else goes
+    through the registered op (see :func:`lmkernels.ops._common.eager_call`)."""
+    red = REDUCTIONS.index(reduction)
+    args = (ignore_index, label_smoothing, softcap, z_loss)
+    grad_on = torch.is_grad_enabled() and logits.requires_grad
+    eager = eager_call(logits, target, weight)
+    if eager and grad_on and inplace_backward:
+        return _CrossEntropyInplace.apply(logits, target, weight, *args, red)[0]
+    rows = logits.view(1, -1) if logits.dim() == 1 else logits
+    want = grad_on and reduction != "none"
+    if not eager:
+        return cross_entropy_fwd(rows, target, weight, *args, red, want)[0]
+    if grad_on or (torch.is_grad_enabled() and weight is not None and weight.requires_grad):
+        return _CrossEntropyEager.apply(rows, target, weight, *args, red, want)[0]
+    return _run_fwd(rows, target, weight, *args, red, False)[0]
+
+
+# ---------------------------------------------------------------- linear + cross-entropy
+# hidden (N, H) @ weight (V, H)^T (+ bias) -> logits -> cross_entropy, chunked over tokens: a
+# chunk's (rows, V) logits exist only while it is processed. With the 'mean' / 'sum' reductions
+# the forward also computes every gradient (the chunk's logits are overwritten by their
+# gradient, which then feeds dhidden = dlogits @ weight, dweight += dlogits^T @ hidden and
+# dbias += the column sums); the backward scales them by the incoming gradient. With 'none' the
+# backward recomputes the chunks with the per-row incoming gradient (twice the matmul work).
+
+LOGITS_CHUNK_ELEMS = 1 << 24  # logits per chunk (64 MB in fp32): tokens = this // vocab
+
+
+def chunk_rows(tokens: int, vocab: int, chunk_size: int | None) -> int:
+    if chunk_size is not None:
+        return max(1, min(tokens, chunk_size))
+    return max(1, min(tokens, LOGITS_CHUNK_ELEMS // max(vocab, 1)))
+
+
+def _linear_chunks(hidden, weight, bias, target, cw, args, scale, loss, dh, dw, db, chunk):
+    """Run the chunks: loss rows into ``loss`` (or None), and with ``scale`` (or for 'sum',
+    scale None but gradients wanted) the gradients into dh / dw / db (each None: not
+    wanted)."""
+    want = dh is not None or dw is not None or db is not None
+    n = hidden.shape[0]
+    for c0 in range(0, n, chunk):
+        c1 = min(n, c0 + chunk)
+        h = hidden[c0:c1]
+        logits = torch.nn.functional.linear(h, weight, bias)
+        sc = scale if scale is None or scale.dim() == 0 else scale[c0:c1]
+        launch(logits, target[c0:c1], cw, sc, None if loss is None else loss[c0:c1],
+               logits if want else None, *args)  # fmt: skip
+        if not want:
+            continue
+        if dh is not None:
+            torch.matmul(logits, weight, out=dh[c0:c1])
+        if dw is not None:
+            if dw.dtype == logits.dtype:
+                dw.addmm_(logits.t(), h)
+            else:  # 16-bit data: each chunk's product rounded once, summed in fp32
+                dw += (logits.t() @ h).to(dw.dtype)
+        if db is not None:
+            db += logits.sum(0, dtype=db.dtype)
+
+
+def _run_linear_fwd(hidden, weight, bias, target, cw, ignore, eps, softcap, z_loss, reduction,
+                    need_dh, need_dw, need_db, chunk_size):  # fmt: skip
+    vocab = weight.shape[0]
+    check_targets(target, vocab, ignore)
+    acc = acc_dtype(hidden.dtype)
+    n = hidden.shape[0]
+    how = REDUCTIONS[reduction]
+    want = how != "none"
+    loss = torch.empty(n, dtype=acc, device=hidden.device)
+    dh = torch.empty_like(hidden) if want and need_dh else None
+    dw = torch.zeros(weight.shape, dtype=acc, device=hidden.device) if want and need_dw else None
+    db = torch.zeros(vocab, dtype=acc, device=hidden.device) if want and need_db else None
+    scale = None
+    if how == "mean":
+        denom = mean_denominator(target, cw, ignore, acc)
+        scale = 1.0 / denom
+    args = (ignore, eps, softcap, z_loss)
+    _linear_chunks(hidden, weight, bias, target, cw, args, scale, loss, dh, dw, db,
+                   chunk_rows(n, vocab, chunk_size))  # fmt: skip
+    if how == "mean":
+        loss = loss.sum() / denom
+    elif how == "sum":
+        loss = loss.sum()
+    empty = hidden.new_empty(0)
+    return (loss, empty if dh is None else dh, empty if dw is None else dw.to(weight.dtype),
+            empty if db is None else db.to(bias.dtype))  # fmt: skip
+
+
+def _linear_fwd_outputs(hidden, weight, bias, reduction, need_dh, need_dw, need_db):
+    acc = acc_dtype(hidden.dtype)
+    none = REDUCTIONS[reduction] == "none"
+    loss = hidden.new_empty((hidden.shape[0],) if none else (), dtype=acc)
+    empty = hidden.new_empty(0)
+    return (loss, torch.empty_like(hidden) if need_dh and not none else empty,
+            torch.empty_like(weight) if need_dw and not none else empty,
+            torch.empty_like(bias) if need_db and not none else empty)  # fmt: skip
+
+
+def _run_linear_bwd(hidden, weight, bias, target, cw, dloss, ignore, eps, softcap, z_loss,
+                    need_dh, need_dw, need_db, chunk_size):  # fmt: skip
+    acc = acc_dtype(hidden.dtype)
+    dh = torch.empty_like(hidden) if need_dh else None
+    dw = torch.zeros(weight.shape, dtype=acc, device=hidden.device) if need_dw else None
+    db = torch.zeros(weight.shape[0], dtype=acc, device=hidden.device) if need_db else None
+    _linear_chunks(hidden, weight, bias, target, cw, (ignore, eps, softcap, z_loss),
+                   dloss.to(acc), None, dh, dw, db,
+                   chunk_rows(hidden.shape[0], weight.shape[0], chunk_size))  # fmt: skip
+    empty = hidden.new_empty(0)
+    return (empty if dh is None else dh, empty if dw is None else dw.to(weight.dtype),
+            empty if db is None else db.to(bias.dtype))  # fmt: skip
+
+
+@torch.library.custom_op("lmkernels::linear_cross_entropy_fwd", mutates_args=())
+def linear_cross_entropy_fwd(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    class_weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: float,
+    z_loss: float,
+    reduction: int,
+    need_dh: bool,
+    need_dw: bool,
+    need_db: bool,
+    chunk_size: int | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _run_linear_fwd(hidden, weight, bias, target, class_weight, ignore_index,
+                           label_smoothing, softcap, z_loss, reduction, need_dh, need_dw,
+                           need_db, chunk_size)  # fmt: skip
+
+
+@linear_cross_entropy_fwd.register_fake
+def _(hidden, weight, bias, target, class_weight, ignore_index, label_smoothing, softcap, z_loss,
+      reduction, need_dh, need_dw, need_db, chunk_size):  # fmt: skip
+    return _linear_fwd_outputs(hidden, weight, bias, reduction, need_dh, need_dw, need_db)
+
+
+@torch.library.custom_op("lmkernels::linear_cross_entropy_bwd", mutates_args=())
+def linear_cross_entropy_bwd(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    class_weight: Tensor | None,
+    dloss: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: float,
+    z_loss: float,
+    need_dh: bool,
+    need_dw: bool,
+    need_db: bool,
+    chunk_size: int | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _run_linear_bwd(hidden, weight, bias, target, class_weight, dloss, ignore_index,
+                           label_smoothing, softcap, z_loss, need_dh, need_dw, need_db,
+                           chunk_size)  # fmt: skip
+
+
+@linear_cross_entropy_bwd.register_fake
+def _(hidden, weight, bias, target, class_weight, dloss, ignore_index, label_smoothing, softcap,
+      z_loss, need_dh, need_dw, need_db, chunk_size):  # fmt: skip
+    empty = hidden.new_empty(0)
+    return (torch.empty_like(hidden) if need_dh else empty,
+            torch.empty_like(weight) if need_dw else empty,
+            torch.empty_like(bias) if need_db else empty)  # fmt: skip
+
+
+def _linear_setup_context(ctx, inputs, output):
+    remember_backend(ctx)
+    (hidden, weight, bias, target, cw, ignore, eps, softcap, z_loss, reduction, need_dh, need_dw,
+     need_db, chunk_size) = inputs  # fmt: skip
+    _, dh, dw, db = output
+    ctx.mark_non_differentiable(dh, dw, db)
+    ctx.none = REDUCTIONS[reduction] == "none"
+    ctx.args = (ignore, eps, softcap, z_loss, need_dh, need_dw, need_db, chunk_size)
+    if ctx.none:  # the backward recomputes the chunks
+        ctx.save_for_backward(hidden, weight, bias, target, cw)
+    else:
+        ctx.save_for_backward(dh, dw, db)
+
+
+@in_forward_backend
+def _linear_grads(ctx, dloss, bwd):
+    if ctx.needs_input_grad[4]:
+        raise RuntimeError("linear_cross_entropy: the derivative for 'class_weight' is not "
+                           "implemented (as in torch)")  # fmt: skip
+    need_dh, need_dw, need_db = ctx.args[4:7]
+    if ctx.none:
+        hidden, weight, bias, target, cw = ctx.saved_tensors
+        dh, dw, db = bwd(hidden, weight, bias, target, cw, dloss, *ctx.args)
+    else:
+        g = dloss.to(torch.float64 if dloss.dtype == torch.float64 else torch.float32)
+        dh, dw, db = (t * g if t.numel() else t for t in ctx.saved_tensors)
+    return (dh if need_dh else None, dw if need_dw else None, db if need_db else None,
+            *(None,) * 11)  # fmt: skip
+
+
+linear_cross_entropy_fwd.register_autograd(
+    lambda ctx, dloss, _a, _b, _c: _linear_grads(ctx, dloss, linear_cross_entropy_bwd),
+    setup_context=_linear_setup_context,
+)
+
+
+class _LinearCrossEntropyEager(torch.autograd.Function):
+    """The same forward and backward as the registered op, for plain eager calls."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        out = _run_linear_fwd(*args)
+        _linear_setup_context(ctx, args, out)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dloss, _a, _b, _c):
+        return _linear_grads(ctx, dloss, _run_linear_bwd)
+
+
+def linear_cross_entropy_rows(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    class_weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: float,
+    z_loss: float,
+    reduction: str,
+    chunk_size: int | None,
+) -> Tensor:
+    """The reduced loss (accumulation dtype) of cross_entropy(hidden @ weight^T + bias) with
+    autograd, for 2-D ``hidden`` and validated arguments (see :func:`cross_entropy_rows`)."""
+    red = REDUCTIONS.index(reduction)
+    grad = torch.is_grad_enabled()
+    need = [grad and t is not None and t.requires_grad for t in (hidden, weight, bias)]
+    args = (hidden, weight, bias, target, class_weight, ignore_index, label_smoothing, softcap,
+            z_loss, red, *need, chunk_size)  # fmt: skip
+    if not eager_call(hidden, weight, bias, target, class_weight):
+        return linear_cross_entropy_fwd(*args)[0]
+    if any(need) or (grad and class_weight is not None and class_weight.requires_grad):
+        return _LinearCrossEntropyEager.apply(*args)[0]
+    return _run_linear_fwd(*args)[0]
