@@ -148,8 +148,8 @@ def _fwd_outputs(logits, reduction, want_grad):
 
 def _run_bwd(logits, target, weight, dloss, ignore, eps, softcap, z_loss):
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    launch(logits, target, weight, dloss.to(acc_dtype(logits.dtype)), None, grad, ignore, eps,
-           softcap, z_loss)  # fmt: skip
+    scale = dloss.to(acc_dtype(logits.dtype)).contiguous()  # (an expanded gradient: stride 0)
+    launch(logits, target, weight, scale, None, grad, ignore, eps, softcap, z_loss)
     return grad
 
 
@@ -362,6 +362,18 @@ def _linear_chunks(hidden, weight, bias, target, cw, args, scale, loss, dh, dw, 
             db += logits.sum(0, dtype=db.dtype)
 
 
+def _or_empty(grad: Tensor | None, like: Tensor | None, hidden: Tensor) -> Tensor:
+    """A gradient in its parameter's dtype, or a fresh empty tensor (outputs must not alias)."""
+    return hidden.new_empty(0, dtype=torch.float32) if grad is None else grad.to(like.dtype)
+
+
+def _grad_fakes(hidden, weight, bias, need_dh, need_dw, need_db):
+    return tuple(
+        torch.empty_like(t) if need else hidden.new_empty(0, dtype=torch.float32)
+        for t, need in ((hidden, need_dh), (weight, need_dw), (bias, need_db))
+    )
+
+
 def _run_linear_fwd(hidden, weight, bias, target, cw, ignore, eps, softcap, z_loss, reduction,
                     need_dh, need_dw, need_db, chunk_size):  # fmt: skip
     vocab = weight.shape[0]
@@ -385,19 +397,15 @@ def _run_linear_fwd(hidden, weight, bias, target, cw, ignore, eps, softcap, z_lo
         loss = loss.sum() / denom
     elif how == "sum":
         loss = loss.sum()
-    empty = hidden.new_empty(0)
-    return (loss, empty if dh is None else dh, empty if dw is None else dw.to(weight.dtype),
-            empty if db is None else db.to(bias.dtype))  # fmt: skip
+    return (loss, *(_or_empty(g, p, hidden) for g, p in ((dh, hidden), (dw, weight), (db, bias))))
 
 
 def _linear_fwd_outputs(hidden, weight, bias, reduction, need_dh, need_dw, need_db):
     acc = acc_dtype(hidden.dtype)
     none = REDUCTIONS[reduction] == "none"
     loss = hidden.new_empty((hidden.shape[0],) if none else (), dtype=acc)
-    empty = hidden.new_empty(0)
-    return (loss, torch.empty_like(hidden) if need_dh and not none else empty,
-            torch.empty_like(weight) if need_dw and not none else empty,
-            torch.empty_like(bias) if need_db and not none else empty)  # fmt: skip
+    return (loss, *_grad_fakes(hidden, weight, bias, need_dh and not none, need_dw and not none,
+                               need_db and not none))  # fmt: skip
 
 
 def _run_linear_bwd(hidden, weight, bias, target, cw, dloss, ignore, eps, softcap, z_loss,
@@ -407,11 +415,9 @@ def _run_linear_bwd(hidden, weight, bias, target, cw, dloss, ignore, eps, softca
     dw = torch.zeros(weight.shape, dtype=acc, device=hidden.device) if need_dw else None
     db = torch.zeros(weight.shape[0], dtype=acc, device=hidden.device) if need_db else None
     _linear_chunks(hidden, weight, bias, target, cw, (ignore, eps, softcap, z_loss),
-                   dloss.to(acc), None, dh, dw, db,
+                   dloss.to(acc).contiguous(), None, dh, dw, db,
                    chunk_rows(hidden.shape[0], weight.shape[0], chunk_size))  # fmt: skip
-    empty = hidden.new_empty(0)
-    return (empty if dh is None else dh, empty if dw is None else dw.to(weight.dtype),
-            empty if db is None else db.to(bias.dtype))  # fmt: skip
+    return tuple(_or_empty(g, p, hidden) for g, p in ((dh, hidden), (dw, weight), (db, bias)))
 
 
 @torch.library.custom_op("lmkernels::linear_cross_entropy_fwd", mutates_args=())
@@ -467,10 +473,7 @@ def linear_cross_entropy_bwd(
 @linear_cross_entropy_bwd.register_fake
 def _(hidden, weight, bias, target, class_weight, dloss, ignore_index, label_smoothing, softcap,
       z_loss, need_dh, need_dw, need_db, chunk_size):  # fmt: skip
-    empty = hidden.new_empty(0)
-    return (torch.empty_like(hidden) if need_dh else empty,
-            torch.empty_like(weight) if need_dw else empty,
-            torch.empty_like(bias) if need_db else empty)  # fmt: skip
+    return _grad_fakes(hidden, weight, bias, need_dh, need_dw, need_db)
 
 
 def _linear_setup_context(ctx, inputs, output):
