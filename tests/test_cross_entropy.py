@@ -289,3 +289,40 @@ def test_baseline_cpu_kernels_pass_the_conformance_cases():
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=600)  # fmt: skip
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+# ------------------------------------------------- the gradient computed in the forward
+
+
+def test_backward_of_loss_hands_over_the_forward_gradient_safely():
+    """loss.backward() (incoming gradient 1) takes the forward's gradient as is; a retained
+    graph still gives fresh, correct gradients each time, and writing into a gradient that
+    autograd.grad returned makes the next backward an error, not a wrong answer."""
+    x = torch.randn(6, 9, requires_grad=True)
+    t = torch.tensor([1, 2, -100, 4, 8, 0])
+    ref = x.detach().clone().requires_grad_()
+    F.cross_entropy(ref, t).backward()
+    loss = LF.cross_entropy(x, t)
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    torch.testing.assert_close(g1, ref.grad)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(x.grad, 2 * ref.grad)
+    x.grad = None
+    loss = LF.cross_entropy(x, t)
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    g1.mul_(3)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, x)
+
+
+def test_linear_cross_entropy_backward_of_loss_matches_torch():
+    h = torch.randn(7, 8, requires_grad=True)
+    w = torch.randn(13, 8, requires_grad=True)
+    b = torch.randn(13, requires_grad=True)
+    t = torch.tensor([1, -100, 3, 12, 0, 5, 7])
+    LF.linear_cross_entropy(h, w, t, b, chunk_size=3).backward()  # incoming gradient 1
+    refs = [p.detach().clone().requires_grad_() for p in (h, w, b)]
+    F.cross_entropy(F.linear(*refs), t).backward()
+    for p, r in zip((h, w, b), refs, strict=True):
+        torch.testing.assert_close(p.grad, r.grad)

@@ -210,8 +210,22 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*((grad,) if want_grad else (logits, target, weight)))
 
 
+def scaled(grad: Tensor, dloss: Tensor, eager: bool) -> Tensor:
+    """``grad * dloss`` (a 0-d incoming gradient), or in a plain eager backward on CPU, when
+    ``dloss`` is exactly 1 (``loss.backward()``), ``grad`` itself: no pass over it, no new
+    tensor. Safe: the engine releases the saved gradient after this backward unless the graph
+    is retained, so AccumulateGrad takes it over; with a retained graph AccumulateGrad copies
+    it, and a caller of autograd.grad who writes into it makes a second backward raise (the
+    saved tensor's version changed) instead of returning wrong values. A CUDA dloss is not
+    read back (that would synchronise): there the product is always formed."""
+    if eager and dloss.device.type == "cpu" and float(dloss) == 1.0:
+        return grad
+    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    return (grad * dloss.to(acc)).to(grad.dtype)
+
+
 @in_forward_backend
-def _grads(ctx, dloss, bwd):
+def _grads(ctx, dloss, bwd, eager=False):
     if ctx.needs_input_grad[2]:
         raise RuntimeError("cross_entropy: the derivative for 'weight' is not implemented "
                            "(as in torch)")  # fmt: skip
@@ -219,8 +233,7 @@ def _grads(ctx, dloss, bwd):
         return (None,) * 9
     if ctx.stored:
         (grad,) = ctx.saved_tensors
-        dx = grad * dloss.to(grad.dtype if grad.dtype == torch.float64 else torch.float32)
-        dx = dx.to(ctx.dtype)
+        dx = scaled(grad, dloss, eager)
     else:
         logits, target, weight = ctx.saved_tensors
         dx = bwd(logits, target, weight, dloss, *ctx.args)
@@ -245,7 +258,7 @@ class _CrossEntropyEager(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dloss, _dgrad):
-        return _grads(ctx, dloss, _run_bwd)
+        return _grads(ctx, dloss, _run_bwd, True)
 
 
 class _CrossEntropyInplace(torch.autograd.Function):
@@ -491,7 +504,7 @@ def _linear_setup_context(ctx, inputs, output):
 
 
 @in_forward_backend
-def _linear_grads(ctx, dloss, bwd):
+def _linear_grads(ctx, dloss, bwd, eager=False):
     if ctx.needs_input_grad[4]:
         raise RuntimeError("linear_cross_entropy: the derivative for 'class_weight' is not "
                            "implemented (as in torch)")  # fmt: skip
@@ -500,8 +513,7 @@ def _linear_grads(ctx, dloss, bwd):
         hidden, weight, bias, target, cw = ctx.saved_tensors
         dh, dw, db = bwd(hidden, weight, bias, target, cw, dloss, *ctx.args)
     else:
-        g = dloss.to(torch.float64 if dloss.dtype == torch.float64 else torch.float32)
-        dh, dw, db = (t * g if t.numel() else t for t in ctx.saved_tensors)
+        dh, dw, db = (scaled(t, dloss, eager) if t.numel() else t for t in ctx.saved_tensors)
     return (dh if need_dh else None, dw if need_dw else None, db if need_db else None,
             *(None,) * 11)  # fmt: skip
 
@@ -524,7 +536,7 @@ class _LinearCrossEntropyEager(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dloss, _a, _b, _c):
-        return _linear_grads(ctx, dloss, _run_linear_bwd)
+        return _linear_grads(ctx, dloss, _run_linear_bwd, True)
 
 
 def linear_cross_entropy_rows(
