@@ -908,7 +908,7 @@ def _class_targets(fn: str, target: object, shape: tuple[int, ...], device) -> T
                          f"{tuple(target.shape)}")  # fmt: skip
     if target.device != device:
         raise ValueError(f"{fn}: target is on {target.device}, input on {device}")
-    return target.reshape(-1).long()
+    return target.reshape(-1).long().contiguous()
 
 
 def _class_weight(fn: str, name: str, w: object, classes: int, input: Tensor) -> Tensor | None:

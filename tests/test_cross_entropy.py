@@ -38,6 +38,11 @@ def test_legacy_reduction_arguments_match_torch():
     torch.testing.assert_close(ours, ref)
 
 
+def test_strided_targets():
+    x, t = torch.randn(4, 7), torch.randint(0, 7, (8,))
+    torch.testing.assert_close(LF.cross_entropy(x, t[::2]), F.cross_entropy(x, t[::2]))
+
+
 def test_loss_times_a_constant_scales_every_gradient():
     x = torch.randn(6, 11, requires_grad=True)
     t = torch.tensor([1, -100, 3, 10, 0, 5])

@@ -143,7 +143,8 @@ def _fwd_outputs(logits, reduction, want_grad):
     acc = acc_dtype(logits.dtype)
     shape = (logits.shape[0],) if REDUCTIONS[reduction] == "none" else ()
     loss = logits.new_empty(shape, dtype=acc)
-    return loss, torch.empty_like(logits) if want_grad else logits.new_empty(0)
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    return loss, grad if want_grad else logits.new_empty(0)
 
 
 def _run_bwd(logits, target, weight, dloss, ignore, eps, softcap, z_loss):
@@ -192,7 +193,7 @@ def cross_entropy_bwd(
 
 @cross_entropy_bwd.register_fake
 def _(logits, target, weight, dloss, ignore_index, label_smoothing, softcap, z_loss):
-    return torch.empty_like(logits)
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 # ------------------------------------------------------------------------------------ autograd
