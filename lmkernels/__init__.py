@@ -16,6 +16,7 @@ from lmkernels import (
     ops,  # noqa: F401  (registers the torch.library ops, fakes and autograd)
 )
 from lmkernels.backends import BackendUnavailable, info, selected_backend, use_backend
+from lmkernels.patch import PatchReport, patch, unpatch
 
 try:  # the CPU kernels; their absence is reported by `python -m lmkernels info`
     from lmkernels import _C  # noqa: F401
@@ -25,9 +26,12 @@ except ImportError:
 __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailable",
+    "PatchReport",
     "functional",
     "info",
     "nn",
+    "patch",
     "selected_backend",
+    "unpatch",
     "use_backend",
 ]
