@@ -331,3 +331,27 @@ def test_linear_cross_entropy_backward_of_loss_matches_torch():
     F.cross_entropy(F.linear(*refs), t).backward()
     for p, r in zip((h, w, b), refs, strict=True):
         torch.testing.assert_close(p.grad, r.grad)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_reduced_loss_bits_do_not_depend_on_the_thread_count(reduction):
+    """Enough rows for torch's CPU sum to split by the thread count (its bits then differ
+    between 1 and 2 threads at this size): the row losses are summed in an order fixed by
+    their number."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300001, 3, generator=gen) * 4
+    t = torch.randint(0, 3, (300001,), generator=gen)
+    w = torch.rand(3, generator=gen) + 0.5
+    old = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with lmkernels.use_backend("cpu"):
+                outs.append(LF.cross_entropy(x, t, w if reduction == "mean" else None,
+                                             reduction=reduction))  # fmt: skip
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(outs[0], outs[1])
+    ref = F.cross_entropy(x, t, w if reduction == "mean" else None, reduction=reduction)
+    torch.testing.assert_close(outs[0], ref)

@@ -96,13 +96,46 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+_SUM_BLOCK = 4096  # below torch's parallel-reduction grain (32768): one thread per block sum
+
+
+def ordered_sum(v: Tensor) -> Tensor:
+    """The sum of a 1-D tensor in an order fixed by its length: blocks of _SUM_BLOCK summed by
+    one thread each, then the block sums. (torch's CPU sum splits a long vector by the thread
+    count, which changes the last bits between thread counts.)"""
+    n = v.shape[0]
+    if n <= _SUM_BLOCK:
+        return v.sum()
+    pad = -n % _SUM_BLOCK
+    if pad:
+        v = torch.cat([v, v.new_zeros(pad)])
+    return v.view(-1, _SUM_BLOCK).sum(1).sum()
+
+
+def reduce_rows(loss: Tensor, how: str, denom: Tensor | None) -> Tensor:
+    """The row losses reduced: 'none' as they are, 'sum', or 'mean' (divided by ``denom``)."""
+    if how == "none":
+        return loss
+    total = ordered_sum(loss)
+    return total / denom if how == "mean" else total
+
+
 def mean_denominator(target: Tensor, weight: Tensor | None, ignore: int, acc) -> Tensor:
     """'mean''s divisor: the sum of the class weights of the rows not ignored (their count
     without weights), as torch's nll_loss; 0 when every row is ignored (the mean is then NaN)."""
     valid = target != ignore
     if weight is None or weight.numel() == 0:
         return valid.sum(dtype=acc)
-    return torch.where(valid, weight[torch.where(valid, target, 0)], 0).sum(dtype=acc)
+    return ordered_sum(torch.where(valid, weight[torch.where(valid, target, 0)], 0).to(acc))
+
+
+def mean_scale(how: str, target: Tensor, weight: Tensor | None, ignore: int, acc):
+    """(divisor, gradient scale 1 / divisor) for 'mean'; (None, None) otherwise. The scale is
+    inf when every row is ignored: those rows' gradients are 0 whatever it is."""
+    if how != "mean":
+        return None, None
+    denom = mean_denominator(target, weight, ignore, acc)
+    return denom, 1.0 / denom
 
 
 def check_targets(target: Tensor, classes: int, ignore: int) -> None:
@@ -127,15 +160,9 @@ def _run_fwd(logits, target, weight, ignore, eps, softcap, z_loss, reduction, wa
     loss = torch.empty(rows, dtype=acc, device=logits.device)
     how = REDUCTIONS[reduction]
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if want_grad else None
-    scale = None
-    if how == "mean":
-        denom = mean_denominator(target, weight, ignore, acc)
-        scale = 1.0 / denom  # inf when every row is ignored: those rows' gradient is 0 anyway
+    denom, scale = mean_scale(how, target, weight, ignore, acc)
     launch(logits, target, weight, scale, loss, grad, ignore, eps, softcap, z_loss)
-    if how == "mean":
-        loss = loss.sum() / denom
-    elif how == "sum":
-        loss = loss.sum()
+    loss = reduce_rows(loss, how, denom)
     return loss, grad if grad is not None else logits.new_empty(0)
 
 
@@ -275,15 +302,9 @@ class _CrossEntropyInplace(torch.autograd.Function):
         acc = acc_dtype(logits2d.dtype)
         loss = torch.empty(logits2d.shape[0], dtype=acc, device=logits2d.device)
         how = REDUCTIONS[reduction]
-        scale = None
-        if how == "mean":
-            denom = mean_denominator(target, weight, ignore, acc)
-            scale = 1.0 / denom
+        denom, scale = mean_scale(how, target, weight, ignore, acc)
         launch(logits2d, target, weight, scale, loss, logits2d, ignore, eps, softcap, z_loss)
-        if how == "mean":
-            loss = loss.sum() / denom
-        elif how == "sum":
-            loss = loss.sum()
+        loss = reduce_rows(loss, how, denom)
         ctx.mark_dirty(logits)
         ctx.save_for_backward(logits)
         ctx.none = how == "none"
@@ -400,17 +421,11 @@ def _run_linear_fwd(hidden, weight, bias, target, cw, ignore, eps, softcap, z_lo
     dh = torch.empty_like(hidden) if want and need_dh else None
     dw = torch.zeros(weight.shape, dtype=acc, device=hidden.device) if want and need_dw else None
     db = torch.zeros(vocab, dtype=acc, device=hidden.device) if want and need_db else None
-    scale = None
-    if how == "mean":
-        denom = mean_denominator(target, cw, ignore, acc)
-        scale = 1.0 / denom
+    denom, scale = mean_scale(how, target, cw, ignore, acc)
     args = (ignore, eps, softcap, z_loss)
     _linear_chunks(hidden, weight, bias, target, cw, args, scale, loss, dh, dw, db,
                    chunk_rows(n, vocab, chunk_size))  # fmt: skip
-    if how == "mean":
-        loss = loss.sum() / denom
-    elif how == "sum":
-        loss = loss.sum()
+    loss = reduce_rows(loss, how, denom)
     return (loss, *(_or_empty(g, p, hidden) for g, p in ((dh, hidden), (dw, weight), (db, bias))))
 
 
