@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 # lmk::DType in csrc/include/lmk/common.h
 DTYPE_CODE = {
@@ -81,3 +84,27 @@ def eager_call(*tensors: Tensor | None) -> bool:
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)  # Parameter disables __torch_function__: a plain tensor
+
+
+def eager_function(name: str, run: Callable, setup_context: Callable,
+                   backward: Callable) -> type:  # fmt: skip
+    """The autograd.Function of an op's plain eager calls: the same forward and backward as
+    its registered op (see :func:`eager_call`), without the custom-op machinery. Its forward
+    runs ``run(*args)`` then ``setup_context(ctx, args, out)``; its backward is
+    ``backward(ctx, *grad_outputs)``, once differentiable. ``name`` names the class (and so
+    the ``grad_fn``: ``<name>Backward``)."""
+
+    def forward(ctx, *args):
+        out = run(*args)
+        setup_context(ctx, args, out)
+        return out
+
+    def bwd(ctx, *grads):
+        return backward(ctx, *grads)
+
+    return type(name, (torch.autograd.Function,), {
+        "__doc__": f"Plain eager calls of {name.strip('_')}: the registered op's forward and "
+                   "backward without the custom-op machinery.",
+        "forward": staticmethod(forward),
+        "backward": staticmethod(once_differentiable(bwd)),
+    })  # fmt: skip

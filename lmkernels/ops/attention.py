@@ -19,11 +19,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from lmkernels import reference
 from lmkernels.backends import Impl, dispatch, in_forward_backend, remember_backend
-from lmkernels.ops._common import eager_call
+from lmkernels.ops._common import eager_call, eager_function
 
 
 @dataclass(frozen=True)
@@ -377,19 +376,12 @@ attention_fwd.register_autograd(
 )
 
 
-class _AttentionEager(torch.autograd.Function):
-    """The same forward and backward as the registered op, for plain eager calls."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, mask, *rest):
-        out, lse = _run_fwd(q, k, v, mask, _options(*rest))
-        _setup_context(ctx, (q, k, v, mask, *rest), (out, lse))
-        return out, lse
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout, dlse):
-        return _grads(ctx, dout, dlse, _bwd_eager)
+_AttentionEager = eager_function(
+    "_AttentionEager",
+    lambda q, k, v, mask, *rest: _run_fwd(q, k, v, mask, _options(*rest)),
+    _setup_context,
+    lambda ctx, dout, dlse: _grads(ctx, dout, dlse, _bwd_eager),
+)
 
 
 # ------------------------------------------------------------------------------ entry point

@@ -17,7 +17,7 @@ from torch.autograd.function import once_differentiable
 
 from lmkernels import reference
 from lmkernels.backends import Impl, dispatch, in_forward_backend, remember_backend
-from lmkernels.ops._common import DTYPE_CODE, FLOAT_DTYPES, eager_call
+from lmkernels.ops._common import DTYPE_CODE, FLOAT_DTYPES, eager_call, eager_function
 
 REDUCTIONS = ("none", "mean", "sum")  # the reduction argument of the ops: an index into this
 
@@ -274,19 +274,12 @@ cross_entropy_fwd.register_autograd(
 )
 
 
-class _CrossEntropyEager(torch.autograd.Function):
-    """The same forward and backward as the registered op, for plain eager calls."""
-
-    @staticmethod
-    def forward(ctx, *args):
-        out = _run_fwd(*args)
-        _setup_context(ctx, args, out)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dloss, _dgrad):
-        return _grads(ctx, dloss, _run_bwd, True)
+_CrossEntropyEager = eager_function(
+    "_CrossEntropyEager",
+    _run_fwd,
+    _setup_context,
+    lambda ctx, dloss, _dgrad: _grads(ctx, dloss, _run_bwd, True),
+)
 
 
 class _CrossEntropyInplace(torch.autograd.Function):
@@ -540,19 +533,12 @@ linear_cross_entropy_fwd.register_autograd(
 )
 
 
-class _LinearCrossEntropyEager(torch.autograd.Function):
-    """The same forward and backward as the registered op, for plain eager calls."""
-
-    @staticmethod
-    def forward(ctx, *args):
-        out = _run_linear_fwd(*args)
-        _linear_setup_context(ctx, args, out)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dloss, _a, _b, _c):
-        return _linear_grads(ctx, dloss, _run_linear_bwd, True)
+_LinearCrossEntropyEager = eager_function(
+    "_LinearCrossEntropyEager",
+    _run_linear_fwd,
+    _linear_setup_context,
+    lambda ctx, dloss, _a, _b, _c: _linear_grads(ctx, dloss, _run_linear_bwd, True),
+)
 
 
 def linear_cross_entropy_rows(

@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from lmkernels import reference
 from lmkernels.backends import Impl, dispatch, in_forward_backend, remember_backend
-from lmkernels.ops._common import DTYPE_CODE, eager_call
+from lmkernels.ops._common import DTYPE_CODE, eager_call, eager_function
 
 # ------------------------------------------------------------------------------- launchers
 # Every backend's launcher takes a (rows, dim) weight with contiguous rows, contiguous 1-D
@@ -378,34 +377,22 @@ token_pos_fwd.register_autograd(
 )
 
 
-class _TokenPosEager(torch.autograd.Function):
-    """The same forward and backward as the registered op, for plain eager calls."""
-
-    @staticmethod
-    def forward(ctx, tok_weight, ids, pos_weight, pos, scale, padding_idx):
-        out = _run_tp_fwd(tok_weight, ids, pos_weight, pos, scale)
-        _tp_setup_context(ctx, (tok_weight, ids, pos_weight, pos, scale, padding_idx), out)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        return _tp_grads(ctx, dy, _run_bwd)
+_TokenPosEager = eager_function(
+    "_TokenPosEager",
+    lambda tok_weight, ids, pos_weight, pos, scale, padding_idx: _run_tp_fwd(
+        tok_weight, ids, pos_weight, pos, scale
+    ),
+    _tp_setup_context,
+    lambda ctx, dy: _tp_grads(ctx, dy, _run_bwd),
+)
 
 
-class _EmbeddingEager(torch.autograd.Function):
-    """The same forward and backward as the registered op, for plain eager calls."""
-
-    @staticmethod
-    def forward(ctx, weight, idx, padding_idx, scale_grad_by_freq):
-        out = _run_fwd(weight, idx)
-        _setup_context(ctx, (weight, idx, padding_idx, scale_grad_by_freq), out)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        return _grads(ctx, dy, _run_bwd)
+_EmbeddingEager = eager_function(
+    "_EmbeddingEager",
+    lambda weight, idx, padding_idx, scale_grad_by_freq: _run_fwd(weight, idx),
+    _setup_context,
+    lambda ctx, dy: _grads(ctx, dy, _run_bwd),
+)
 
 
 # ------------------------------------------------------------------------------ entry point

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from lmkernels import reference
 from lmkernels.backends import Impl, dispatch, in_forward_backend, remember_backend
-from lmkernels.ops._common import DTYPE_CODE, FLOAT_DTYPES, eager_call
+from lmkernels.ops._common import DTYPE_CODE, FLOAT_DTYPES, eager_call, eager_function
 
 ROWS_PER_BLOCK = 64  # lmk::kNormRowsPerBlock: rows per dw/db partial sum (norm.h)
 
@@ -267,19 +266,12 @@ norm_fwd.register_autograd(
 )
 
 
-class _NormEager(torch.autograd.Function):
-    """The same forward and backward as the registered op, for plain eager calls."""
-
-    @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps, rms):
-        out = _run_fwd(x, residual, weight, bias, eps, rms)
-        _setup_context(ctx, (x, residual, weight, bias, eps, rms), out)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy, dh_out, _dmean, _drstd):
-        return _grads(ctx, dy, dh_out, _run_bwd)
+_NormEager = eager_function(
+    "_NormEager",
+    _run_fwd,
+    _setup_context,
+    lambda ctx, dy, dh_out, _dmean, _drstd: _grads(ctx, dy, dh_out, _run_bwd),
+)
 
 
 # ------------------------------------------------------------------------------ entry point

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from lmkernels import reference
 from lmkernels.backends import Impl, dispatch, in_forward_backend, remember_backend
-from lmkernels.ops._common import eager_call, row_offsets
+from lmkernels.ops._common import eager_call, eager_function, row_offsets
 
 # ------------------------------------------------------------------------------- launchers
 # Every backend's launcher takes x and a preallocated contiguous out of x's shape (..., d) (out
@@ -158,19 +157,12 @@ def _grads(ctx, dy, bwd):
 rotary.register_autograd(lambda ctx, dy: _grads(ctx, dy, rotary_bwd), setup_context=_setup_context)
 
 
-class _RotaryEager(torch.autograd.Function):
-    """The same forward and backward as the registered op, for plain eager calls."""
-
-    @staticmethod
-    def forward(ctx, x, cos, sin, interleaved):
-        out = _run(x, cos, sin, interleaved, False)
-        _setup_context(ctx, (x, cos, sin, interleaved), out)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        return _grads(ctx, dy, lambda *a: _run(*a, True))
+_RotaryEager = eager_function(
+    "_RotaryEager",
+    lambda x, cos, sin, interleaved: _run(x, cos, sin, interleaved, False),
+    _setup_context,
+    lambda ctx, dy: _grads(ctx, dy, lambda *a: _run(*a, True)),
+)
 
 
 # ------------------------------------------------------------------------------ entry point

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from lmkernels import reference
 from lmkernels.backends import Impl, dispatch, in_forward_backend, remember_backend
@@ -19,6 +18,7 @@ from lmkernels.ops._common import (
     FLOAT_DTYPES,
     as_rows,
     eager_call,
+    eager_function,
     row_offsets,
     rowwise_empty,
 )
@@ -202,19 +202,8 @@ softmax_fwd.register_autograd(lambda ctx, dy: _grads(ctx, dy, softmax_bwd),
                               setup_context=_setup_context)  # fmt: skip
 
 
-class _SoftmaxEager(torch.autograd.Function):
-    """The same forward and backward as the registered op, for plain eager calls."""
-
-    @staticmethod
-    def forward(ctx, x, dim, scale, log, mask, causal):
-        y = _run_fwd(x, dim, scale, log, mask, causal)
-        _setup_context(ctx, (x, dim, scale, log, mask, causal), y)
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        return _grads(ctx, dy, _run_bwd)
+_SoftmaxEager = eager_function("_SoftmaxEager", _run_fwd, _setup_context,
+                               lambda ctx, dy: _grads(ctx, dy, _run_bwd))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ entry point
