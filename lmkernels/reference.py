@@ -456,7 +456,8 @@ def cross_entropy_rows(
     zl = torch.tensor(z_loss, dtype=acc)
     # max-shifted by hand: torch.logsumexp special-cases an infinite max, where the contract
     # (and torch's log_softmax) gives NaN
-    m = z.amax(1, keepdim=True) if cols else torch.full((rows, 1), -torch.inf, dtype=acc)
+    m = (z.amax(1, keepdim=True) if cols
+         else torch.full((rows, 1), -torch.inf, dtype=acc, device=x.device))  # fmt: skip
     lse = (m + torch.log(torch.exp(z - m).sum(1, keepdim=True)))[:, 0]
     wt = w[tc] if cols else torch.zeros(rows, dtype=acc, device=x.device)
     zt = z.gather(1, tc[:, None])[:, 0] if cols else torch.zeros_like(wt)

@@ -256,6 +256,12 @@ def test_compile_inductor_runs_our_kernel():
 # ---------------------------------------------------------------------------- 64-bit offsets
 
 
+_CPU_REASON = lmkernels.backends.availability("cpu", "cpu")
+needs_cpu_backend = pytest.mark.skipif(_CPU_REASON is not None,
+                                       reason=f"cpu backend unavailable: {_CPU_REASON}")  # fmt: skip
+
+
+@needs_cpu_backend
 def test_cpu_kernel_row_offsets_past_2_31():
     """Two rows 2^31 elements apart in one (never touched) allocation: the second row's offset
     only fits 64 bits."""
@@ -275,6 +281,7 @@ def test_cpu_kernel_row_offsets_past_2_31():
 # ---------------------------------------------------------------- the baseline CPU kernels
 
 
+@needs_cpu_backend
 def test_baseline_cpu_kernels_pass_the_conformance_cases():
     """The non-AVX2 build of the CPU kernels, chosen with ATEN_CPU_CAPABILITY=default."""
     env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
@@ -321,6 +328,39 @@ def test_backward_of_loss_hands_over_the_forward_gradient_safely():
         torch.autograd.grad(loss, x)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_recomputing_backward_passes_the_conformance_cases(monkeypatch, backend):
+    """On a GPU the 'mean' / 'sum' forward writes no gradient and the backward recomputes it
+    with the incoming gradient folded into the scale (STORE_GRAD_DEVICES): that path, on this
+    machine's backends, over every small cross-entropy case (weights, ignored and all-ignored
+    batches, smoothing, incoming gradients other than 1)."""
+    import cases_cross_entropy  # noqa: F401  (registers the cases)
+
+    from lmkernels.ops import cross_entropy as ops_ce
+    from lmkernels.testing import cases, check_case
+
+    if backend == "cpu" and _CPU_REASON is not None:
+        pytest.skip(f"cpu backend unavailable: {_CPU_REASON}")
+    monkeypatch.setattr(ops_ce, "STORE_GRAD_DEVICES", ())
+    launched = []
+    monkeypatch.setattr(ops_ce, "_run_bwd", _counting(ops_ce._run_bwd, launched))
+    with lmkernels.use_backend(backend):
+        for c in cases():
+            if c.small and c.id.startswith("cross_entropy:"):
+                for dt in (torch.float32, torch.bfloat16):
+                    check_case(c, dt)
+    assert len(launched) > 20, "no 'mean' / 'sum' backward recomputed the gradient"
+
+
+def _counting(fn, calls):
+    def wrapped(logits, target, weight, dloss, *args):
+        if dloss.dim() == 0:  # a reduced loss's incoming gradient
+            calls.append(1)
+        return fn(logits, target, weight, dloss, *args)
+
+    return wrapped
+
+
 def test_linear_cross_entropy_backward_of_loss_matches_torch():
     h = torch.randn(7, 8, requires_grad=True)
     w = torch.randn(13, 8, requires_grad=True)
@@ -333,6 +373,7 @@ def test_linear_cross_entropy_backward_of_loss_matches_torch():
         torch.testing.assert_close(p.grad, r.grad)
 
 
+@needs_cpu_backend
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_reduced_loss_bits_do_not_depend_on_the_thread_count(reduction):
     """Enough rows for torch's CPU sum to split by the thread count (its bits then differ

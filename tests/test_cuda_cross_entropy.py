@@ -601,6 +601,8 @@ inline float shfl_xor(float v, int m) {
   return me.out;
 }
 
+inline float mul_rn(float a, float b) { return a * b; }  // g++ for x86-64 has no FMA here
+
 #define LMK_CE_SHARED static
 #define LMK_CE_LAUNCH(kernel, grid, block, stream, ...) \
   ::emu::launch(dim3(grid), dim3(block), [=] { kernel(__VA_ARGS__); })

@@ -115,7 +115,7 @@ def _bounds(x, t, w, opts, chunk):
     ii = opts["ignore_index"]
     valid = (t != ii) & (t >= 0) & (t < cols)
     tc = torch.where(valid, t, 0)
-    w64 = torch.ones(cols, dtype=torch.float64) if w is None else w.double()
+    w64 = torch.ones(cols, dtype=torch.float64, device=x.device) if w is None else w.double()
     lse = torch.logsumexp(z, 1)
     wt = w64[tc]
     big_w, s_abs = w64.sum(), (z.abs() * w64).sum(1)
@@ -124,7 +124,8 @@ def _bounds(x, t, w, opts, chunk):
     mag_loss = a * ((1 - eps) * wt + eps / cols * (big_w + s_abs) + zl * 3 * lse.abs())
     loss_bound = 8 * U32 * mag_loss
     sc = opts["scale"]
-    sc = torch.ones(rows, dtype=torch.float64) if sc is None else sc.double().expand(rows)
+    ones = torch.ones(rows, dtype=torch.float64, device=x.device)
+    sc = ones if sc is None else sc.double().expand(rows)
     p = torch.exp(z - lse[:, None])
     coef_p = (1 - eps) * wt + eps * big_w / cols + 2 * zl * lse
     onehot = torch.zeros_like(z).scatter_(1, tc[:, None], 1.0)
@@ -196,8 +197,8 @@ def test_large_logits_and_tiny_probabilities(small_blocks):
     # logits up to +-60: most p_c underflow to subnormal / zero gradients in fp16 / bf16
     gen = torch.Generator().manual_seed(9)
     for dtype in DTYPES:
-        x = (torch.randn(3, 200, generator=gen) * 20).to(dtype)
-        t = torch.tensor([3, 0, 199])
+        x = (torch.randn(3, 200, generator=gen) * 20).to(dtype).to(DEV)
+        t = torch.tensor([3, 0, 199], device=DEV)
         opts = dict(ignore_index=-100, label_smoothing=0.0, softcap=0.0, z_loss=0.0, scale=None)
         loss, grad = _run(x, t, None, opts)
         _check(x, t, None, opts, loss, grad, f"large logits {dtype}")
@@ -214,20 +215,20 @@ def test_ignored_and_out_of_range_targets_are_never_read(small_blocks):
     rows, cols = 9, 100
     for dtype in DTYPES:
         for ii in (-100, 3):
-            buf = torch.full((rows * cols + 256,), float("nan"), dtype=dtype)
+            buf = torch.full((rows * cols + 256,), float("nan"), dtype=dtype, device=DEV)
             x = buf[: rows * cols].view(rows, cols)
             x.copy_(torch.randn(rows, cols, generator=gen) * 2)
-            t = torch.randint(0, cols, (rows,), generator=gen)
+            t = torch.randint(0, cols, (rows,), generator=gen).to(DEV)
             t[t == ii] = 0
             bad = {1: ii, 2: cols, 4: -1, 5: 2**40, 7: -(2**40), 8: cols + 50}
             for r, v in bad.items():
                 t[r] = v
             x[5] = float("nan")  # an ignored row's own logits: not read
             opts = dict(ignore_index=ii, label_smoothing=0.1, softcap=2.0, z_loss=1e-3,
-                        scale=torch.rand(rows, generator=gen))  # fmt: skip
-            w = torch.rand(cols, generator=gen) + 0.5
+                        scale=torch.rand(rows, generator=gen).to(DEV))  # fmt: skip
+            w = torch.rand(cols, generator=gen).to(DEV) + 0.5
             loss, grad = _run(x, t, w, opts)
-            ign = torch.tensor([r in bad for r in range(rows)])
+            ign = torch.tensor([r in bad for r in range(rows)], device=DEV)
             assert torch.all(loss[ign] == 0) and torch.all(grad[ign] == 0), (dtype, ii)
             keep = ~ign
             _check(x[keep], t[keep], w, dict(opts, scale=opts["scale"][keep]), loss[keep],
@@ -265,12 +266,12 @@ def test_strided_rows_and_in_place(small_blocks, dtype):
     gen = torch.Generator().manual_seed(6)
     rows, cols, pad = 5, 150, 13
     x0, t, w, opts = _inputs(rows, cols, dtype, gen, "all")
-    wide = torch.full((rows, cols + pad), float("nan"), dtype=dtype)
+    wide = torch.full((rows, cols + pad), float("nan"), dtype=dtype, device=DEV)
     x = wide[:, 5 : 5 + cols]
     x.copy_(x0)
-    gwide = torch.full((rows, cols + pad), 1234.5, dtype=dtype)
+    gwide = torch.full((rows, cols + pad), 1234.5, dtype=dtype, device=DEV)
     g = gwide[:, 2 : 2 + cols]
-    loss = torch.empty(rows)
+    loss = torch.empty(rows, device=DEV)
     k.cross_entropy_fwd(x, t, w, loss, g, **opts)
     _check(x0, t, w, opts, loss, g, f"strided {dtype}")
     outside = torch.ones_like(gwide, dtype=torch.bool)
@@ -279,7 +280,7 @@ def test_strided_rows_and_in_place(small_blocks, dtype):
 
     ref_loss, ref_grad = _run(x0, t, w, opts)
     for xi in (x0.clone(), x):  # contiguous and strided, in place
-        loss_i = torch.empty(rows)
+        loss_i = torch.empty(rows, device=DEV)
         k.cross_entropy_fwd(xi, t, w, loss_i, xi, **opts)
         assert torch.equal(_bits(xi), _bits(ref_grad)), f"in place {dtype}: grad differs"
         assert torch.equal(loss_i, ref_loss), f"in place {dtype}: loss differs"
@@ -305,9 +306,9 @@ def test_scale_forms(small_blocks):
     gen = torch.Generator().manual_seed(10)
     rows, cols = 5, 90
     x, t, w, opts = _inputs(rows, cols, torch.float32, gen, "weight_smooth")
-    base = torch.randn(2 * rows, generator=gen)
+    base = torch.randn(2 * rows, generator=gen).to(DEV)
     base[4] = 0.0  # row 2 of base[::2]
-    for scale in (None, torch.tensor(-1.5), base[::2], base[:rows].contiguous()):
+    for scale in (None, torch.tensor(-1.5, device=DEV), base[::2], base[:rows].contiguous()):
         o = dict(opts, scale=scale)
         loss, grad = _run(x, t, w, o)
         _check(x, t, w, o, loss, grad, f"scale {None if scale is None else scale.shape}")
@@ -333,7 +334,7 @@ def test_nan_and_inf_rows_stay_in_their_row(small_blocks):
             loss, grad = _run(x, t, w, opts)
             for r in (2,) if capped else (2, 3):
                 assert torch.isnan(loss[r]) and torch.isnan(grad[r]).all(), (dtype, option, r)
-            keep = torch.tensor([0, 1, 3, 4] if capped else [0, 1, 4])
+            keep = torch.tensor([0, 1, 3, 4] if capped else [0, 1, 4], device=DEV)
             sc = opts["scale"]
             o = dict(opts, scale=sc[keep] if sc is not None and sc.dim() else sc)
             _check(x[keep], t[keep], w, o, loss[keep], grad[keep], f"NaN row {dtype} {option}")
@@ -345,9 +346,9 @@ def test_minus_inf_logits_are_masked_classes(small_blocks):
     """A -inf logit (a masked vocabulary entry) has p = 0 and no gradient. Without smoothing the
     loss is finite, as torch's cross_entropy (the smoothing term is not evaluated at eps == 0);
     with smoothing it is +inf (the uniform target puts mass on the -inf class), as torch's."""
-    x = torch.randn(3, 100, generator=torch.Generator().manual_seed(13))
+    x = torch.randn(3, 100, generator=torch.Generator().manual_seed(13)).to(DEV)
     x[:, 60:] = -float("inf")
-    t = torch.tensor([5, 59, -100])
+    t = torch.tensor([5, 59, -100], device=DEV)
     for eps in (0.0, 0.1):
         opts = dict(ignore_index=-100, label_smoothing=eps, softcap=0.0, z_loss=0.0, scale=None)
         loss, grad = _run(x, t, None, opts)
@@ -367,14 +368,14 @@ def test_row_offsets_past_2_31():
     if free_ram_gib() < 6:
         pytest.skip(f"needs ~4 GiB of free RAM (virtual), {free_ram_gib():.1f} GiB available")
     stride = 2**30 + 16
-    buf = torch.empty(2 * stride + 16, dtype=torch.float16)
+    buf = torch.empty(2 * stride + 16, dtype=torch.float16, device=DEV)
     x = buf.as_strided((3, 16), (stride, 1))
-    x0 = torch.randn(3, 16, generator=torch.Generator().manual_seed(14)).half()
+    x0 = torch.randn(3, 16, generator=torch.Generator().manual_seed(14)).half().to(DEV)
     x.copy_(x0)
-    t = torch.tensor([1, 15, 7])
+    t = torch.tensor([1, 15, 7], device=DEV)
     opts = dict(ignore_index=-100, label_smoothing=0.1, softcap=0.0, z_loss=0.0, scale=None)
     ref_loss, ref_grad = _run(x0, t, None, opts)
-    loss = torch.empty(3)
+    loss = torch.empty(3, device=DEV)
     k.cross_entropy_fwd(x, t, None, loss, x, **opts)  # in place, through the 64-bit offsets
     assert torch.equal(loss, ref_loss) and torch.equal(_bits(x.clone()), _bits(ref_grad))
     del buf
@@ -445,22 +446,22 @@ def test_aot_specs_cover_every_launch(monkeypatch):
     for dtype in DTYPES:
         for cols in (1, 300, 5000):
             for cap in (0.0, 2.0):
-                x = torch.randn(2, cols, generator=gen).to(dtype)
-                t = torch.tensor([0, cols - 1])
+                x = torch.randn(2, cols, generator=gen).to(dtype).to(DEV)
+                t = torch.tensor([0, cols - 1], device=DEV)
                 opts = dict(ignore_index=-100, label_smoothing=0.1, softcap=cap, z_loss=0.0,
-                            scale=torch.ones(2))  # fmt: skip
-                loss, grad = _run(x, t, torch.ones(cols), opts)
-                _check(x, t, torch.ones(cols), opts, loss, grad, f"aot {dtype} {cols} {cap}",
-                       chunk=4096)  # fmt: skip
+                            scale=torch.ones(2, device=DEV))  # fmt: skip
+                w = torch.ones(cols, device=DEV)
+                loss, grad = _run(x, t, w, opts)
+                _check(x, t, w, opts, loss, grad, f"aot {dtype} {cols} {cap}", chunk=4096)
     # the other argument forms: recorded only (their values are tested above)
     monkeypatch.setattr(
         k,
         "_cross_entropy_fwd_kernel",
         Recorder(k._cross_entropy_fwd_kernel.kernel, seen, run=False),
     )
-    x, t = torch.randn(3, 300), torch.tensor([0, 1, 2])
+    x, t = torch.randn(3, 300, device=DEV), torch.tensor([0, 1, 2], device=DEV)
     for ii in (-100, 0, 299, 300, 2**40):
-        for scale in (None, torch.tensor(2.0), torch.ones(6)[::2]):
+        for scale in (None, torch.tensor(2.0, device=DEV), torch.ones(6, device=DEV)[::2]):
             for want in ((True, False), (False, True)):
                 _run(x, t, None, dict(ignore_index=ii, label_smoothing=0.0, softcap=0.0,
                                       z_loss=0.0, scale=scale), *want)  # fmt: skip

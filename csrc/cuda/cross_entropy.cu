@@ -82,6 +82,10 @@ __device__ __forceinline__ float shfl_xor(float v, int m) {
   return __shfl_xor_sync(0xffffffffu, v, m);
 }
 
+// a * b rounded, never contracted into a later add: the soft-capped logit is formed in each pass
+// and apart for the target; a contraction in one place only would make them differ (lse - z_t).
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+
 #define LMK_CE_SHARED __shared__
 
 #define LMK_CE_LAUNCH(kernel, grid, block, stream, ...) \
@@ -181,7 +185,7 @@ __device__ __forceinline__ void softcap_z(const Pack<T, N>& in, const Args& a, f
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       const float th = tanhf(to_acc(in.v[i]) * a.inv_cap);
-      z[i] = a.cap * th;
+      z[i] = mul_rn(a.cap, th);
       dz[i] = 1.f - th * th;
     }
   } else {

@@ -2,10 +2,12 @@
 
 ``lmkernels::cross_entropy_fwd(logits, target, weight, ...)`` takes (rows, cols) logits with
 the classes contiguous and validated targets, and returns the reduced loss (in the accumulation
-dtype) and, for the 'mean' and 'sum' reductions, the gradient of that loss with respect to the
-logits, computed in the same pass over the logits: the backward only multiplies it by the
-incoming gradient. The 'none' reduction has a per-row incoming gradient, unknown in the
-forward: there ``lmkernels::cross_entropy_bwd`` recomputes the rows from the logits with it.
+dtype) and, when ``want_grad`` (the 'mean' and 'sum' reductions on CPU tensors), the gradient
+of that loss with respect to the logits, computed in the same pass over the logits: the
+backward only multiplies it by the incoming gradient. Otherwise (the 'none' reduction, whose
+per-row incoming gradient the forward cannot know, and every reduction on a GPU)
+``lmkernels::cross_entropy_bwd`` recomputes the rows from the logits with the incoming gradient
+folded into the kernel's scale.
 Semantics (every backend): csrc/include/lmk/cross_entropy.h.
 """
 
@@ -232,7 +234,7 @@ def _setup_context(ctx, inputs, output):
     loss, grad = output
     ctx.mark_non_differentiable(grad)
     ctx.args = (ignore, eps, softcap, z_loss)
-    ctx.dtype, ctx.stored = logits.dtype, want_grad
+    ctx.dtype, ctx.stored, ctx.reduction = logits.dtype, want_grad, REDUCTIONS[reduction]
     # with the gradient computed in the forward only it is needed; else the backward
     # recomputes from the logits
     ctx.save_for_backward(*((grad,) if want_grad else (logits, target, weight)))
@@ -264,6 +266,9 @@ def _grads(ctx, dloss, bwd, eager=False):
         dx = scaled(grad, dloss, eager)
     else:
         logits, target, weight = ctx.saved_tensors
+        if ctx.reduction == "mean":  # the incoming gradient times 1 / the divisor
+            acc = acc_dtype(ctx.dtype)
+            dloss = dloss.to(acc) * mean_scale("mean", target, weight, ctx.args[0], acc)[1]
         dx = bwd(logits, target, weight, dloss, *ctx.args)
     return dx, None, None, None, None, None, None, None, None
 
@@ -315,6 +320,10 @@ class _CrossEntropyInplace(torch.autograd.Function):
 # ------------------------------------------------------------------------------ entry point
 
 
+# where the 'mean' / 'sum' forward writes the gradient (see cross_entropy_rows)
+STORE_GRAD_DEVICES = ("cpu",)
+
+
 def cross_entropy_rows(
     logits: Tensor,
     target: Tensor,
@@ -339,7 +348,11 @@ def cross_entropy_rows(
     if eager and grad_on and inplace_backward:
         return _CrossEntropyInplace.apply(logits, target, weight, *args, red)[0]
     rows = logits.view(1, -1) if logits.dim() == 1 else logits
-    want = grad_on and reduction != "none"
+    # 'mean' / 'sum': on the CPU the forward writes the gradient in its pass over the logits
+    # (and an eager backward with dloss = 1 hands it over, see scaled); on a GPU, where the
+    # incoming gradient is not read back, the backward recomputes it with dloss folded into the
+    # kernel's scale: one pass less, and no saved gradient between forward and backward
+    want = grad_on and reduction != "none" and rows.device.type in STORE_GRAD_DEVICES
     if not eager:
         return cross_entropy_fwd(rows, target, weight, *args, red, want)[0]
     if grad_on or (torch.is_grad_enabled() and weight is not None and weight.requires_grad):
@@ -355,13 +368,20 @@ def cross_entropy_rows(
 # dbias += the column sums); the backward scales them by the incoming gradient. With 'none' the
 # backward recomputes the chunks with the per-row incoming gradient (twice the matmul work).
 
-LOGITS_CHUNK_ELEMS = 1 << 24  # logits per chunk (64 MB in fp32): tokens = this // vocab
+# logits per chunk: tokens = this // vocab. CPU: 2^24 (64 MB in fp32). CUDA: 2^27, since every
+# chunk adds its (vocab, hidden) product into the fp32 dW, a pass over 4 * vocab * hidden * 2
+# bytes that thin chunks repeat too often (H100, bf16 8192 x 2048 x 128256: 164 ms with 2^24,
+# 36 ms with 2^27, torch 23-34 ms; measured 2026-11-26).
+LOGITS_CHUNK_ELEMS = {"cpu": 1 << 24, "cuda": 1 << 27}
+# bf16 / fp16 inputs with an fp32 product in one cuBLAS call (torch >= 2.8, CUDA only)
+_MM_OUT_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads()
 
 
-def chunk_rows(tokens: int, vocab: int, chunk_size: int | None) -> int:
+def chunk_rows(tokens: int, vocab: int, chunk_size: int | None, device: torch.device) -> int:
     if chunk_size is not None:
         return max(1, min(tokens, chunk_size))
-    return max(1, min(tokens, LOGITS_CHUNK_ELEMS // max(vocab, 1)))
+    elems = LOGITS_CHUNK_ELEMS.get(device.type, LOGITS_CHUNK_ELEMS["cpu"])
+    return max(1, min(tokens, elems // max(vocab, 1)))
 
 
 def _linear_chunks(hidden, weight, bias, target, cw, args, scale, loss, dh, dw, db, chunk):
@@ -384,6 +404,8 @@ def _linear_chunks(hidden, weight, bias, target, cw, args, scale, loss, dh, dw, 
         if dw is not None:
             if dw.dtype == logits.dtype:
                 dw.addmm_(logits.t(), h)
+            elif dw.is_cuda and _MM_OUT_DTYPE:  # 16-bit data: products summed in fp32
+                torch.addmm(dw, logits.t(), h, out_dtype=dw.dtype, out=dw)
             else:  # 16-bit data: each chunk's product rounded once, summed in fp32
                 dw += (logits.t() @ h).to(dw.dtype)
         if db is not None:
@@ -417,7 +439,7 @@ def _run_linear_fwd(hidden, weight, bias, target, cw, ignore, eps, softcap, z_lo
     denom, scale = mean_scale(how, target, cw, ignore, acc)
     args = (ignore, eps, softcap, z_loss)
     _linear_chunks(hidden, weight, bias, target, cw, args, scale, loss, dh, dw, db,
-                   chunk_rows(n, vocab, chunk_size))  # fmt: skip
+                   chunk_rows(n, vocab, chunk_size, hidden.device))  # fmt: skip
     loss = reduce_rows(loss, how, denom)
     return (loss, *(_or_empty(g, p, hidden) for g, p in ((dh, hidden), (dw, weight), (db, bias))))
 
@@ -438,7 +460,8 @@ def _run_linear_bwd(hidden, weight, bias, target, cw, dloss, ignore, eps, softca
     db = torch.zeros(weight.shape[0], dtype=acc, device=hidden.device) if need_db else None
     _linear_chunks(hidden, weight, bias, target, cw, (ignore, eps, softcap, z_loss),
                    dloss.to(acc).contiguous(), None, dh, dw, db,
-                   chunk_rows(hidden.shape[0], weight.shape[0], chunk_size))  # fmt: skip
+                   chunk_rows(hidden.shape[0], weight.shape[0], chunk_size,
+                              hidden.device))  # fmt: skip
     return tuple(_or_empty(g, p, hidden) for g, p in ((dh, hidden), (dw, weight), (db, bias)))
 
 

@@ -1,12 +1,16 @@
-"""Pieces shared by the Triton kernel modules: the rounding output cast and the row-kernel
-launch configuration."""
+"""Pieces shared by the Triton kernel modules: the rounding output cast, a product that is never
+contracted, and the row-kernel launch configuration."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
+
+INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 
 
 @triton.jit
@@ -20,6 +24,19 @@ def cast_out(y, OUT: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         y = tl.where(y != y, y, bits.to(tl.float32, bitcast=True))
     return y.to(OUT)
+
+
+@triton.jit
+def mul_rn(a, b):
+    # a * b rounded to fp32 and never contracted into a later add or subtract (libdevice's
+    # mul_rn; the interpreter has no libdevice, and its numpy product is rounded anyway). Where
+    # one value is formed in two places (a pass that recomputes it, or a target's logit read
+    # apart from its row), a contraction in one place and not the other makes them differ.
+    if INTERPRET:
+        y = a * b
+    else:
+        y = libdevice.mul_rn(a, b)
+    return y
 
 
 @dataclass(frozen=True)

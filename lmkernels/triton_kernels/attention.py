@@ -113,19 +113,17 @@
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 from lmkernels.triton_kernels import aot
+from lmkernels.triton_kernels._common import INTERPRET as _INTERPRET
 from lmkernels.triton_kernels._common import cast_out as _cast_out
+from lmkernels.triton_kernels._common import mul_rn
 
-# True when triton runs kernels in its interpreter (read once, as triton.jit does)
-_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 
@@ -148,20 +146,6 @@ def _mma(a, b, acc):
     else:
         acc = tl.dot(a, b, acc)
     return acc
-
-
-@triton.jit
-def _scaled(s, qk_scale):
-    # s * qk_scale rounded to fp32 and never contracted into a later add (libdevice's
-    # mul_rn; the interpreter has no libdevice, and its numpy product is rounded anyway). The
-    # backward recomputes P = exp2(s * qk_scale - lse2) from the forward's scaled scores: one
-    # pass contracting the product and the other not moved every exponent by its rounding
-    # (fp32 dV at 1.07x its bound on an H100).
-    if _INTERPRET:
-        y = s * qk_scale
-    else:
-        y = libdevice.mul_rn(s, qk_scale)
-    return y
 
 
 @triton.jit
@@ -433,7 +417,7 @@ def _attn_fwd_kernel(
         n_ok = offs_n < sb
         k = tl.load(_tile(k_base, offs_n, k_sl, offs_d),
                     mask=n_ok[:, None] & (offs_d < E)[None, :], other=0.0)  # fmt: skip
-        s = _scaled(_mma(q, tl.trans(k), None), qk_scale)
+        s = mul_rn(_mma(q, tl.trans(k), None), qk_scale)
         m_tile = m_base + offs_m.to(tl.int64)[:, None] * m_sl + offs_n.to(tl.int64)[None, :] * m_ss
         s = _scores(s, m_tile, m_ok[:, None] & n_ok[None, :], (offs_m + off)[:, None],
                     offs_n[None, :], (kb < f_lo) | (kb >= f_hi), sb, wl, wr, MASK)  # fmt: skip
@@ -581,7 +565,7 @@ def _attn_bwd_dkdv_kernel(
         lse = tl.load(lse_ptr + row0 + offs_m, mask=m_ok, other=-float("inf"))
         lse2 = tl.where(lse == -float("inf"), float("inf"), lse * _LOG2E)  # no key: P = 0
         delta = tl.load(delta_ptr + row0 + offs_m, mask=m_ok, other=0.0)
-        st = _scaled(_mma(k, tl.trans(q), None), qk_scale)  # (BLOCK_N, BLOCK_M)
+        st = mul_rn(_mma(k, tl.trans(q), None), qk_scale)  # (BLOCK_N, BLOCK_M)
         m_tile = (mask_ptr + bt64 * m_sb + h * m_sh + offs_m.to(tl.int64)[None, :] * m_sl
                   + offs_n.to(tl.int64)[:, None] * m_ss)  # fmt: skip
         st = _scores(st, m_tile, n_ok[:, None] & m_ok[None, :], (offs_m + off)[None, :],
@@ -687,7 +671,7 @@ def _attn_bwd_dq_kernel(
                     mask=n_ok[:, None] & (offs_d < E)[None, :], other=0.0)  # fmt: skip
         v = tl.load(_tile(v_base, offs_n, v_sl, offs_d),
                     mask=n_ok[:, None] & (offs_d < Ev)[None, :], other=0.0)  # fmt: skip
-        s = _scaled(_mma(q, tl.trans(k), None), qk_scale)
+        s = mul_rn(_mma(q, tl.trans(k), None), qk_scale)
         m_tile = m_base + offs_m.to(tl.int64)[:, None] * m_sl + offs_n.to(tl.int64)[None, :] * m_ss
         s = _scores(s, m_tile, m_ok[:, None] & n_ok[None, :], (offs_m + off)[:, None],
                     offs_n[None, :], (kb < f_lo) | (kb >= f_hi), sb, wl, wr, MASK)  # fmt: skip

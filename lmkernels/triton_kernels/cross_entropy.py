@@ -59,19 +59,15 @@
 # divisibility); those specialised variants only remove instructions.
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
 from lmkernels.triton_kernels import aot
-from lmkernels.triton_kernels._common import RowConfig
+from lmkernels.triton_kernels._common import INTERPRET as _INTERPRET
+from lmkernels.triton_kernels._common import RowConfig, mul_rn
 from lmkernels.triton_kernels._common import cast_out as _cast_out
-
-# True when triton runs kernels in its interpreter (read once, as triton.jit does)
-_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 
 # The chunk lengths the launcher picks from: the smallest that holds the row, else the largest
 # (long rows loop over it). 8 elements per thread in every config (one warp per 256 elements):
@@ -147,7 +143,7 @@ def _cross_entropy_fwd_kernel(
         inb = offs < cols
         z = tl.load(x_row + offs, mask=inb, other=0.0).to(tl.float32)
         if SOFTCAP:
-            z = softcap * _tanh(z * inv_cap)
+            z = mul_rn(softcap, _tanh(z * inv_cap))
         # w = 1 for every column without a weight (or without smoothing, where the sums are
         # unused); 0 past the row end, where z = 0, so w z = 0 there
         w = tl.load(weight_ptr + offs, mask=inb & load_w, other=1.0)
@@ -171,7 +167,7 @@ def _cross_entropy_fwd_kernel(
 
     zt = tl.load(x_row + t32, mask=valid, other=0.0).to(tl.float32)
     if SOFTCAP:
-        zt = softcap * _tanh(zt * inv_cap)
+        zt = mul_rn(softcap, _tanh(zt * inv_cap))
     wt = tl.load(weight_ptr + t32, mask=valid & (has_weight != 0), other=1.0)
     loss = (1.0 - eps) * wt * (lse - zt) + z_loss * lse * lse
     # eps == 0: no smoothing term at all (see the header: 0 * (W lse - S) may be NaN)
@@ -193,7 +189,7 @@ def _cross_entropy_fwd_kernel(
         z = tl.load(x_row + offs, mask=inb & valid, other=0.0).to(tl.float32)
         if SOFTCAP:
             th = _tanh(z * inv_cap)
-            z = softcap * th
+            z = mul_rn(softcap, th)
         p = tl.exp(z - lse)
         w = tl.load(weight_ptr + offs, mask=inb & load_w, other=1.0)
         g = p * coef_p - coef_w * w
