@@ -624,6 +624,21 @@ def _check_qkv(fn: str, query, key, value, min_dim: int) -> None:
                          f"({query.shape[-1]})")  # fmt: skip
 
 
+def _autocast_lower(*ts):
+    """torch.autocast's lower-precision policy (that of torch's scaled_dot_product_attention on
+    every device): inside an autocast region of the first tensor's device, its fp32 / fp16 /
+    bf16 tensors in the autocast dtype (fp64 ones and everything else as they are)."""
+    first = ts[0]
+    if not isinstance(first, Tensor) or not torch.is_autocast_enabled(first.device.type):
+        return ts
+    dt = torch.get_autocast_dtype(first.device.type)
+    return tuple(t.to(dt) if isinstance(t, Tensor) and t.dtype in _AUTOCAST_ELIGIBLE else t
+                 for t in ts)  # fmt: skip
+
+
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _check_dropout(fn: str, dropout_p: object) -> None:
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"{fn}: dropout_p must be a real number, got {dropout_p!r}")
@@ -720,6 +735,7 @@ def scaled_dot_product_attention(
     composite of torch ops that materialises the scores.
     """
     fn = "lmkernels.functional.scaled_dot_product_attention"
+    query, key, value, attn_mask = _autocast_lower(query, key, value, attn_mask)
     _check_qkv(fn, query, key, value, 2)
     if key.shape[-2] != value.shape[-2]:
         raise ValueError(f"{fn}: key has {key.shape[-2]} keys (S) but value has "
@@ -977,6 +993,11 @@ def cross_entropy(
                                       inplace)  # fmt: skip
     if reduction == "none":
         loss = loss.reshape(shape)
+    # torch.autocast runs cross_entropy in fp32 (a 16-bit input is upcast, the loss is fp32):
+    # the loss here is already the fp32 accumulation, so only its dtype follows
+    low = input.dtype in (torch.float16, torch.bfloat16)
+    if low and torch.is_autocast_enabled(input.device.type):
+        return loss
     return loss.to(input.dtype)
 
 

@@ -257,8 +257,9 @@ def test_compile_inductor_runs_our_kernel():
 
 
 _CPU_REASON = lmkernels.backends.availability("cpu", "cpu")
-needs_cpu_backend = pytest.mark.skipif(_CPU_REASON is not None,
-                                       reason=f"cpu backend unavailable: {_CPU_REASON}")  # fmt: skip
+needs_cpu_backend = pytest.mark.skipif(
+    _CPU_REASON is not None, reason=f"cpu backend unavailable: {_CPU_REASON}"
+)
 
 
 @needs_cpu_backend
