@@ -1,5 +1,6 @@
 # make test   - create ./.venv if missing, install, build, run the whole suite
-# make bench  - same setup, then run the benchmark suite (results in benchmarks/results/)
+# make bench  - same setup, then run the benchmark suite and the end-to-end training step
+#                (results in benchmarks/results/, benchmarks/results/e2e/)
 # make gpu-check - on a machine with an NVIDIA GPU: the suite + benchmarks on the GPU, with the
 #                  CUDA build of torch that $(GPU_PY) imports (installs nothing: works offline)
 SHELL := /bin/bash
@@ -7,6 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 BENCH_ARGS ?=
+E2E_ARGS ?=
 GPU_PY ?= python3
 # xdist when installed: on a GPU machine the Triton JIT compiles dominate the suite's time
 GPU_PYTEST_ARGS ?= $(shell $(GPU_PY) -c "import xdist" 2>/dev/null && echo "-n 8 --dist loadgroup")
@@ -31,7 +33,7 @@ venv: $(VENV)/.deps
 build: $(VENV)/.deps
 	$(PY) -m pip install -q -e . --no-build-isolation --no-deps
 
-LINT_PY := lmkernels tests benchmarks setup.py
+LINT_PY := lmkernels tests benchmarks examples setup.py
 CXX_SOURCES := $(wildcard csrc/*/*.cpp csrc/*/*.cu csrc/include/lmk/*.h)
 
 lint: $(VENV)/.deps
@@ -47,6 +49,7 @@ test: build lint
 
 bench: build
 	$(PY) -m lmkernels.bench $(BENCH_ARGS)
+	$(PY) -m lmkernels.bench e2e $(E2E_ARGS)
 
 gpu-check:
 	$(GPU_PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: $(GPU_PY) sees no CUDA device')"
@@ -55,6 +58,7 @@ gpu-check:
 	$(GPU_PY) -m lmkernels gpu-report
 	$(GPU_PY) -m pytest tests -q $(GPU_PYTEST_ARGS)
 	$(GPU_PY) -m lmkernels.bench $(BENCH_ARGS)
+	$(GPU_PY) -m lmkernels.bench e2e $(E2E_ARGS)
 
 clean:
 	rm -rf build lmkernels/*.so *.egg-info

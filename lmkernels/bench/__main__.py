@@ -6,6 +6,7 @@
                               [--malloc keep|default] [--no-plots]
                               [--quiet] [--list]
     python -m lmkernels.bench compare OLD.json NEW.json [--threshold 0.1]
+    python -m lmkernels.bench e2e [--quick] [--device cpu|cuda] [--reps N] [--out DIR]
 
 Benches come from :mod:`lmkernels.bench.specs` (one module per op family; ``--list`` shows them
 and their providers). Comma-separated PATTERNS are fnmatch globs; ``!pat`` excludes, e.g.
@@ -22,6 +23,9 @@ the reason. ``--quick`` runs the specs' small shapes with 5 repetitions.
 ``compare`` matches the rows of two ``results.json`` files and flags lmkernels speed-ups (vs
 torch eager and vs torch.compile, ratios measured within one run) that fell by more than the
 threshold; it exits with status 1 when any did.
+
+``e2e`` times one training step of the example GPT patched vs unpatched vs torch.compile
+(:mod:`lmkernels.bench.e2e`); ``make bench`` runs it after the op benchmarks.
 """
 
 from __future__ import annotations
@@ -89,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compare"]:
         return compare_main(argv[1:])
+    if argv[:1] == ["e2e"]:
+        from lmkernels.bench import e2e
+
+        return e2e.main(argv[1:])
     a = run_parser().parse_args(argv)
 
     from lmkernels.bench import report, runner, spec
