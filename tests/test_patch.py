@@ -9,6 +9,7 @@ import torch
 
 import lmkernels
 import lmkernels.nn as LN
+from lmkernels.testing import assert_accurate
 
 
 class TinyLM(torch.nn.Module):
@@ -74,6 +75,61 @@ def test_patched_model_trains_like_the_original():
     with torch.no_grad():
         batch = _batch(gen)
         torch.testing.assert_close(model(*batch), ref(*batch), rtol=1e-5, atol=1e-6)
+
+
+def _train(models, steps, lr=0.05, amp=None):
+    """SGD steps of each model on the same batches; per model the losses and its parameters."""
+    opts = [torch.optim.SGD(m.parameters(), lr=lr) for m in models]
+    gen = torch.Generator().manual_seed(5)
+    losses = [[] for _ in models]
+    for _ in range(steps):
+        batch = _batch(gen)
+        for i, (m, o) in enumerate(zip(models, opts, strict=True)):
+            o.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp is not None and amp[i]):
+                loss = m(*batch)
+            loss.backward()
+            o.step()
+            losses[i].append(loss.detach().double())
+    return [torch.stack(v) for v in losses]
+
+
+def test_bf16_training_within_twice_torchs_error():
+    """Three SGD steps in bf16, patched and not, against the same steps in fp64: losses and
+    parameters of the patched model within twice the unpatched model's error."""
+    torch.manual_seed(0)
+    oracle = TinyLM().double()
+    base = copy.deepcopy(oracle).to(torch.bfloat16)
+    ours = copy.deepcopy(base)
+    lmkernels.patch(ours)
+    ours_l, base_l, oracle_l = _train((ours, base, oracle), 3)
+    assert_accurate(ours_l, base_l, oracle_l, torch.bfloat16, "losses")
+    for (n, p), q, r in zip(ours.named_parameters(), base.parameters(), oracle.parameters(),
+                            strict=True):  # fmt: skip
+        assert_accurate(p.detach(), q.detach(), r.detach(), torch.bfloat16, n)
+
+
+def test_patched_model_under_autocast():
+    """CPU bf16 autocast: losses within twice the unpatched autocast model's error against
+    the fp32 model."""
+    torch.manual_seed(0)
+    oracle = TinyLM()
+    base, ours = copy.deepcopy(oracle), copy.deepcopy(oracle)
+    lmkernels.patch(ours)
+    ours_l, base_l, oracle_l = _train((ours, base, oracle), 2, amp=(True, True, False))
+    assert_accurate(ours_l, base_l, oracle_l, torch.bfloat16, "autocast losses")
+
+
+def test_patched_model_under_torch_compile():
+    torch.manual_seed(0)
+    ref = TinyLM()
+    model = copy.deepcopy(ref)
+    lmkernels.patch(model)
+    compiled = torch.compile(model)
+    ours_l, ref_l = _train((compiled, ref), 2)
+    torch.testing.assert_close(ours_l, ref_l, rtol=1e-5, atol=1e-6)
+    for (n, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
 
 
 def test_unpatch_restores_bitwise_behaviour_and_state_dicts_round_trip():

@@ -8,8 +8,9 @@ the targets' 8 bytes per token are left out):
     bwd     writes the gradient                       N e
     fwdbwd  the sum                                   2 N e
 
-(lmkernels' forward also writes the gradient, and its backward scales it: 2 N e + 2 N e; an
-ideal fused kernel reads the logits once and writes the gradient once.)
+(lmkernels on CPU tensors: the forward also writes the gradient and the backward scales it,
+or hands it over when the incoming gradient is 1; on a GPU the backward recomputes it from the
+logits: 2 N e + N e. An ideal fused kernel reads the logits once and writes the gradient once.)
 
 linear_cross_entropy shapes are (tokens, hidden, vocab), bf16 / fp32; FLOP model: the logits
 2 T H V (forward), the gradients of hidden and weight 4 T H V (backward). The peak memory
