@@ -125,7 +125,7 @@ def test_patched_model_under_torch_compile():
     ref = TinyLM()
     model = copy.deepcopy(ref)
     lmkernels.patch(model)
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, backend="aot_eager")  # inductor: test_patch_hf
     ours_l, ref_l = _train((compiled, ref), 2)
     torch.testing.assert_close(ours_l, ref_l, rtol=1e-5, atol=1e-6)
     for (n, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
