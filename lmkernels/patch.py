@@ -145,8 +145,8 @@ def _patch_transformers(model, ops, backend, report: PatchReport) -> None:
         if old == hf.ATTN_NAME:
             report.left.append(("", cls, "attn_implementation is already 'lmkernels'"))
         else:
-            hf.register()
             try:
+                hf.register()
                 model.set_attn_implementation(hf.ATTN_NAME)
             except (ValueError, ImportError) as e:  # a model that takes no custom attention
                 report.left.append(("", cls, f"attn_implementation kept ({e})"))
