@@ -370,8 +370,9 @@ def cross_entropy_rows(
 
 # logits per chunk: tokens = this // vocab. CPU: 2^24 (64 MB in fp32). CUDA: 2^27, since every
 # chunk adds its (vocab, hidden) product into the fp32 dW, a pass over 4 * vocab * hidden * 2
-# bytes that thin chunks repeat too often (H100, bf16 8192 x 2048 x 128256: 164 ms with 2^24,
-# 36 ms with 2^27, torch 23-34 ms; measured 2026-11-26).
+# bytes that thin chunks repeat too often (H100, bf16 8192 x 2048 x 128256, fwd+bwd: 164 ms with
+# 2^24 and a bf16 product per chunk; 26 ms with 2^27 and the fp32-output addmm; torch 22.6 ms;
+# measured 2026-11-26).
 LOGITS_CHUNK_ELEMS = {"cpu": 1 << 24, "cuda": 1 << 27}
 # bf16 / fp16 inputs with an fp32 product in one cuBLAS call (torch >= 2.8, CUDA only)
 _MM_OUT_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads()
