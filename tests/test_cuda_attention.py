@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 
+import cuda_emulation
 import pytest
 import torch
 
@@ -1056,31 +1057,9 @@ _EMU_BWD_ARGS = ("dout q k v out lse mask dq dk dv workspace dtype mask_dtype do
 def _emulated_module(tmp_dir):
     """A stand-in for lmkernels._cuda whose attention entry points run the emulated kernels."""
     import ctypes
-    import pathlib
-    import shutil
-    import subprocess
     import types
 
-    from lmkernels.cuda_resources import _nvcc_toolkit_bin
-
-    gxx = shutil.which("g++")
-    nvcc_bin = _nvcc_toolkit_bin()
-    if gxx is None or nvcc_bin is None:
-        pytest.skip("the emulation needs g++ and the CUDA toolkit's headers (nvcc)")
-    incs = [d for d in (nvcc_bin.parent / "include", nvcc_bin.parent / "targets" / "x86_64-linux"
-                        / "include") if (d / "cuda_fp16.h").is_file()]  # fmt: skip
-    if not incs:
-        pytest.skip(f"cuda_fp16.h not found next to {nvcc_bin}")
-    root = pathlib.Path(__file__).resolve().parents[1]
-    cpp, lib = tmp_dir / "attention_emu.cpp", tmp_dir / "attention_emu.so"
-    cpp.write_text(_EMU_SOURCE)
-    cu = root / "csrc" / "cuda" / "attention.cu"
-    cmd = [gxx, "-std=c++20", "-O2", "-fPIC", "-shared", f"-I{incs[0]}",
-           f"-I{root / 'csrc' / 'include'}", f'-DATTN_CU="{cu}"', "-x", "c++", str(cpp), "-o",
-           str(lib)]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    emu = ctypes.CDLL(str(lib))
+    emu = cuda_emulation.build(tmp_dir, "attention", _EMU_SOURCE, "ATTN_CU", std="c++20")
     emu.emu_attn.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int64), ctypes.c_double,
                              ctypes.POINTER(ctypes.c_uint64), ctypes.c_uint64, ctypes.c_int64,
                              ctypes.c_double]  # fmt: skip

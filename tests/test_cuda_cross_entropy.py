@@ -14,6 +14,7 @@ the CPU against a host emulation of the kernel (the last test).
 
 from __future__ import annotations
 
+import cuda_emulation
 import pytest
 import torch
 
@@ -645,31 +646,11 @@ int emu_cross_entropy(const uint64_t* pv, const int64_t* iv, double label_smooth
 def _emulated_module(tmp_dir):
     """A stand-in for lmkernels._cuda whose cross_entropy runs the emulated kernel."""
     import ctypes
-    import pathlib
-    import shutil
-    import subprocess
     import types
 
-    from lmkernels.cuda_resources import _nvcc_toolkit_bin
-
-    gxx = shutil.which("g++")
-    nvcc_bin = _nvcc_toolkit_bin()
-    if gxx is None or nvcc_bin is None:
-        pytest.skip("the emulation needs g++ and the CUDA toolkit's headers (nvcc)")
-    incs = [d for d in (nvcc_bin.parent / "include", nvcc_bin.parent / "targets" / "x86_64-linux"
-                        / "include") if (d / "cuda_fp16.h").is_file()]  # fmt: skip
-    if not incs:
-        pytest.skip(f"cuda_fp16.h not found next to {nvcc_bin}")
-    root = pathlib.Path(__file__).resolve().parents[1]
-    cpp, lib = tmp_dir / "cross_entropy_emu.cpp", tmp_dir / "cross_entropy_emu.so"
-    cpp.write_text(_EMU_SOURCE)
-    cu = root / "csrc" / "cuda" / "cross_entropy.cu"
-    cmd = [gxx, "-std=c++17", "-O2", "-fPIC", "-shared", f"-I{incs[0]}",
-           f"-I{root / 'csrc' / 'include'}", f'-DCE_CU="{cu}"', "-DLMK_CE_MAX_BLOCKS=3",
-           "-x", "c++", str(cpp), "-o", str(lib)]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    emu = ctypes.CDLL(str(lib))
+    emu = cuda_emulation.build(
+        tmp_dir, "cross_entropy", _EMU_SOURCE, "CE_CU", defines=("-DLMK_CE_MAX_BLOCKS=3",)
+    )
     emu.emu_cross_entropy.argtypes = [ctypes.POINTER(ctypes.c_uint64),
                                       ctypes.POINTER(ctypes.c_int64), ctypes.c_double,
                                       ctypes.c_double, ctypes.c_double, ctypes.c_int]  # fmt: skip
