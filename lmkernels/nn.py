@@ -190,17 +190,23 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         n, length, e = query.shape
         s, h = key.shape[1], self.num_heads
         hd = e // h
-        if self._qkv_same_embed_dim:
-            wq, wk, wv = self.in_proj_weight.chunk(3)
+        if self._qkv_same_embed_dim and query is key and key is value:
+            # self-attention: one (3 * e, e) product, as torch does; q, k, v are views of it
+            qkv = torch.nn.functional.linear(query, self.in_proj_weight, self.in_proj_bias)
+            q, k, v = qkv.view(n, length, 3, h, hd).unbind(2)
         else:
-            wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
-        bq = bk = bv = None
-        if self.in_proj_bias is not None:
-            bq, bk, bv = self.in_proj_bias.chunk(3)
-        q = torch.nn.functional.linear(query, wq, bq)
-        k = torch.nn.functional.linear(key, wk, bk)
-        v = torch.nn.functional.linear(value, wv, bv)
-        q, k, v = (t.view(n, t.shape[1], h, hd).transpose(1, 2) for t in (q, k, v))
+            if self._qkv_same_embed_dim:
+                wq, wk, wv = self.in_proj_weight.chunk(3)
+            else:
+                wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+            bq = bk = bv = None
+            if self.in_proj_bias is not None:
+                bq, bk, bv = self.in_proj_bias.chunk(3)
+            q = torch.nn.functional.linear(query, wq, bq)
+            k = torch.nn.functional.linear(key, wk, bk)
+            v = torch.nn.functional.linear(value, wv, bv)
+            q, k, v = (t.view(n, t.shape[1], h, hd) for t in (q, k, v))
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         causal = is_causal and key_padding_mask is None
         mask = None
         if not causal:

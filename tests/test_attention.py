@@ -395,16 +395,23 @@ def _mha_pair(**kw):
         (dict(kdim=12, vdim=10), {"kpm": "float"}),
         (dict(bias=False, batch_first=True), {"attn": "causal", "is_causal": True}),
         (dict(batch_first=True), {"attn": "causal", "is_causal": True, "kpm": "bool"}),
+        # self-attention (query is key is value): one packed in-projection
+        (dict(), {"self": True}),
+        (dict(batch_first=True), {"self": True, "attn": "causal", "is_causal": True}),
+        (dict(batch_first=True, bias=False), {"self": True, "kpm": "bool"}),
     ],
 )
 def test_multihead_attention_matches_torch(kw, masks):
     ref, ours = _mha_pair(**kw)
-    n, length, s = 2, 5, 7 if not masks.get("is_causal") else 5
+    n, length = 2, 5
+    s = length if masks.get("is_causal") or masks.get("self") else 7
     bf = kw.get("batch_first", False)
     shape = (lambda t, d: (n, t, d)) if bf else (lambda t, d: (t, n, d))
     q = torch.randn(shape(length, 16), requires_grad=True)
     k = torch.randn(shape(s, kw.get("kdim", 16)), requires_grad=True)
     v = torch.randn(shape(s, kw.get("vdim", 16)), requires_grad=True)
+    if masks.get("self"):
+        k = v = q
     args = {}
     if masks.get("kpm") == "bool":
         kpm = torch.zeros(n, s, dtype=torch.bool)

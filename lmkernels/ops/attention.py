@@ -354,6 +354,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, mask, rest[4], rest[5], rest[9])
     ctx.rest = rest
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero lse gradient; dout None is handled in _grads
 
 
 @in_forward_backend

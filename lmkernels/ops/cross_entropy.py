@@ -233,6 +233,7 @@ def _setup_context(ctx, inputs, output):
     logits, target, weight, ignore, eps, softcap, z_loss, reduction, want_grad = inputs
     loss, grad = output
     ctx.mark_non_differentiable(grad)
+    ctx.set_materialize_grads(False)  # no zero (rows, cols) tensor for grad's gradient
     ctx.args = (ignore, eps, softcap, z_loss)
     ctx.dtype, ctx.stored, ctx.reduction = logits.dtype, want_grad, REDUCTIONS[reduction]
     # with the gradient computed in the forward only it is needed; else the backward
@@ -259,7 +260,7 @@ def _grads(ctx, dloss, bwd, eager=False):
     if ctx.needs_input_grad[2]:
         raise RuntimeError("cross_entropy: the derivative for 'weight' is not implemented "
                            "(as in torch)")  # fmt: skip
-    if not ctx.needs_input_grad[0]:
+    if dloss is None or not ctx.needs_input_grad[0]:
         return (None,) * 9
     if ctx.stored:
         (grad,) = ctx.saved_tensors
@@ -528,6 +529,7 @@ def _linear_setup_context(ctx, inputs, output):
      need_db, chunk_size) = inputs  # fmt: skip
     _, dh, dw, db = output
     ctx.mark_non_differentiable(dh, dw, db)
+    ctx.set_materialize_grads(False)  # no zero tensors for the gradients' gradients
     ctx.none = REDUCTIONS[reduction] == "none"
     ctx.args = (ignore, eps, softcap, z_loss, need_dh, need_dw, need_db, chunk_size)
     if ctx.none:  # the backward recomputes the chunks
@@ -541,6 +543,8 @@ def _linear_grads(ctx, dloss, bwd, eager=False):
     if ctx.needs_input_grad[4]:
         raise RuntimeError("linear_cross_entropy: the derivative for 'class_weight' is not "
                            "implemented (as in torch)")  # fmt: skip
+    if dloss is None:
+        return (None,) * 14
     need_dh, need_dw, need_db = ctx.args[4:7]
     if ctx.none:
         hidden, weight, bias, target, cw = ctx.saved_tensors

@@ -245,6 +245,8 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd)
     if residual is None:
         ctx.mark_non_differentiable(h)
+    # no zero tensors for the gradients of mean, rstd (and h); _grads takes dy / dh_out None
+    ctx.set_materialize_grads(False)
 
 
 @in_forward_backend
