@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--ops {a.ops} matches no bench (try --list)")
     if a.list:
         for b in benches:
-            print(f"{b.family}.{b.name}: {len(b.shapes)} shapes, "
+            print(f"{b.family}.{b.name}: {len(b.sweep(device))} shapes, "
                   f"{','.join(map(spec.dtype_name, b.dtypes))}")  # fmt: skip
             for p in b.providers(device):
                 print(f"    {p.name:16s} {'skipped: ' + p.reason if p.reason else 'available'}")

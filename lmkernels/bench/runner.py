@@ -289,7 +289,7 @@ def run(benches: Sequence[Bench], cfg: Config, progress: bool = True, stream=Non
     plan = []
     for b in benches:
         dtypes = [d for d in (cfg.dtypes or b.dtypes)]
-        shapes = list(cfg.shapes or (b.quick_shapes if cfg.quick else b.shapes))
+        shapes = list(cfg.shapes or b.sweep(device, cfg.quick))
         modes = [m for m in (cfg.modes or b.modes) if m in b.modes]
         plan.append((b, dtypes, shapes, modes))
     bar = Progress(sum(len(d) * len(s) * len(m) for _, d, s, m in plan), stream, progress)

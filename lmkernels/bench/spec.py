@@ -100,6 +100,9 @@ class Bench:
     providers: Callable[[torch.device], list[Provider]]
     family: str = ""
     modes: tuple[str, ...] = MODES
+    # The sweep on a CPU when ``shapes`` (model sizes, what a GPU runs) would take too long
+    # there; None: ``shapes`` everywhere.
+    cpu_shapes: tuple[Shape, ...] | None = None
     # Optional FLOP model (shape, dtype, mode) -> int for compute-bound ops: rows then report
     # TFLOP/s as well.
     flops: Callable[[Shape, torch.dtype, str], int] | None = None
@@ -114,6 +117,15 @@ class Bench:
             torch.bfloat16: 5e-2,
         }
     )
+
+
+    def sweep(self, device: torch.device, quick: bool = False) -> tuple[Shape, ...]:
+        """The shapes a run on ``device`` measures by default."""
+        if quick:
+            return self.quick_shapes
+        if device.type == "cpu" and self.cpu_shapes is not None:
+            return self.cpu_shapes
+        return self.shapes
 
 
 # ------------------------------------------------------------------------ standard providers
