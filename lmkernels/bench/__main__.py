@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.list:
         for b in benches:
             print(f"{b.family}.{b.name}: {len(b.sweep(device))} shapes, "
-                  f"{','.join(map(spec.dtype_name, b.dtypes))}")  # fmt: skip
+                  f"{','.join(map(spec.dtype_name, b.dtypes_on(device)))}")  # fmt: skip
             for p in b.providers(device):
                 print(f"    {p.name:16s} {'skipped: ' + p.reason if p.reason else 'available'}")
         return 0

@@ -288,7 +288,7 @@ def run(benches: Sequence[Bench], cfg: Config, progress: bool = True, stream=Non
 
     plan = []
     for b in benches:
-        dtypes = [d for d in (cfg.dtypes or b.dtypes)]
+        dtypes = list(cfg.dtypes or b.dtypes_on(device))
         shapes = list(cfg.shapes or b.sweep(device, cfg.quick))
         modes = [m for m in (cfg.modes or b.modes) if m in b.modes]
         plan.append((b, dtypes, shapes, modes))

@@ -103,6 +103,8 @@ class Bench:
     # The sweep on a CPU when ``shapes`` (model sizes, what a GPU runs) would take too long
     # there; None: ``shapes`` everywhere.
     cpu_shapes: tuple[Shape, ...] | None = None
+    # The dtypes on a CPU when they differ from ``dtypes`` (e.g. no fp16 there); None: the same.
+    cpu_dtypes: tuple[torch.dtype, ...] | None = None
     # Optional FLOP model (shape, dtype, mode) -> int for compute-bound ops: rows then report
     # TFLOP/s as well.
     flops: Callable[[Shape, torch.dtype, str], int] | None = None
@@ -126,6 +128,12 @@ class Bench:
         if device.type == "cpu" and self.cpu_shapes is not None:
             return self.cpu_shapes
         return self.shapes
+
+    def dtypes_on(self, device: torch.device) -> tuple[torch.dtype, ...]:
+        """The dtypes a run on ``device`` measures by default."""
+        if device.type == "cpu" and self.cpu_dtypes is not None:
+            return self.cpu_dtypes
+        return self.dtypes
 
 
 # ------------------------------------------------------------------------ standard providers
