@@ -6,6 +6,7 @@
                               [--malloc keep|default] [--no-plots]
                               [--quiet] [--list]
     python -m lmkernels.bench compare OLD.json NEW.json [--threshold 0.1]
+    python -m lmkernels.bench readme RESULTS.json [--readme README.md]
     python -m lmkernels.bench e2e [--quick] [--device cpu|cuda] [--reps N] [--out DIR]
 
 Benches come from :mod:`lmkernels.bench.specs` (one module per op family; ``--list`` shows them
@@ -22,7 +23,12 @@ the reason. ``--quick`` runs the specs' small shapes with 5 repetitions.
 
 ``compare`` matches the rows of two ``results.json`` files and flags lmkernels speed-ups (vs
 torch eager and vs torch.compile, ratios measured within one run) that fell by more than the
-threshold; it exits with status 1 when any did.
+threshold and by more than the runs' timing noise (their p20-p80 bands); it exits with status
+1 when any did.
+
+``readme`` writes the README's performance table (between its ``bench-results`` markers) from
+a ``results.json``: per op, dtype and lmkernels provider, the geometric means over the shapes,
+with the machine and git revision of the run.
 
 ``e2e`` times one training step of the example GPT patched vs unpatched vs torch.compile
 (:mod:`lmkernels.bench.e2e`); ``make bench`` runs it after the op benchmarks.
@@ -85,14 +91,36 @@ def compare_main(argv: list[str]) -> int:
     lines, worse = compare(json.loads(a.old.read_text()), json.loads(a.new.read_text()),
                            a.threshold)  # fmt: skip
     print("\n".join(lines))
-    print(f"\n{worse} ratio(s) worse by more than {a.threshold:.0%}")
+    print(f"\n{worse} ratio(s) worse by more than {a.threshold:.0%} and the timing noise")
     return 1 if worse else 0
+
+
+def readme_main(argv: list[str]) -> int:
+    from lmkernels.bench.report import readme_section, update_readme
+
+    ap = argparse.ArgumentParser(prog="python -m lmkernels.bench readme")
+    ap.add_argument("results", type=Path, help="a results.json of `python -m lmkernels.bench`")
+    ap.add_argument("--readme", type=Path, default=DEFAULT_OUT.parents[1] / "README.md")
+    a = ap.parse_args(argv)
+    doc = json.loads(a.results.read_text())
+    try:
+        source = a.results.resolve().relative_to(a.readme.resolve().parent)
+    except ValueError:
+        source = a.results
+    try:
+        update_readme(a.readme, readme_section(doc, str(source)))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    print(f"updated {a.readme}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compare"]:
         return compare_main(argv[1:])
+    if argv[:1] == ["readme"]:
+        return readme_main(argv[1:])
     if argv[:1] == ["e2e"]:
         from lmkernels.bench import e2e
 

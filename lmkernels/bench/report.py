@@ -6,6 +6,7 @@ provider), and the comparison of two ``results.json`` files.
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -78,14 +79,21 @@ def markdown(doc: dict) -> str:
         )
     if roof["kind"] == "copy":
         lines.append(
-            "- roofline: a same-size copy timed in the same run, interleaved with the providers "
-            "(`of roof` = copy time / op time)"
+            "- bandwidth roofline: a same-size copy timed in the same run, interleaved with the "
+            "providers (`of roof` = copy time / op time)"
         )
     else:
         peak = roof["peak_gbps"]
         lines.append(
-            f"- roofline: peak HBM bandwidth of {roof['device_key']}: "
-            + (f"{peak:.0f} GB/s" if peak else "unknown (no fraction reported)")
+            f"- bandwidth roofline: peak HBM bandwidth of {roof['device_key']}: "
+            + (f"{peak:.0f} GB/s ({roof.get('gbps_source', 'vendor table')})" if peak
+               else "unknown (no fraction reported)")
+        )  # fmt: skip
+    if roof.get("peak_tflops"):
+        peaks = ", ".join(f"{d} {v:.3g}" for d, v in roof["peak_tflops"].items())
+        lines.append(
+            f"- FLOP roofline (ops with a FLOP model: `of roof` = TFLOP/s / peak): {peaks} "
+            f"TFLOP/s ({roof['tflops_source']})"
         )
     lines += [
         "- times in ms: median and p20–p80; GB/s from the spec's byte model (TFLOP/s from its "
@@ -182,19 +190,43 @@ def write_all(doc: dict, out: Path, plots: bool = True) -> tuple[list[Path], str
 # ---------------------------------------------------------------------------------- compare
 
 
+def _spread(r: dict) -> float:
+    """The relative half-width of a row's p20-p80 timing band (0 when unknown)."""
+    if not r.get("median_ms") or "p20_ms" not in r:
+        return 0.0
+    return (r["p80_ms"] - r["p20_ms"]) / (2 * r["median_ms"])
+
+
+def _ratio_noise(run: dict) -> dict:
+    """{(key, ratio name): the noise of that lmkernels ratio in ``run``}: the relative spreads
+    of the two timings it divides, added."""
+    rows = {(r["bench"], r["mode"], r["dtype"], _shape(r), r["provider"]): r
+            for r in run["results"]}  # fmt: skip
+    out = {}
+    for k, r in rows.items():
+        for ratio, base in (("speedup_vs_torch", EAGER), ("speedup_vs_compile", COMPILE)):
+            if ratio in r:
+                out[(k, ratio)] = _spread(r) + _spread(rows.get((*k[:4], base), {}))
+    return out
+
+
 def compare(old: dict, new: dict, threshold: float = 0.1) -> tuple[list[str], int]:
     """Compare the speed-ups of lmkernels providers (vs eager and vs compile) between two runs.
 
     Ratios measured within one run are robust to machine drift, so they are what is compared.
-    Returns (report lines, number of ratios that got worse by more than ``threshold``).
+    A ratio is flagged **worse** when it fell by more than ``threshold`` and by more than the
+    noise of the two runs (the p20-p80 half-widths of the four timings behind the two ratios,
+    added): a drop inside the timings' own spread is reported but not flagged. A provider that
+    passed before and FAILED now is flagged too. Returns (report lines, number flagged).
     """
 
     def key(r):
         return (r["bench"], r["mode"], r["dtype"], _shape(r), r["provider"])
 
     before = {key(r): r for r in old["results"]}
-    lines = ["| op | mode | dtype | shape | provider | ratio | old | new | change |"]
-    lines.append("|" + "---|" * 9)
+    noise_old, noise_new = _ratio_noise(old), _ratio_noise(new)
+    lines = ["| op | mode | dtype | shape | provider | ratio | old | new | change | noise |"]
+    lines.append("|" + "---|" * 10)
     worse = 0
     for r in new["results"]:
         o = before.get(key(r))
@@ -203,17 +235,84 @@ def compare(old: dict, new: dict, threshold: float = 0.1) -> tuple[list[str], in
         for ratio in ("speedup_vs_torch", "speedup_vs_compile"):
             if ratio in r and ratio in o:
                 change = r[ratio] / o[ratio] - 1
+                noise = noise_old.get((key(r), ratio), 0.0) + noise_new.get((key(r), ratio), 0.0)
                 flag = ""
-                if change < -threshold:
+                if change < -threshold and -change > noise:
                     worse += 1
                     flag = " **worse**"
+                elif change < -threshold:
+                    flag = " (within noise)"
                 lines.append(
                     f"| {' | '.join(map(str, key(r)))} | {ratio.removeprefix('speedup_')} "
-                    f"| {o[ratio]:.2f} | {r[ratio]:.2f} | {change:+.0%}{flag} |"
+                    f"| {o[ratio]:.2f} | {r[ratio]:.2f} | {change:+.0%}{flag} | ±{noise:.0%} |"
                 )
         if r["status"] != o["status"]:
             worse += r["status"] == "FAILED"
             lines.append(
-                f"| {' | '.join(map(str, key(r)))} | status | {o['status']} | {r['status']} | |"
+                f"| {' | '.join(map(str, key(r)))} | status | {o['status']} | {r['status']} | | |"
             )
     return lines, worse
+
+
+# --------------------------------------------------------------------- the README's section
+
+README_BEGIN = "<!-- bench-results:begin -->"
+README_END = "<!-- bench-results:end -->"
+
+
+def _geomean(values: list[float]) -> float | None:
+    values = [v for v in values if v and v > 0]
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
+
+
+def readme_section(doc: dict, source: str) -> str:
+    """The README's performance table from a results document: per op, dtype and lmkernels
+    provider, the geometric mean over the run's shapes of the speed-ups per mode and of the
+    fraction of the roofline (fwd+bwd), with the machine and revision it was measured on."""
+    m = doc["machine"]
+    dev = m["device"] + (f" ({m['gpu']})" if m.get("gpu") else "")
+    rev = m.get("git_revision", "unknown")[:10] + (" (dirty)" if m.get("git_dirty") else "")
+    lines = [
+        f"Generated by `python -m lmkernels.bench readme {source}` from the run of "
+        f"{doc['created']}: device `{dev}`, CPU {m['cpu_model']} ({m['cpu_count']} cores, "
+        f"{m['torch_threads']} torch threads), torch {m['torch']}, git {rev}, "
+        f"{doc['config']['reps']} repetitions{' (quick)' if doc['config']['quick'] else ''}. "
+        "Each cell is the geometric mean over the sweep's shapes of torch's time / ours "
+        "(`vs eager`, `vs compile`; above 1 = lmkernels faster) or of ours' fraction of the "
+        "roofline (bandwidth, or FLOP/s for attention and linear cross-entropy). Per-shape "
+        "numbers: `results.md` beside the JSON.",
+        "",
+        "| op | dtype | provider | shapes | fwd vs eager | bwd vs eager | fwd+bwd vs eager "
+        "| fwd+bwd vs compile | fwd+bwd of roof |",
+        "|" + "---|" * 9,
+    ]
+    cells: dict = defaultdict(lambda: defaultdict(list))
+    shapes: dict = defaultdict(set)
+    for r in doc["results"]:
+        if not r["provider"].startswith("lmkernels-") or r["status"] != "ok":
+            continue
+        k = (r["bench"], r["dtype"], r["provider"])
+        shapes[k].add(_shape(r))
+        for field in ("speedup_vs_torch", "speedup_vs_compile", "frac_roofline"):
+            if field in r:
+                cells[k][(r["mode"], field)].append(r[field])
+    for k, c in cells.items():
+        g = {key: _geomean(v) for key, v in c.items()}
+        vals = [g.get(("fwd", "speedup_vs_torch")), g.get(("bwd", "speedup_vs_torch")),
+                g.get(("fwdbwd", "speedup_vs_torch")), g.get(("fwdbwd", "speedup_vs_compile")),
+                g.get(("fwdbwd", "frac_roofline"))]  # fmt: skip
+        fmt = [_f(v, ".2f") + ("×" if v is not None and i < 4 else "") for i, v in enumerate(vals)]
+        lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {len(shapes[k])} | " + " | ".join(fmt) + " |")
+    failed = [r for r in doc["results"] if r["status"] == "FAILED"]
+    lines += ["", f"FAILED rows in this run: {len(failed)}."]
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, section: str) -> None:
+    """Replace the text between the README's bench-results markers with ``section``."""
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise ValueError(f"{readme}: no {README_BEGIN} ... {README_END} markers")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(f"{head}{README_BEGIN}\n{section}\n{README_END}{tail}")

@@ -203,12 +203,12 @@ def measure_case(
     want: Oracle,
     compiled: dict,
     cfg: Config,
-    peak_gbps: float | None,
+    roof: dict,
 ) -> list[dict]:
     """Check, then time, every provider for one (bench, shape, dtype, mode)."""
     nbytes = bench.bytes(shape, dtype, mode)
     tol = bench.tolerance[dtype]
-    rows, thunks = {}, {}
+    rows, thunks, built = {}, {}, {}
     for p in providers:
         row = rows[p.name] = _row(bench, shape, dtype, mode, p.name, nbytes)
         why = p.supports(shape, dtype) if p.supports else None
@@ -236,6 +236,7 @@ def measure_case(
         row["peak_mib"] = None if peak is None else peak / 2**20
         row["peak_method"] = how
         thunks[p.name] = thunk
+        built[p.name] = (p, fn)
 
     copy_row = None
     if cfg.device.type == "cpu" and thunks:
@@ -243,8 +244,11 @@ def measure_case(
         thunks[COPY] = copy
         copy_row = rows[COPY] = _row(bench, shape, dtype, mode, COPY, copy_bytes)
         copy_row["status"] = "roofline"
-    times = timing.time_all(thunks, cfg.device, cfg.reps_or_default()) if thunks else {}
-    del thunks
+    if cfg.device.type == "cuda" and thunks:
+        times = _time_cuda(bench, shape, dtype, mode, want, built, thunks, rows, cfg.device)
+    else:
+        times = timing.time_all(thunks, cfg.device, cfg.reps_or_default()) if thunks else {}
+    del thunks, built
 
     for name, t in times.items():
         row = rows[name]
@@ -253,16 +257,56 @@ def measure_case(
         if bench.flops is not None and name != COPY:
             row["flops"] = bench.flops(shape, dtype, mode)
             row["tflops"] = row["flops"] / (t.median_ms * 1e-3) / 1e12
-    roof = copy_row["gbps"] if copy_row else peak_gbps
+    # the fraction of the roofline: of the FLOP peak for a bench with a FLOP model, else of the
+    # bandwidth (the copy timed with this case on CPU, the device's peak on CUDA)
+    roof_gbps = copy_row["gbps"] if copy_row else roof.get("peak_gbps")
+    peak_tflops = roof.get("peak_tflops", {}).get(dtype_name(dtype))
     for row in rows.values():
-        if "gbps" in row and roof:
-            row["frac_roofline"] = row["gbps"] / roof
+        if "gbps" in row and roof_gbps:
+            row["frac_bandwidth"] = row["gbps"] / roof_gbps
+        if "tflops" in row and peak_tflops:
+            row["frac_flops"] = row["tflops"] / peak_tflops
+        frac = row.get("frac_flops" if bench.flops is not None else "frac_bandwidth")
+        if frac is not None:
+            row["frac_roofline"] = frac
     for name, row in rows.items():
         if name.startswith("lmkernels-") and "median_ms" in row:
             for key, base in (("speedup_vs_torch", EAGER), ("speedup_vs_compile", COMPILE)):
-                if "median_ms" in rows.get(base, {}):
-                    row[key] = rows[base]["median_ms"] / row["median_ms"]
+                ratio = speedup(row, rows.get(base, {}))
+                if ratio is not None:
+                    row[key] = ratio
     return list(rows.values())
+
+
+def speedup(ours: dict, base: dict) -> float | None:
+    """base time / ours, both timed the same way: CUDA graph replays when both were captured,
+    else plain launches (CUDA) or the CPU median."""
+    for key in ("graph_ms", "launch_ms", "median_ms"):
+        if key in ours and key in base:
+            return base[key] / ours[key]
+    return None
+
+
+def _time_cuda(bench, shape, dtype, mode, want, built, thunks, rows, device) -> dict:
+    """Time each provider over rotating input copies (timing.time_cuda_rotating); the row keeps
+    both timings, ``median_ms`` is the graph's when it was captured."""
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    k = timing.rotation_count(bench.bytes(shape, dtype, mode), l2)
+    copies = [bench.make_inputs(shape, dtype, device) for _ in range(k - 1)]
+    times = {}
+    for name, thunk in thunks.items():
+        p, fn = built[name]
+        ts = [thunk, *(build_thunk(p, fn, c, mode, want)[0] for c in copies)]
+        res = timing.time_cuda_rotating(ts)
+        row = rows[name]
+        row.update(rotating_copies=k, launch_ms=res["launch"].median_ms)
+        if "graph" in res:
+            row.update(graph_ms=res["graph"].median_ms, timed_by="cuda graph replay")
+            times[name] = res["graph"]
+        else:
+            row.update(timed_by="launches", graph_error=res.get("graph_error"))
+            times[name] = res["launch"]
+    return times
 
 
 def _loadavg() -> float | None:
@@ -281,11 +325,6 @@ def run(benches: Sequence[Bench], cfg: Config, progress: bool = True, stream=Non
     malloc = "default"
     if device.type == "cpu" and cfg.malloc == "keep":
         malloc = timing.keep_freed_memory() or "default (not glibc)"
-    peak_gbps, roof = None, {"kind": "copy", "what": "dst.copy_(src) of the same bytes"}
-    if device.type == "cuda":
-        peak_gbps, key = roofline.gpu_peak_gbps(device)
-        roof = {"kind": "peak", "device_key": key, "peak_gbps": peak_gbps}
-
     plan = []
     for b in benches:
         dtypes = list(cfg.dtypes or b.dtypes_on(device))
@@ -293,6 +332,8 @@ def run(benches: Sequence[Bench], cfg: Config, progress: bool = True, stream=Non
         modes = [m for m in (cfg.modes or b.modes) if m in b.modes]
         plan.append((b, dtypes, shapes, modes))
     bar = Progress(sum(len(d) * len(s) * len(m) for _, d, s, m in plan), stream, progress)
+    dtypes_run = sorted({dtype_name(d) for _, ds, _, _ in plan for d in ds})
+    roof = roofline.rooflines(device, dtypes_run, any(b.flops is not None for b, *_ in plan))
 
     results, skipped = [], []
     for b, dtypes, shapes, modes in plan:
@@ -308,8 +349,7 @@ def run(benches: Sequence[Bench], cfg: Config, progress: bool = True, stream=Non
                 compiled: dict = {}
                 for mode in modes:
                     results += measure_case(
-                        b, tuple(shape), dtype, mode, live, inputs, want, compiled, cfg,
-                        peak_gbps,
+                        b, tuple(shape), dtype, mode, live, inputs, want, compiled, cfg, roof,
                     )  # fmt: skip
                     label = f"{b.name} {mode} {dtype_name(dtype)} {'x'.join(map(str, shape))}"
                     bar.step(label)

@@ -7,7 +7,12 @@ repeats a short call enough times to last ``min_sample_s``. We report the median
 and 80th percentiles of the per-call times.
 
 CUDA: ``triton.testing.do_bench`` (it flushes L2 between calls); without triton, CUDA events
-around single calls.
+around single calls. A case is timed over ``k`` copies of its inputs, called in turn, with k
+large enough that the copies span twice the L2 (:func:`rotation_count`): every call starts
+L2-cold. :func:`time_cuda_rotating` times those k calls twice: as plain launches from Python
+(what an eager user sees, host overhead included) and as one replayed CUDA graph (the GPU time
+alone); a provider whose calls cannot be captured (e.g. one that reads a value back to the host)
+has only the first.
 
 Peak memory: on CUDA the ``torch.cuda.max_memory_allocated`` delta of one call; on CPU the peak
 of the running sum of the allocation and free events that the torch profiler records for one
@@ -30,7 +35,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -139,6 +144,54 @@ def time_cuda(fn: Callable[[], object], reps: int = 100) -> Timing:
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     return summarize(times)
+
+
+def rotation_count(case_bytes: int, l2_bytes: int, limit: int = 16) -> int:
+    """How many input copies a CUDA case rotates through: enough that they span twice the L2
+    (so no call finds its inputs there), at least 1, at most ``limit``."""
+    if case_bytes <= 0:
+        return limit
+    return max(1, min(limit, math.ceil(2 * l2_bytes / case_bytes)))
+
+
+def _per_call(t: Timing, k: int) -> Timing:
+    return Timing(t.median_ms / k, t.p20_ms / k, t.p80_ms / k, t.samples)
+
+
+def _capture(fn: Callable[[], object]):
+    """``fn`` captured in a CUDA graph (after warm-up on a side stream, as capture requires)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def time_cuda_rotating(thunks: Sequence[Callable[[], object]], graph: bool = True) -> dict:
+    """Per-call timings of CUDA callables run in turn (one per rotating input copy):
+    ``{"launch": Timing}`` (plain launches) and ``"graph": Timing`` (replays of one captured
+    graph of all of them), or ``"graph_error"``: why the capture failed."""
+    k = len(thunks)
+
+    def run_all():
+        for t in thunks:
+            t()
+
+    out: dict = {"launch": _per_call(time_cuda(run_all), k)}
+    if graph:
+        try:
+            g = _capture(run_all)
+        except Exception as e:  # noqa: BLE001 - any capture failure is reported, not fatal
+            torch.cuda.synchronize()
+            out["graph_error"] = f"{type(e).__name__}: {e}"[:300]
+        else:
+            out["graph"] = _per_call(time_cuda(g.replay), k)
+    return out
 
 
 def time_all(
