@@ -120,7 +120,6 @@ class Bench:
         }
     )
 
-
     def sweep(self, device: torch.device, quick: bool = False) -> tuple[Shape, ...]:
         """The shapes a run on ``device`` measures by default."""
         if quick:
