@@ -1,8 +1,10 @@
 # make test   - create ./.venv if missing, install, build, run the whole suite
 # make bench  - same setup, then run the benchmark suite and the end-to-end training step
-#                (results in benchmarks/results/, benchmarks/results/e2e/)
+#                (results in benchmarks/results/, benchmarks/results/e2e/); a full run (no
+#                BENCH_ARGS) also rewrites README's performance table from its results.json
 # make gpu-check - on a machine with an NVIDIA GPU: the suite + benchmarks on the GPU, with the
-#                  CUDA build of torch that $(GPU_PY) imports (installs nothing: works offline)
+#                  CUDA build of torch that $(GPU_PY) imports (installs nothing: works offline);
+#                  benchmark results in benchmarks/results/gpu/
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -49,6 +51,7 @@ test: build lint
 
 bench: build
 	$(PY) -m lmkernels.bench $(BENCH_ARGS)
+	$(if $(BENCH_ARGS),,$(PY) -m lmkernels.bench readme benchmarks/results/results.json)
 	$(PY) -m lmkernels.bench e2e $(E2E_ARGS)
 
 gpu-check:
@@ -57,8 +60,8 @@ gpu-check:
 	$(GPU_PY) -m lmkernels info
 	$(GPU_PY) -m lmkernels gpu-report
 	$(GPU_PY) -m pytest tests -q $(GPU_PYTEST_ARGS)
-	$(GPU_PY) -m lmkernels.bench $(BENCH_ARGS)
-	$(GPU_PY) -m lmkernels.bench e2e $(E2E_ARGS)
+	$(GPU_PY) -m lmkernels.bench --out benchmarks/results/gpu $(BENCH_ARGS)
+	$(GPU_PY) -m lmkernels.bench e2e --out benchmarks/results/gpu/e2e $(E2E_ARGS)
 
 clean:
 	rm -rf build lmkernels/*.so *.egg-info
