@@ -340,6 +340,7 @@ def test_quick_cli_run_writes_json_markdown_and_plots(tmp_path, capsys):
     m = doc["machine"]
     assert m["malloc"] == "default"
     assert m["cpu_count"] >= 1 and m["torch"] == torch.__version__ and "cpu_model" in m
+    assert set(m["peers"]) == set(roofline.PEER_DISTRIBUTIONS)  # versions, or None: absent
     skipped = {s["provider"]: s["reason"] for s in doc["skipped_providers"]}
     assert "lmkernels-cuda" in skipped and "liger-kernel" in skipped
     by = {(r["provider"], r["dtype"]): r for r in doc["results"]}
@@ -357,6 +358,7 @@ def test_quick_cli_run_writes_json_markdown_and_plots(tmp_path, capsys):
             )
             assert "speedup_vs_compile" in ours
     md = (tmp_path / "results.md").read_text()
+    assert "- peer libraries: liger-kernel" in md
     assert "### softmax · fwd · fp32" in md and "### softmax · fwd · bf16" in md
     assert "| lmkernels-cuda |" in md  # listed as skipped, with its reason
     assert (tmp_path / "softmax_fwd.png").stat().st_size > 0

@@ -68,6 +68,9 @@ def markdown(doc: dict) -> str:
         + (" (dirty)" if m.get("git_dirty") else ""),
         f"- repetitions {doc['config']['reps']}{' (quick)' if doc['config']['quick'] else ''}",
     ]
+    if "peers" in m:
+        peers = [f"{k} {v}" if v else f"{k} (not installed)" for k, v in m["peers"].items()]
+        lines.append("- peer libraries: " + ", ".join(peers))
     if m.get("malloc"):
         lines.append(f"- allocator: {m['malloc']}")
     load = m.get("loadavg_start")

@@ -174,6 +174,23 @@ def git_revision() -> dict:
     return {"git_revision": out["rev"], "git_dirty": bool(out["status"])}
 
 
+# the peer libraries' distributions (pip names), whose versions a run records
+PEER_DISTRIBUTIONS = ("liger-kernel", "flash-attn", "apex", "xformers", "quack-kernels")
+
+
+def peer_versions() -> dict[str, str | None]:
+    """{distribution: installed version, or None when it is not installed}."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for name in PEER_DISTRIBUTIONS:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def machine_info(device: torch.device) -> dict:
     info = {
         "platform": platform.platform(),
@@ -196,5 +213,6 @@ def machine_info(device: torch.device) -> dict:
         props = torch.cuda.get_device_properties(device)
         info["gpu"] = props.name
         info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+    info["peers"] = peer_versions()
     info.update(git_revision())
     return info
