@@ -24,7 +24,7 @@ _compiled: dict = {}  # (bench, shape, dtype, provider) -> torch.compile'd funct
 def _cases():
     for b in softmax_spec.BENCHES:
         for p in b.providers(DEVICE):
-            for dtype in b.dtypes:
+            for dtype in b.dtypes_on(DEVICE):
                 for shape in SHAPES:
                     for mode in MODES:
                         name = f"{b.name}-{mode}-{spec.dtype_name(dtype)}-{spec.shape_str(shape)}"

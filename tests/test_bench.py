@@ -81,12 +81,16 @@ def test_tuple_output_bench_checks_every_output_and_gradient(mode):
 
 
 def test_default_sweep_shapes():
-    shapes = _bench("softmax").shapes
-    for s in [(4096, 1024), (1024, 4096), (16, 262144)]:
+    b = _bench("softmax")
+    shapes = b.shapes
+    # 16384 token rows over model hidden sizes; attention-score rows of sequence 512 ... 16384
+    for s in [(16384, 768), (16384, 4096), (16384, 8192), (32768, 512), (16384, 16384)]:
         assert s in shapes
-    assert sorted(c for _, c in shapes) == [256, 1024, 4096, 16384, 65536, 262144]
-    for rows, cols in shapes:  # every sweep tensor is 16 MiB in fp32
-        assert 16 * 2**20 <= rows * cols * 4 <= 32 * 2**20
+    assert sorted(c for _, c in shapes) == [512, 768, 1024, 2048, 4096, 8192, 16384]
+    for rows, cols in shapes:  # 48 MiB ... 1 GiB per fp32 tensor
+        assert 48 * 2**20 <= rows * cols * 4 <= 2**30
+    assert b.sweep(CPU) == ((4096, 512), (2048, 2048), (2048, 4096), (1024, 8192))
+    assert b.dtypes_on(CPU) == (F32, BF16) and torch.float16 in b.dtypes
 
 
 def test_attention_views_of_a_shape():

@@ -3,7 +3,12 @@ fused token + positional input layer against the unfused torch sequence.
 
 Shapes are (tokens, num_embeddings, embedding_dim); indices are uniform over the table, int64;
 the table requires grad. The backward is the dense table gradient (every row written: the
-rows not looked up are zeros), deterministic in lmkernels.
+rows not looked up are zeros), deterministic in lmkernels. Sweep (model sizes, what a GPU
+runs): 16384 tokens into the tables of GPT-2 (50257 x 768), Llama 2 7B (32000 x 4096), Llama 3
+8B (128256 x 4096), Gemma 2B (256000 x 2048), and 8192 tokens into Llama 3 70B's (128256 x
+8192); fp32, fp16, bf16. On a CPU: 2048 tokens into GPT-2's and Llama 2's tables, fp32 and
+bf16 (every backward writes the whole table gradient: at Gemma's 2 GiB fp32 table one case takes
+about two minutes on a 2-core CPU).
 
 Byte model (N = tokens * dim, V = num_embeddings * dim, e = element size; indices: 8 bytes):
 
@@ -14,7 +19,10 @@ Byte model (N = tokens * dim, V = num_embeddings * dim, e = element size; indice
 token_positional (learned, GPT-2 style ``wte(ids) + wpe(arange(seq))``) and
 token_positional_sinusoid (``sqrt(d) * wte(ids) + pe[:seq]``, torch reading a precomputed
 encoding table, lmkernels computing it on the fly). Shapes are (batch, seq, num_embeddings,
-embedding_dim); ids uniform, int64; positions 0 .. seq-1. With N = batch * seq * dim,
+embedding_dim); ids uniform, int64; positions 0 .. seq-1. Sweep: 16384 tokens as 16 x 1024
+into GPT-2's table (50257 x 768), 8 x 2048 into Llama 2 7B's (32000 x 4096), 2 x 8192 into
+Llama 3 8B's (128256 x 4096); on a CPU 2 x 1024 into GPT-2's and 1 x 2048 into Llama 2's. With
+N = batch * seq * dim,
 S = seq * dim (the positional rows, read once from memory) and V as above:
 
     fwd     read the token rows and S, write the output          2 N e + S e   (sinusoid: 2 N e)
@@ -34,9 +42,17 @@ import lmkernels.functional as LF
 from lmkernels import reference as ref
 from lmkernels.bench.spec import Bench, Inputs, standard_providers
 
-SHAPES = ((16384, 32000, 1024), (4096, 32000, 1024), (16384, 50304, 768))
+SHAPES = (
+    (16384, 50257, 768),
+    (16384, 32000, 4096),
+    (16384, 128256, 4096),
+    (16384, 256000, 2048),
+    (8192, 128256, 8192),
+)
+CPU_SHAPES = ((2048, 50257, 768), (2048, 32000, 4096))
 QUICK_SHAPES = ((256, 1000, 64),)
-DTYPES = (torch.float32, torch.bfloat16)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CPU_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _bytes(shape, dtype, mode) -> int:
@@ -60,8 +76,10 @@ BENCHES = [
     Bench(
         name="embedding",
         shapes=SHAPES,
+        cpu_shapes=CPU_SHAPES,
         quick_shapes=QUICK_SHAPES,
         dtypes=DTYPES,
+        cpu_dtypes=CPU_DTYPES,
         make_inputs=_inputs,
         bytes=_bytes,
         reference=lambda idx, w: ref.embedding_fwd(w, idx),
@@ -77,7 +95,8 @@ BENCHES = [
 
 # ------------------------------------------------------------------ token + positional
 
-TP_SHAPES = ((8, 2048, 32000, 1024), (4, 1024, 50304, 768))
+TP_SHAPES = ((16, 1024, 50257, 768), (8, 2048, 32000, 4096), (2, 8192, 128256, 4096))
+TP_CPU_SHAPES = ((2, 1024, 50257, 768), (1, 2048, 32000, 4096))
 TP_QUICK_SHAPES = ((2, 64, 1000, 64),)
 
 
@@ -149,8 +168,10 @@ def _tp_bench(name, sinusoid, ours, reference, torch_fn) -> Bench:
     return Bench(
         name=name,
         shapes=TP_SHAPES,
+        cpu_shapes=TP_CPU_SHAPES,
         quick_shapes=TP_QUICK_SHAPES,
         dtypes=DTYPES,
+        cpu_dtypes=CPU_DTYPES,
         make_inputs=_tp_inputs(sinusoid),
         bytes=_tp_bytes(sinusoid),
         reference=reference,

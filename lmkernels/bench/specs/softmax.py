@@ -1,11 +1,19 @@
 """Benchmarks of the softmax family: softmax, log_softmax and scaled_masked_softmax (with a
 boolean key-padding mask, and causal).
 
-Shapes are (rows, cols) with the softmax over cols. The default sweep holds every tensor at
-4 Mi elements (16 MiB in fp32, 8 MiB in bf16) while the row length runs 256 ... 262144, so it
-includes (4096, 1024), (1024, 4096) and (16, 262144). The attention-score benches view the same
-(rows, cols) as scores ``x`` of shape (G, L, S): S = cols keys, L = min(rows, cols) queries,
-G = rows / L groups (batch x heads).
+Shapes are (rows, cols) with the softmax over cols. The attention-score benches view the same
+(rows, cols) as scores ``x`` of shape (G, L, S): S = cols keys, L = min(rows, cols) queries
+(all the rows when min(rows, cols) does not divide them), G = rows / L groups (batch x heads).
+
+Sweep (model sizes, what a GPU runs): 16384 token rows over hidden-size rows 768, 1024, 2048,
+4096, 8192, and attention-score rows with sequence 512 ... 16384: 32768x512 (64 groups of
+512 x 512 scores), 16384x2048 (8 of 2048 x 2048), 16384x8192 (2 of 8192 x 8192), 16384x16384
+(one 16384 x 16384 score matrix); fp32, fp16, bf16. On a CPU: 4096x512 (8 groups of 512 x 512),
+2048x2048, 2048x4096, 1024x8192, fp32 and bf16.
+
+Peers (CUDA only, skipped with the reason elsewhere): Liger-Kernel's ``LigerSoftmaxFunction``
+and quack's ``softmax`` (softmax); apex's fused ``ScaledMaskedSoftmax`` /
+``ScaledUpperTriangMaskedSoftmax`` (masked_softmax, causal_softmax; fp16 / bf16).
 
 Byte model (the bytes an ideal kernel must move; N = rows * cols, e = element size):
 
@@ -31,15 +39,18 @@ from lmkernels.bench.spec import Bench, Inputs, Provider, peer, standard_provide
 SCALE = 0.125  # 1 / sqrt(head_dim = 64)
 
 SHAPES = (
-    (16384, 256),
-    (4096, 1024),
-    (1024, 4096),
-    (256, 16384),
-    (64, 65536),
-    (16, 262144),
+    (16384, 768),
+    (16384, 1024),
+    (16384, 2048),
+    (16384, 4096),
+    (16384, 8192),
+    (32768, 512),
+    (16384, 16384),
 )
+CPU_SHAPES = ((4096, 512), (2048, 2048), (2048, 4096), (1024, 8192))
 QUICK_SHAPES = ((128, 1024), (16, 8192))
-DTYPES = (torch.float32, torch.bfloat16)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CPU_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _elt(dtype: torch.dtype) -> int:
@@ -161,6 +172,15 @@ def _liger_peer(device) -> Provider:
     return peer("liger-kernel", "liger_kernel.ops.softmax", device, build)
 
 
+def _quack_peer(device) -> Provider:
+    def build():
+        import quack
+
+        return Provider("quack", lambda x: quack.softmax(x))  # (M, N), over N
+
+    return peer("quack", "quack", device, build)
+
+
 def _softmax_ref(x):
     return ref.softmax_fwd(x, -1, 1.0, False, None, False)
 
@@ -181,8 +201,10 @@ def _common(name, make_inputs, nbytes, reference, providers) -> Bench:
     return Bench(
         name=name,
         shapes=SHAPES,
+        cpu_shapes=CPU_SHAPES,
         quick_shapes=QUICK_SHAPES,
         dtypes=DTYPES,
+        cpu_dtypes=CPU_DTYPES,
         make_inputs=make_inputs,
         bytes=nbytes,
         reference=reference,
@@ -198,7 +220,7 @@ BENCHES = [
             ours=lambda x: LF.softmax(x, -1),
             reference=_softmax_ref,
             torch_fn=lambda x: torch.softmax(x, -1),
-            peers=[_liger_peer(device)],
+            peers=[_liger_peer(device), _quack_peer(device)],
         ),
     ),
     _common(
