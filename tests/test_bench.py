@@ -532,3 +532,31 @@ def test_speedups_compare_like_with_like():
     assert runner.speedup({"launch_ms": 4.0, "median_ms": 4.0}, base) == 0.75  # not captured
     assert runner.speedup({"median_ms": 2.0}, {"median_ms": 3.0}) == 1.5
     assert runner.speedup({"median_ms": 2.0}, {}) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_rotating_timing_graph_and_fallback():
+    """On a GPU: rotating callables are timed as launches and as a captured graph; a callable
+    that reads a value back to the host cannot be captured and keeps the launch timing."""
+    xs = [torch.randn(1 << 20, device="cuda") for _ in range(3)]
+    res = timing.time_cuda_rotating([lambda x=x: x.mul(2.0) for x in xs])
+    assert res["launch"].median_ms > 0 and res["graph"].median_ms > 0
+    assert "graph_error" not in res
+    res = timing.time_cuda_rotating([lambda x=x: float(x.sum()) for x in xs])
+    assert res["launch"].median_ms > 0 and "graph" not in res and res["graph_error"]
+    # the device is usable after the failed capture
+    assert float(torch.ones(4, device="cuda").sum()) == 4.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_run_times_rotating_copies():
+    cuda = torch.device("cuda")
+    cfg = runner.Config(reps=3, device=cuda, ops=["softmax"], modes=["fwd", "fwdbwd"],
+                        dtypes=[BF16], providers=["torch", "lmkernels-*"], quick=True)  # fmt: skip
+    doc = runner.run(runner.select(spec.discover(), cfg.ops), cfg, progress=False)
+    timed = [r for r in doc["results"] if "median_ms" in r]
+    assert timed and doc["roofline"]["kind"] == "peak"
+    for r in timed:
+        assert r["rotating_copies"] >= 1 and r["launch_ms"] > 0
+        assert r["timed_by"] in ("cuda graph replay", "launches")
+        assert r["median_ms"] == r.get("graph_ms", r["launch_ms"])
