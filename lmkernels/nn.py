@@ -180,6 +180,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 "lmkernels.nn.MultiheadAttention: is_causal is a hint that attn_mask is the "
                 "causal mask; pass attn_mask too (as torch requires)"
             )
+        self_attention = query is key and key is value  # before the views below
         batched = query.dim() == 3
         if not batched:
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
@@ -190,7 +191,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         n, length, e = query.shape
         s, h = key.shape[1], self.num_heads
         hd = e // h
-        if self._qkv_same_embed_dim and query is key and key is value:
+        if self._qkv_same_embed_dim and self_attention:
             # self-attention: one (3 * e, e) product, as torch does; q, k, v are views of it
             qkv = torch.nn.functional.linear(query, self.in_proj_weight, self.in_proj_bias)
             q, k, v = qkv.view(n, length, 3, h, hd).unbind(2)

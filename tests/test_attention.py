@@ -3,6 +3,8 @@ gradients), the dropout RNG (Philox known answers, statistics, seeding, generato
 bad arguments, torch.library integration (opcheck, compile), and the varlen API against
 per-sequence calls."""
 
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -427,8 +429,17 @@ def test_multihead_attention_matches_torch(kw, masks):
         args["attn_mask"] = torch.ones(length, s, dtype=torch.bool).triu(1)
         args["is_causal"] = True
     want, _ = ref(q, k, v, need_weights=False, **args)
-    got, w = ours(q, k, v, need_weights=False, **args)
+    linear, shapes = torch.nn.functional.linear, []
+
+    def recording_linear(x, weight, bias=None):
+        shapes.append(tuple(weight.shape))
+        return linear(x, weight, bias)
+
+    with mock.patch("torch.nn.functional.linear", recording_linear):
+        got, w = ours(q, k, v, need_weights=False, **args)
     assert w is None
+    # self-attention: one packed (3e, e) in-projection (any layout); otherwise three
+    assert shapes.count((48, 16)) == (1 if masks.get("self") else 0)
     torch.testing.assert_close(got, want)
     g = torch.randn_like(want)
     for a, b in zip(torch.autograd.grad(got, (q, k, v, *ours.parameters()), g),
