@@ -13,6 +13,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from lmkernels import distributed as _distributed
 from lmkernels import reference as _reference
 from lmkernels.ops import attention as _attention_ops
 from lmkernels.ops import cross_entropy as _ce_ops
@@ -439,6 +440,12 @@ def embedding(
     fn = "lmkernels.functional.embedding"
     _check_indices(fn, "input", input)
     _check_table(fn, "weight", weight)
+    if type(weight) is not torch.nn.Parameter and _distributed.is_dtensor(weight):
+        if any(p.is_shard() and p.dim == 0 for p in weight.placements):  # the vocabulary
+            return _distributed.dtensor_embedding(input, weight, padding_idx, max_norm,
+                                                  norm_type, scale_grad_by_freq)  # fmt: skip
+        if not _distributed.is_dtensor(input):  # indices given as a plain tensor: replicated
+            input = _distributed.replicate_like(input, weight)
     if input.device != weight.device:
         raise ValueError(f"{fn}: input is on {input.device} but weight is on {weight.device}")
     pad = _padding_row(fn, padding_idx, weight.shape[0])
@@ -976,6 +983,11 @@ def cross_entropy(
                                                  None, reduction, eps)  # fmt: skip
     classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     shape = () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
+    if type(input) is not Tensor and _distributed.is_dtensor(input):
+        _class_targets(fn, target, shape, input.device)  # (checks only)
+        _class_weight(fn, "weight", weight, classes, input)
+        return _distributed.dtensor_cross_entropy(input, target, weight, ignore_index, reduction,
+                                                  eps)  # fmt: skip
     t = _class_targets(fn, target, shape, input.device)
     w = _class_weight(fn, "weight", weight, classes, input)
     if input.dim() == 1:
