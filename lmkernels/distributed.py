@@ -46,7 +46,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lmkernels.ops import cross_entropy as _ce_ops
-from lmkernels.ops import embedding as _embedding_ops
 
 _DTENSOR = "torch.distributed.tensor"
 
@@ -89,6 +88,8 @@ def register_sharding_rules() -> None:
     register_sharding(ops.softmax_bwd.default)(_softmax_bwd_rule)
     register_sharding(ops.embedding_fwd.default)(_embedding_fwd_rule)
     register_sharding(ops.embedding_bwd.default)(_embedding_bwd_rule)
+    register_sharding(ops.attention_fwd.default)(_attention_fwd_rule)
+    register_sharding(ops.attention_bwd.default)(_attention_bwd_rule)
     _registered = True
 
 
@@ -225,6 +226,54 @@ def _embedding_bwd_rule(dy, idx, num_embeddings, padding_idx, scale_grad_by_freq
         )
     rules += [([P()], [s, s, None, None, None, None]) for s in row_shards]
     rules += [([s], [s, R(), None, None, None, None]) for s in _shards(dy) if s.dim == 1]
+    return rules
+
+
+def _attention_shards(op, q, k, v, mask, dropout_p, varlen):
+    """The placements attention can keep: batch (dim 0) and heads (dim 1, when every rank gets
+    whole groups of query heads with their key/value head)."""
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        _check_not_sharded(op, name, t, {2, 3}, "shards the sequence or the head dim (no ring "
+                           "attention here)")  # fmt: skip
+    shards = []
+    for t in (q, k, v):
+        for m, p in enumerate(t.placements):
+            if not _is_shard(p):
+                continue
+            if dropout_p > 0:
+                _refuse(op, "query", t, "shards attention with dropout (every shard would draw "
+                        "the same random bits)")  # fmt: skip
+            if p.dim == 0 and varlen:
+                _refuse(op, "query", t, "shards a packed variable-length batch")
+            if p.dim == 1 and k.shape[1] % t.mesh.size(m):
+                _refuse(op, "key", k, f"shards {k.shape[1]} key/value heads over "
+                        f"{t.mesh.size(m)} ranks unevenly")  # fmt: skip
+            if p not in shards:
+                shards.append(p)
+    return shards
+
+
+def _attention_fwd_rule(q, k, v, mask, scale, window_left, window_right, bottom_right, cu_q,
+                        cu_k, max_q, max_k, dropout_p, seed):  # fmt: skip
+    _, R = _placement_types()
+    opt = lambda t, p: None if t is None else p  # noqa: E731
+    tail = [None] * 4 + [opt(cu_q, R()), opt(cu_k, R()), None, None, None, opt(seed, R())]
+    rules = [([R(), R()], [R(), R(), R(), opt(mask, R()), *tail])]
+    for s in _attention_shards("attention", q, k, v, mask, dropout_p, cu_q is not None):
+        m = None if mask is None else (s if mask.shape[s.dim] == q.shape[s.dim] else R())
+        rules.append(([s, s], [s, s, s, m, *tail]))
+    return rules
+
+
+def _attention_bwd_rule(dout, q, k, v, out, lse, mask, scale, window_left, window_right,
+                        bottom_right, cu_q, cu_k, max_q, max_k, dropout_p, seed):  # fmt: skip
+    _, R = _placement_types()
+    opt = lambda t, p: None if t is None else p  # noqa: E731
+    tail = [None] * 4 + [opt(cu_q, R()), opt(cu_k, R()), None, None, None, opt(seed, R())]
+    rules = [([R(), R(), R()], [R()] * 6 + [opt(mask, R()), *tail])]
+    for s in _attention_shards("attention backward", q, k, v, mask, dropout_p, cu_q is not None):
+        m = None if mask is None else (s if mask.shape[s.dim] == q.shape[s.dim] else R())
+        rules.append(([s, s, s], [s] * 6 + [m, *tail]))
     return rules
 
 

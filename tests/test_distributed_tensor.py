@@ -130,7 +130,7 @@ def check_softmax_shard_rows(rank):
 def check_unsupported_placements(rank):
     from torch.distributed.tensor import Replicate, Shard
 
-    x = torch.randn(4, 6, 8)
+    x, y = torch.randn(4, 6, 8), torch.randn(2, 2, 4, 8)
     cases = [
         (lambda: LF.layer_norm(_dt(x, [Shard(2)]), (8,)), "layer_norm", "normalized dims"),
         (lambda: LF.softmax(_dt(x, [Shard(1)]), dim=1), "softmax", "Shard(dim=1)"),
@@ -144,6 +144,13 @@ def check_unsupported_placements(rank):
          "embedding", "input"),
         (lambda: LF.layer_norm(_dt(x, [Shard(0)]), (8,), _dt(torch.ones(8), [Shard(0)])),
          "layer_norm", "weight"),
+        (lambda: LF.scaled_dot_product_attention(*[_dt(q, [Shard(2)]) for q in (y, y, y)]),
+         "attention", "sequence"),
+        (lambda: LF.scaled_dot_product_attention(_dt(y, [Shard(1)]), _dt(y[:, :1], [Shard(1)]),
+                                                 _dt(y[:, :1], [Shard(1)]), enable_gqa=True),
+         "attention", "unevenly"),
+        (lambda: LF.scaled_dot_product_attention(*[_dt(q, [Shard(0)]) for q in (y, y, y)],
+                                                 dropout_p=0.5), "attention", "dropout"),
     ]  # fmt: skip
     del Replicate
     for i, (call, op, text) in enumerate(cases):
@@ -245,9 +252,64 @@ def check_embedding_rules(rank):
         torch.testing.assert_close(wd.grad.full_tensor(), wp.grad, rtol=1e-6, atol=1e-6)
 
 
+def check_attention_shard_heads(rank):
+    from torch.distributed.tensor import Replicate, Shard
+
+    cases = [  # (query heads, key/value heads, causal, placement, mask)
+        (4, 4, True, Shard(1), False),
+        (4, 2, False, Shard(1), True),  # grouped-query: whole groups per rank
+        (2, 2, True, Shard(0), False),
+        (2, 1, False, Shard(0), True),
+    ]
+    for hq, hk, causal, place, masked in cases:
+        q, k, v = torch.randn(2, hq, 5, 8), torch.randn(2, hk, 7, 8), torch.randn(2, hk, 7, 4)
+        mask = torch.rand(2, 1, 5, 7) < 0.7 if masked else None
+        dy = torch.randn(2, hq, 5, 4)
+        gqa = hq != hk
+        dts = [_dt(t, [place]) for t in (q, k, v)]
+        md = None
+        if masked:
+            md = _dt(mask, [place if place.dim == 0 else Replicate()])
+        od = LF.scaled_dot_product_attention(*dts, md, is_causal=causal, enable_gqa=gqa)
+        ps = [_plain(t) for t in (q, k, v)]
+        op = LF.scaled_dot_product_attention(*ps, mask, is_causal=causal, enable_gqa=gqa)
+        name = f"attention hq={hq} hk={hk} {place}"
+        _expect(rank, od.placements == (place,), f"{name}: {od.placements}")
+        od.backward(_dt(dy, [place], False))
+        op.backward(dy)
+        _expect(rank, torch.equal(od.full_tensor(), op), f"{name}: values differ")
+        for a, b, g in zip(dts, ps, "qkv", strict=True):
+            _expect(rank, torch.equal(a.grad.full_tensor(), b.grad), f"{name}: d{g} differs")
+
+
+def check_two_dim_mesh(rank):
+    """A (1, world) mesh: rules expanded over mesh dims; the loss's group is the second dim's."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh(
+        "cpu", (1, torch.distributed.get_world_size()), mesh_dim_names=("dp", "tp")
+    )
+    x, w, t = torch.randn(6, 3, 8), torch.randn(8), torch.randint(0, 8, (6,))
+    xd = distribute_tensor(x, mesh, [Replicate(), Shard(1)]).requires_grad_()
+    wd = distribute_tensor(w, mesh, [Replicate(), Replicate()]).requires_grad_()
+    xp, wp = _plain(x), _plain(w)
+    yd, yp = LF.rms_norm(xd, (8,), wd), LF.rms_norm(xp, (8,), wp)
+    _expect(rank, yd.placements == (Replicate(), Shard(1)), f"rms_norm: {yd.placements}")
+    _expect(rank, torch.equal(yd.full_tensor(), yp), "rms_norm on a 2-D mesh: values differ")
+    ld = LF.cross_entropy(yd[:, 0].redistribute(mesh, [Replicate(), Shard(1)]), t)
+    lp = F.cross_entropy(yp[:, 0], t)
+    ld.backward()
+    lp.backward()
+    torch.testing.assert_close(ld.full_tensor(), lp, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(xd.grad.full_tensor(), xp.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(wd.grad.full_tensor(), wp.grad, rtol=1e-5, atol=1e-6)
+
+
 def _run_rules(rank, world):
     _checks(rank, [check_norms_shard_rows, check_add_norm_shard_rows, check_softmax_shard_rows,
-                   check_embedding_rules, check_unsupported_placements])  # fmt: skip
+                   check_embedding_rules, check_attention_shard_heads, check_two_dim_mesh,
+                   check_unsupported_placements])  # fmt: skip
 
 
 def _run_vocab_parallel(rank, world):
