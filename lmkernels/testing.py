@@ -259,3 +259,67 @@ def poison_tail(t: Tensor, extra: int = 64) -> Tensor:
     view = buf[: t.numel()].view(t.shape)
     view.copy_(t.detach())
     return view.requires_grad_(t.requires_grad)
+
+
+# ------------------------------------------------------------------------- several processes
+
+
+def _rank_entry(rank: int, world: int, store: str, backend: str, fn, args) -> None:
+    import datetime
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
+    torch.set_num_threads(1)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    try:
+        fn(rank, world, *args)
+        dist.barrier()  # no rank tears the group down while another still uses it
+    finally:
+        dist.destroy_process_group()
+    # Done: leave without interpreter finalisation, where gloo's worker threads can still hold
+    # tensors and abort the process (SIGABRT, "terminate called without an active exception";
+    # seen here about once in ten runs before this line).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def run_ranks(fn: Callable, *args, world: int = 2, timeout: float = 240.0,
+              backend: str = "gloo") -> None:  # fmt: skip
+    """Call ``fn(rank, world, *args)`` in ``world`` spawned processes joined by a process group
+    (``gloo`` over loopback, one thread each; ``nccl``: one GPU per rank).
+
+    Returns when every rank has finished; re-raises the first failure with that rank's
+    traceback; kills the ranks still running after ``timeout`` seconds and raises
+    ``TimeoutError`` (a hung collective fails instead of hanging). ``fn`` must be a
+    module-level function of an importable module: the processes import it again. They
+    inherit the environment (``TRITON_INTERPRET`` included)."""
+    import os
+    import tempfile
+    import time
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_backend_available(backend):
+        raise RuntimeError(f"run_ranks: torch.distributed backend {backend!r} is not available")
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "store")
+        ctx = mp.start_processes(_rank_entry, args=(world, store, backend, fn, args),
+                                 nprocs=world, join=False, start_method="spawn")  # fmt: skip
+        deadline = time.monotonic() + timeout
+        try:
+            while not ctx.join(timeout=1.0):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{fn.__name__}: ranks still running after {timeout:.0f} s")
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+                    p.join()

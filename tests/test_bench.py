@@ -560,3 +560,19 @@ def test_cuda_run_times_rotating_copies():
         assert r["rotating_copies"] >= 1 and r["launch_ms"] > 0
         assert r["timed_by"] in ("cuda graph replay", "launches")
         assert r["median_ms"] == r.get("graph_ms", r["launch_ms"])
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_dist_bench_quick(tmp_path):
+    """`python -m lmkernels.bench dist --quick`: 2 spawned gloo ranks; every case checks the
+    providers' gradients against each other before timing, lmkernels serves every case."""
+    from lmkernels.bench import dist
+
+    assert dist.main(["--quick", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "dist.json").read_text())
+    rows = {r["case"]: r for r in doc["results"]}
+    assert set(rows) == {c[0] for c in dist._cases(True)}
+    for r in rows.values():
+        assert r["lmkernels"]["status"] == "ok" and r["lmkernels"]["median_ms"] > 0
+    assert rows["cross_entropy vocab-parallel"]["torch"]["status"] == "ok"
+    assert "| cross_entropy vocab-parallel |" in (tmp_path / "dist.md").read_text()

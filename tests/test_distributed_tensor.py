@@ -15,10 +15,10 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from spawn_ranks import run_ranks
 
 import lmkernels.functional as LF
 from lmkernels import distributed as lmkdist
+from lmkernels.testing import run_ranks
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),

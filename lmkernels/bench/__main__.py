@@ -8,6 +8,7 @@
     python -m lmkernels.bench compare OLD.json NEW.json [--threshold 0.1]
     python -m lmkernels.bench readme RESULTS.json [--readme README.md]
     python -m lmkernels.bench e2e [--quick] [--device cpu|cuda] [--reps N] [--out DIR]
+    python -m lmkernels.bench dist [--world N] [--quick] [--reps N] [--out DIR]
 
 Benches come from :mod:`lmkernels.bench.specs` (one module per op family; ``--list`` shows them
 and their providers). Comma-separated PATTERNS are fnmatch globs; ``!pat`` excludes, e.g.
@@ -32,6 +33,9 @@ with the machine and git revision of the run.
 
 ``e2e`` times one training step of the example GPT patched vs unpatched vs torch.compile
 (:mod:`lmkernels.bench.e2e`); ``make bench`` runs it after the op benchmarks.
+
+``dist`` times tensor-parallel ops on DTensors across spawned ranks, lmkernels vs torch's own
+DTensor paths (:mod:`lmkernels.bench.dist`).
 """
 
 from __future__ import annotations
@@ -125,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         from lmkernels.bench import e2e
 
         return e2e.main(argv[1:])
+    if argv[:1] == ["dist"]:
+        from lmkernels.bench import dist
+
+        return dist.main(argv[1:])
     a = run_parser().parse_args(argv)
 
     from lmkernels.bench import report, runner, spec
