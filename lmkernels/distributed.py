@@ -90,6 +90,11 @@ def register_sharding_rules() -> None:
     register_sharding(ops.embedding_bwd.default)(_embedding_bwd_rule)
     register_sharding(ops.attention_fwd.default)(_attention_fwd_rule)
     register_sharding(ops.attention_bwd.default)(_attention_bwd_rule)
+    register_sharding([ops.rotary.default, ops.rotary_bwd.default])(_rotary_rule)
+    register_sharding(ops.rotary_.default)(_rotary_inplace_rule)
+    for name, why in _REPLICATED_ONLY.items():
+        op = getattr(ops, name).default
+        register_sharding(op)(_replicated_only(name, why, len(op._schema.returns)))
     _registered = True
 
 
@@ -169,20 +174,11 @@ def _softmax_row_shards(op, x, dim, causal):
     return [s for s in _shards(x) if s.dim not in reduced]
 
 
-def _mask_placement(mask, x, s):
-    """The placement of a mask broadcast to ``x`` when ``x`` has placement ``s``."""
-    _, R = _placement_types()
-    d = s.dim - (x.ndim - mask.ndim)
-    if d >= 0 and mask.shape[d] == x.shape[s.dim] and mask.shape[d] != 1:
-        return type(s)(d) if type(s).__name__ == "Shard" else None
-    return R()
-
-
 def _softmax_fwd_rule(x, dim, scale, log, mask, causal):
     _, R = _placement_types()
     rules = [([R()], [R(), None, None, None, R() if mask is not None else None, None])]
     for s in _softmax_row_shards("softmax", x, dim, causal):
-        m = None if mask is None else _mask_placement(mask, x, s)
+        m = None if mask is None else _broadcast_placement(mask, x, s)
         if mask is None or m is not None:
             rules.append(([s], [s, None, None, None, m, None]))
     return rules
@@ -275,6 +271,58 @@ def _attention_bwd_rule(dout, q, k, v, out, lse, mask, scale, window_left, windo
         m = None if mask is None else (s if mask.shape[s.dim] == q.shape[s.dim] else R())
         rules.append(([s, s, s], [s] * 6 + [m, *tail]))
     return rules
+
+
+def _rotary_rule(x, cos, sin, interleaved):
+    _, R = _placement_types()
+    _check_not_sharded("apply_rotary", "input", x, {x.ndim - 1}, "shards the rotary dim")
+    rules = [([R()], [R(), R(), R(), None])]
+    for s in _shards(x):
+        tables = [_broadcast_placement(t, x, s) for t in (cos, sin)]
+        if None not in tables:
+            rules.append(([s], [s, *tables, None]))
+    return rules
+
+
+def _rotary_inplace_rule(x, cos, sin, interleaved):
+    return [([], ins) for _, ins in _rotary_rule(x, cos, sin, interleaved)]
+
+
+def _broadcast_placement(t, x, s):
+    """The placement of ``t`` (broadcast to ``x``, right-aligned) when ``x`` has shard ``s``:
+    sharded the same way along the matching dim, replicated where ``t`` broadcasts; None if
+    ``s`` is a strided shard over a dim ``t`` has in full."""
+    _, R = _placement_types()
+    d = s.dim - (x.ndim - t.ndim)
+    if d < 0 or t.shape[d] == 1:
+        return R()
+    return type(s)(d) if type(s).__name__ == "Shard" else None
+
+
+# ops whose sharded forms are served elsewhere or not at all: replicated inputs only
+_REPLICATED_ONLY = {
+    "cross_entropy_fwd": "is served by lmkernels.functional.cross_entropy (vocabulary-parallel "
+    "on a sharded class dim)",
+    "cross_entropy_bwd": "is served by lmkernels.functional.cross_entropy",
+    "linear_cross_entropy_fwd": "is not supported by linear_cross_entropy (no vocabulary-"
+    "parallel fused head yet: shard the logits' class dim and use cross_entropy)",
+    "linear_cross_entropy_bwd": "is not supported by linear_cross_entropy",
+    "token_pos_fwd": "is not supported by token_positional_embedding (use embedding)",
+}
+
+
+def _replicated_only(name: str, why: str, outputs: int):
+    def rule(*args, **kwargs):
+        from torch.distributed.tensor._dtensor_spec import DTensorSpec
+
+        _, R = _placement_types()
+        specs = [a if isinstance(a, DTensorSpec) else None for a in (*args, *kwargs.values())]
+        for i, spec in enumerate(specs):
+            if spec is not None and any(_is_shard(p) for p in spec.placements):
+                _refuse(name, f"argument {i}", spec, f"is sharded, which {why}")
+        return [([R()] * outputs, [None if spec is None else R() for spec in specs])]
+
+    return rule
 
 
 # ----------------------------------------------------------------- import hook for DTensor
