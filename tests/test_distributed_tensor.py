@@ -335,8 +335,69 @@ def _run_rules(rank, world):
                    check_two_dim_mesh, check_unsupported_placements])  # fmt: skip
 
 
+class _TinyLM(torch.nn.Module):
+    """Embedding, a pre-norm MLP block, a final norm, the vocabulary head and the loss."""
+
+    def __init__(self, vocab=16, dim=8):
+        super().__init__()
+        self.tok = torch.nn.Embedding(vocab, dim)
+        self.norm = torch.nn.LayerNorm(dim)
+        self.up = torch.nn.Linear(dim, 4 * dim)
+        self.down = torch.nn.Linear(4 * dim, dim)
+        self.norm2 = torch.nn.RMSNorm(dim)
+        self.head = torch.nn.Linear(dim, vocab, bias=False)
+        self.loss = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+
+    def forward(self, ids, targets):
+        h = self.tok(ids)
+        h = h + self.down(F.gelu(self.up(self.norm(h))))
+        logits = self.head(self.norm2(h))
+        return self.loss(logits.flatten(0, 1), targets.flatten())
+
+
+def check_tensor_parallel_model(rank):
+    """A patched model under torch's parallelize_module (Megatron-style tensor + sequence
+    parallelism): row-sharded embedding, sequence-sharded norms, vocabulary-sharded loss. Loss
+    and every parameter gradient equal the unsharded, unpatched model's."""
+    import copy
+
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    import lmkernels
+
+    plain = _TinyLM()
+    model = copy.deepcopy(plain)
+    report = lmkernels.patch(model)
+    _expect(rank, len(report.replaced) == 4, str(report))  # tok, norm, norm2, loss
+    parallelize_module(model, _mesh(), {
+        "tok": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "norm": SequenceParallel(),
+        "up": ColwiseParallel(input_layouts=Shard(1)),
+        "down": RowwiseParallel(output_layouts=Shard(1)),
+        "norm2": SequenceParallel(),
+        "head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1),
+                                use_local_output=False),
+    })  # fmt: skip
+    ids, targets = torch.randint(0, 16, (2, 6)), torch.randint(0, 16, (2, 6))
+    loss = model(ids, targets)
+    ref = plain(ids, targets)
+    torch.testing.assert_close(loss.full_tensor(), ref, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    ref.backward()
+    for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(_full(p.grad), q.grad, rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, n=name: f"{n}: {m}")  # fmt: skip
+
+
 def _run_vocab_parallel(rank, world):
-    _checks(rank, [check_vocab_parallel_cross_entropy, check_vocab_parallel_embedding])
+    _checks(rank, [check_vocab_parallel_cross_entropy, check_vocab_parallel_embedding,
+                   check_tensor_parallel_model])  # fmt: skip
 
 
 def test_dtensor_sharding_rules():
