@@ -46,6 +46,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lmkernels.ops import cross_entropy as _ce_ops
+from lmkernels.ops import softmax as _softmax_ops
 
 _DTENSOR = "torch.distributed.tensor"
 
@@ -368,23 +369,43 @@ def _all_gather(t: Tensor, group) -> Tensor:
     return torch.stack(parts)
 
 
+def _local_lse(logits: Tensor, at: Tensor) -> Tensor:
+    """logsumexp of each row of ``logits`` (accumulation dtype) by lmkernels' cross-entropy
+    kernel: with the valid class ``at`` of each row, its loss is lse - x[at], one read of the
+    logits without a temporary."""
+    with torch.no_grad():
+        loss = _ce_ops.cross_entropy_rows(logits, at, None, -1, 0.0, 0.0, 0.0, "none")
+    return loss + logits.gather(1, at[:, None])[:, 0].to(loss.dtype)
+
+
+def _local_probs(logits: Tensor, local_lse: Tensor, lse: Tensor, acc: torch.dtype) -> Tensor:
+    """exp(logits - lse) in the accumulation dtype: lmkernels' softmax of the rank's classes
+    rescaled from their own normaliser ``local_lse`` to the global one (fp32 / fp64 logits;
+    16-bit ones are widened first, so the gradient is rounded once)."""
+    if logits.dtype != acc:
+        return torch.exp(logits.to(acc) - lse[:, None])
+    with torch.no_grad():
+        p = _softmax_ops.softmax(logits, 1, 1.0, False, None, False)
+    return p.mul_(torch.exp(local_lse - lse)[:, None])
+
+
 class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, weight, start, classes, group, ignore, eps, reduction):
         acc = _ce_ops.acc_dtype(logits.dtype)
-        x = logits.to(acc)
-        n, local = x.shape
+        n, local = logits.shape
         valid = target != ignore
         at = target - start
         here = valid & (at >= 0) & (at < local)
         at = torch.where(here, at, 0)
         w_local = None if weight is None else weight[start : start + local]
         if local:
-            stats = [torch.logsumexp(x, 1), torch.where(here, x.gather(1, at[:, None])[:, 0], 0)]
+            x_t = logits.gather(1, at[:, None])[:, 0].to(acc)
+            stats = [_local_lse(logits, at), torch.where(here, x_t, 0)]
         else:  # no classes on this rank
-            stats = [x.new_full((n,), -torch.inf), x.new_zeros(n)]
+            stats = [logits.new_full((n,), -torch.inf, dtype=acc), logits.new_zeros(n, dtype=acc)]
         if eps:
-            stats.append(x.sum(1) if w_local is None else x @ w_local)
+            stats.append(logits.sum(1, dtype=acc) if w_local is None else logits.to(acc) @ w_local)
         parts = _all_gather(torch.stack(stats), group)  # (world, k, n)
         lse = torch.logsumexp(parts[:, 0], 0)
         x_t = parts[:, 1].sum(0)
@@ -394,20 +415,22 @@ class _VocabParallelCE(torch.autograd.Function):
         if eps:
             loss = loss + (eps / classes) * torch.where(valid, w_sum * lse - parts[:, 2].sum(0), 0)
         denom = _ce_ops.mean_denominator(target, weight, ignore, acc)
-        ctx.save_for_backward(logits, lse, w_t, at, here, valid, denom, w_local)
+        ctx.save_for_backward(logits, stats[0], lse, w_t, at, here, valid, denom, w_local)
         ctx.args = (eps, classes, w_sum, reduction)
         return _ce_ops.reduce_rows(loss, reduction, denom)
 
     @staticmethod
     def backward(ctx, dloss):
-        logits, lse, w_t, at, here, valid, denom, w_local = ctx.saved_tensors
+        logits, local_lse, lse, w_t, at, here, valid, denom, w_local = ctx.saved_tensors
         eps, classes, w_sum, reduction = ctx.args
         acc = lse.dtype
         scale = dloss.to(acc).expand(lse.shape)
         if reduction == "mean":
             scale = scale / denom
         scale = torch.where(valid, scale, 0)  # (and so 0 for ignored rows, whatever denom is)
-        grad = torch.exp(logits.to(acc) - lse[:, None])
+        if not logits.shape[1]:
+            return torch.zeros_like(logits), *[None] * 8
+        grad = _local_probs(logits, local_lse, lse, acc)
         grad *= (scale * ((1 - eps) * w_t + (eps / classes) * w_sum))[:, None]
         hit = (scale * (1 - eps) * w_t * here)[:, None]
         grad.scatter_add_(1, at[:, None], -hit)

@@ -144,7 +144,9 @@ def _rank_main(rank: int, world: int, quick: bool, reps: int, out: str) -> None:
                 row[p] = {"status": f"FAILED: {type(e).__name__}: {str(e).splitlines()[0]}"}
         if len(got) == 2:
             for a, b in zip(got["lmkernels"], got["torch"], strict=True):
-                torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-5)
+                # fp32 sums over thousands of rows: the tolerance scales with the largest value
+                scale = max(1.0, float(b.abs().max()))
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5 * scale)
         times = {p: [] for p in got}
         for _ in range(reps):
             for p in times:
