@@ -223,29 +223,26 @@ def _fp32_checks(rank, what, ours, torch_run, cfg, init, oracle32=None, oracle64
 # ---------------------------------------------------------------------- spawned rank bodies
 
 
-def _ddp_ranks(rank: int, world: int) -> None:
+def _engine_ranks(rank: int, world: int, engine: str, train, low: dict, low_name: str) -> None:
+    """fp32 checks, then bf16 ones (``train(..., **low)``), of one engine (_ddp or _fsdp2)."""
     init = {n: p.detach().double() for n, p in _model(CFG, False).named_parameters()}
     oracle32 = _single(CFG, False)
-    ours, torch_run = _ddp(rank, world, CFG, True), _ddp(rank, world, CFG, False)
-    _fp32_checks(rank, "DDP fp32", ours, torch_run, CFG, init, oracle32=oracle32)
+    ours, torch_run = train(rank, world, CFG, True), train(rank, world, CFG, False)
+    _fp32_checks(rank, f"{engine} fp32", ours, torch_run, CFG, init, oracle32=oracle32)
 
-    ours, torch_run = (_ddp(rank, world, CFG, p, autocast=True) for p in (True, False))
-    _assert_trained(ours, init, "DDP bf16 autocast")
-    _say(rank, f"DDP bf16 autocast vs fp32 one process: {_errors(ours, torch_run, oracle32)}")
-    _assert_accurate(ours, torch_run, oracle32, init, torch.bfloat16, "DDP bf16 autocast")
+    what = f"{engine} {low_name}"
+    ours, torch_run = (train(rank, world, CFG, p, **low) for p in (True, False))
+    _assert_trained(ours, init, what)
+    _say(rank, f"{what} vs fp32 one process: {_errors(ours, torch_run, oracle32)}")
+    _assert_accurate(ours, torch_run, oracle32, init, torch.bfloat16, what)
+
+
+def _ddp_ranks(rank: int, world: int) -> None:
+    _engine_ranks(rank, world, "DDP", _ddp, {"autocast": True}, "bf16 autocast")
 
 
 def _fsdp2_ranks(rank: int, world: int) -> None:
-    init = {n: p.detach().double() for n, p in _model(CFG, False).named_parameters()}
-    oracle32 = _single(CFG, False)
-    ours, torch_run = _fsdp2(rank, world, CFG, True), _fsdp2(rank, world, CFG, False)
-    _fp32_checks(rank, "FSDP2 fp32", ours, torch_run, CFG, init, oracle32=oracle32)
-
-    ours, torch_run = (_fsdp2(rank, world, CFG, p, bf16=True) for p in (True, False))
-    _assert_trained(ours, init, "FSDP2 bf16")
-    _say(rank, f"FSDP2 bf16 params (fp32 reduce) vs fp32 one process: "
-               f"{_errors(ours, torch_run, oracle32)}")  # fmt: skip
-    _assert_accurate(ours, torch_run, oracle32, init, torch.bfloat16, "FSDP2 bf16")
+    _engine_ranks(rank, world, "FSDP2", _fsdp2, {"bf16": True}, "bf16 (fp32 reduce)")
 
 
 def _compiled_ranks(rank: int, world: int) -> None:
