@@ -123,6 +123,11 @@ def _shards(spec) -> list:
     return out
 
 
+def _opt(t, p):
+    """``p``, the placement of an optional tensor argument ``t``; None where ``t`` is None."""
+    return None if t is None else p
+
+
 def _refuse(op: str, arg: str, spec, why: str) -> None:
     raise ShardingError(
         f"lmkernels {op}: {arg} has placements {tuple(spec.placements)}, which {why}; "
@@ -142,13 +147,12 @@ def _norm_fwd_rule(x, residual, weight, bias, eps, rms):
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and any(_is_shard(q) for q in p.placements):
             _refuse("layer_norm/rms_norm", name, p, "shards a parameter of the normalized dims")
-    opt = lambda t, p: None if t is None else p  # noqa: E731
-    params = [opt(weight, R()), opt(bias, R()), None, None]
-    rules = [([R(), R(), R(), R()], [R(), opt(residual, R()), *params])]
+    params = [_opt(weight, R()), _opt(bias, R()), None, None]
+    rules = [([R(), R(), R(), R()], [R(), _opt(residual, R()), *params])]
     for s in _shards(x):
         if s.dim == 0:  # h is empty without a residual, mean with rms
-            outs = [s, opt(residual, s) or R(), R() if rms else s, s]
-            rules.append((outs, [s, opt(residual, s), *params]))
+            outs = [s, _opt(residual, s) or R(), R() if rms else s, s]
+            rules.append((outs, [s, _opt(residual, s), *params]))
     return rules
 
 
@@ -156,14 +160,13 @@ def _norm_bwd_rule(dy, dh_out, h, weight, mean, rstd, rms, need_dw, need_db):
     P, R = _placement_types()
     _check_not_sharded("layer_norm/rms_norm backward", "grad (as rows x normalized)", dy, {1},
                        "shards the normalized dims")  # fmt: skip
-    opt = lambda t, p: None if t is None else p  # noqa: E731
-    rules = [([R(), R(), R()], [R(), opt(dh_out, R()), R(), opt(weight, R()), R(), R(),
+    rules = [([R(), R(), R()], [R(), _opt(dh_out, R()), R(), _opt(weight, R()), R(), R(),
                                 None, None, None])]  # fmt: skip
     for s in _shards(dy):
         if s.dim == 0:
             rules.append((
                 [s, P() if need_dw else R(), P() if need_db else R()],
-                [s, opt(dh_out, s), s, opt(weight, R()), R() if rms else s, s, None, None, None],
+                [s, _opt(dh_out, s), s, _opt(weight, R()), R() if rms else s, s, None, None, None],
             ))  # fmt: skip
     return rules
 
@@ -250,12 +253,18 @@ def _attention_shards(op, q, k, v, mask, dropout_p, varlen):
     return shards
 
 
+def _attention_tail(cu_q, cu_k, seed) -> list:
+    """The placements of the arguments after the mask: scale, window_left / right, bottom_right,
+    the replicated cu_seqlens, max_q / max_k, dropout_p and the replicated seed."""
+    _, R = _placement_types()
+    return [None] * 4 + [_opt(cu_q, R()), _opt(cu_k, R()), None, None, None, _opt(seed, R())]
+
+
 def _attention_fwd_rule(q, k, v, mask, scale, window_left, window_right, bottom_right, cu_q,
                         cu_k, max_q, max_k, dropout_p, seed):  # fmt: skip
     _, R = _placement_types()
-    opt = lambda t, p: None if t is None else p  # noqa: E731
-    tail = [None] * 4 + [opt(cu_q, R()), opt(cu_k, R()), None, None, None, opt(seed, R())]
-    rules = [([R(), R()], [R(), R(), R(), opt(mask, R()), *tail])]
+    tail = _attention_tail(cu_q, cu_k, seed)
+    rules = [([R(), R()], [R(), R(), R(), _opt(mask, R()), *tail])]
     for s in _attention_shards("attention", q, k, v, mask, dropout_p, cu_q is not None):
         m = None if mask is None else (s if mask.shape[s.dim] == q.shape[s.dim] else R())
         rules.append(([s, s], [s, s, s, m, *tail]))
@@ -265,9 +274,8 @@ def _attention_fwd_rule(q, k, v, mask, scale, window_left, window_right, bottom_
 def _attention_bwd_rule(dout, q, k, v, out, lse, mask, scale, window_left, window_right,
                         bottom_right, cu_q, cu_k, max_q, max_k, dropout_p, seed):  # fmt: skip
     _, R = _placement_types()
-    opt = lambda t, p: None if t is None else p  # noqa: E731
-    tail = [None] * 4 + [opt(cu_q, R()), opt(cu_k, R()), None, None, None, opt(seed, R())]
-    rules = [([R(), R(), R()], [R()] * 6 + [opt(mask, R()), *tail])]
+    tail = _attention_tail(cu_q, cu_k, seed)
+    rules = [([R(), R(), R()], [R()] * 6 + [_opt(mask, R()), *tail])]
     for s in _attention_shards("attention backward", q, k, v, mask, dropout_p, cu_q is not None):
         m = None if mask is None else (s if mask.shape[s.dim] == q.shape[s.dim] else R())
         rules.append(([s, s, s], [s] * 6 + [m, *tail]))
