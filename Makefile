@@ -1,6 +1,7 @@
 # make test   - create ./.venv if missing, install, build, run the whole suite
-# make bench  - same setup, then run the benchmark suite and the end-to-end training step
-#                (results in benchmarks/results/, benchmarks/results/e2e/); a full run (no
+# make bench  - same setup, then run the benchmark suite, the end-to-end training step and the
+#                tensor-parallel ops on 2 spawned ranks (results in benchmarks/results/,
+#                benchmarks/results/e2e/, benchmarks/results/dist/); a full run (no
 #                BENCH_ARGS) also rewrites README's performance table from its results.json
 # make gpu-check - on a machine with an NVIDIA GPU: the suite + benchmarks on the GPU, with the
 #                  CUDA build of torch that $(GPU_PY) imports (installs nothing: works offline);
@@ -53,6 +54,7 @@ bench: build
 	$(PY) -m lmkernels.bench $(BENCH_ARGS)
 	$(if $(BENCH_ARGS),,$(PY) -m lmkernels.bench readme benchmarks/results/results.json)
 	$(PY) -m lmkernels.bench e2e $(E2E_ARGS)
+	$(PY) -m lmkernels.bench dist
 
 gpu-check:
 	$(GPU_PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: $(GPU_PY) sees no CUDA device')"
