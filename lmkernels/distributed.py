@@ -377,13 +377,12 @@ def _all_gather(t: Tensor, group) -> Tensor:
     return torch.stack(parts)
 
 
-def _local_lse(logits: Tensor, at: Tensor) -> Tensor:
+def _local_lse(logits: Tensor, at: Tensor, x_at: Tensor) -> Tensor:
     """logsumexp of each row of ``logits`` (accumulation dtype) by lmkernels' cross-entropy
-    kernel: with the valid class ``at`` of each row, its loss is lse - x[at], one read of the
-    logits without a temporary."""
+    kernel: with a valid class ``at`` of each row, whose logit is ``x_at``, the row's loss is
+    lse - x_at; one read of the logits without a temporary."""
     with torch.no_grad():
-        loss = _ce_ops.cross_entropy_rows(logits, at, None, -1, 0.0, 0.0, 0.0, "none")
-    return loss + logits.gather(1, at[:, None])[:, 0].to(loss.dtype)
+        return _ce_ops.cross_entropy_rows(logits, at, None, -1, 0.0, 0.0, 0.0, "none") + x_at
 
 
 def _local_probs(logits: Tensor, local_lse: Tensor, lse: Tensor, acc: torch.dtype) -> Tensor:
@@ -409,7 +408,7 @@ class _VocabParallelCE(torch.autograd.Function):
         w_local = None if weight is None else weight[start : start + local]
         if local:
             x_t = logits.gather(1, at[:, None])[:, 0].to(acc)
-            stats = [_local_lse(logits, at), torch.where(here, x_t, 0)]
+            stats = [_local_lse(logits, at, x_t), torch.where(here, x_t, 0)]
         else:  # no classes on this rank
             stats = [logits.new_full((n,), -torch.inf, dtype=acc), logits.new_zeros(n, dtype=acc)]
         if eps:
